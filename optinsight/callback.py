@@ -1,0 +1,434 @@
+"""OptimizationInsightCallback: schedules recording, probes, writers and resume.
+
+The callback computes nothing itself: it installs the insight train step
+(`model.insight_train_step`) with a `DynamicsTracker` on the model being fitted,
+reads the tracker's few hundred scalars after each batch, and hands them to the
+writers (`logs.jsonlog`, `logs.tensorboard`) on the schedule its arguments set.
+"""
+
+import functools
+import json
+import math
+import os
+import sys
+
+import keras
+import numpy as np
+
+from optinsight.dynamics import DynamicsTracker, metric_names, sign_codes, summarize
+from optinsight.logs.jsonlog import (
+    JsonlWriter, plain, read_json, truncate_jsonl, write_json_atomic)
+from optinsight.logs.tensorboard import TensorBoardWriter, sign_map_image
+from optinsight.model import InsightModel, insight_train_step
+
+SCHEMA_VERSION = 1
+EPOCH_KEYS = ("train_mean_loss", "val_mean_loss", "train_mean_acc", "val_mean_acc")
+_ACCURACY_NAMES = ("accuracy", "acc", "categorical_accuracy", "sparse_categorical_accuracy",
+                   "binary_accuracy")
+
+
+def validate_thresholds(thresholds):
+    """Tuple of floats, each positive and strictly increasing; else ValueError."""
+    try:
+        values = tuple(float(t) for t in thresholds)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"thresholds must be a sequence of positive numbers, got {thresholds!r}") from None
+    if not values or any(not (math.isfinite(t) and t > 0) for t in values):
+        raise ValueError(f"thresholds must be positive and finite, got {thresholds!r}")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"thresholds must be strictly increasing, got {thresholds!r}")
+    return values
+
+
+def validate_ema_decay(ema_decay):
+    """None or a float in [0, 1); else ValueError."""
+    if ema_decay is None:
+        return None
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) \
+            or not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must be None or a number in [0, 1), got {ema_decay!r}")
+    return float(ema_decay)
+
+
+def validate_freq(name, value, allowed_words=()):
+    """A non-negative int, or one of `allowed_words`; else ValueError."""
+    if isinstance(value, str) and value in allowed_words:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        words = "".join(f" or {w!r}" for w in allowed_words)
+        raise ValueError(f"{name} must be a non-negative integer{words}, got {value!r}")
+    return int(value)
+
+
+def prepare_log_dir(log_dir):
+    """Create `log_dir` if missing and check it is a writable directory."""
+    log_dir = os.fspath(log_dir)
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise ValueError(f"log_dir {log_dir!r} is a file; expected a directory")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        probe = os.path.join(log_dir, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"log_dir {log_dir!r} is not writable ({e.strerror})") from None
+    return log_dir
+
+
+def _accuracy(logs, prefix=""):
+    for name in _ACCURACY_NAMES:
+        if prefix + name in logs:
+            return logs[prefix + name]
+    return None
+
+
+class OptimizationInsightCallback(keras.callbacks.Callback):
+    """Records per-batch, per-layer optimization dynamics of `fit` (DESIGN.md 2-4).
+
+    Args:
+        log_dir: directory of the run's logs; created if missing.
+        thresholds: zero-band thresholds, positive and increasing; one metric
+            family per threshold.
+        ema_decay: decay of the gradient/weight moving averages ("_09avg" family
+            for 0.9); None disables that family.
+        histogram_freq: batches between gradient/weight histograms; 0 disables.
+        histogram_bins: bins per histogram.
+        sign_map_freq: "epoch", or batches between gradient sign maps; 0 disables.
+        sign_map_max_params: most parameters per variable in a sign map (a
+            deterministic stride picks them).
+        probes: probe objects with `name`, `every` (steps or "epoch") and
+            `__call__(model, x, y) -> dict`.
+        probe_data: the (x, y) batch probes run on; needed when `probes` is set.
+        tensorboard: also write TensorBoard event files.
+        update_freq: "batch", "epoch", or batches between TensorBoard scalars.
+        resume: continue the run in `log_dir` from its last checkpoint: model
+            weights, optimizer and insight state are restored and steps and
+            epochs keep counting; logs written after the checkpoint are dropped
+            (those batches are trained again). Without a checkpoint the run starts
+            fresh.
+        checkpoint_freq: epochs between checkpoints (model weights, optimizer,
+            insight state) in `log_dir/checkpoint`; 0 disables.
+        verbose: 1 prints where the logs go at train begin.
+    """
+
+    def __init__(self, log_dir, thresholds=(1e-7, 1e-5), ema_decay=0.9,
+                 histogram_freq=30, histogram_bins=1000, sign_map_freq="epoch",
+                 sign_map_max_params=65536, probes=(), probe_data=None, tensorboard=True,
+                 update_freq="batch", resume=False, checkpoint_freq=1, verbose=0):
+        super().__init__()
+        if not isinstance(log_dir, (str, os.PathLike)):
+            raise ValueError(f"log_dir must be a path, got {log_dir!r}")
+        self.log_dir = os.fspath(log_dir)
+        self.thresholds = validate_thresholds(thresholds)
+        self.ema_decay = validate_ema_decay(ema_decay)
+        self.histogram_freq = validate_freq("histogram_freq", histogram_freq)
+        self.histogram_bins = validate_freq("histogram_bins", histogram_bins)
+        if self.histogram_bins < 1:
+            raise ValueError(f"histogram_bins must be at least 1, got {histogram_bins!r}")
+        self.sign_map_freq = validate_freq("sign_map_freq", sign_map_freq, ("epoch",))
+        self.sign_map_max_params = validate_freq("sign_map_max_params", sign_map_max_params)
+        update_freq = validate_freq("update_freq", update_freq, ("batch", "epoch"))
+        self.update_freq = 1 if update_freq == "batch" else update_freq
+        if self.update_freq == 0:
+            raise ValueError("update_freq must be 'batch', 'epoch' or a positive integer, "
+                             "got 0")
+        self.probes = tuple(probes)
+        for probe in self.probes:
+            if not (hasattr(probe, "name") and hasattr(probe, "every") and callable(probe)):
+                raise ValueError(f"probe {probe!r} needs a name, an every and __call__")
+            validate_freq(f"probe {probe.name!r} every", probe.every, ("epoch",))
+        if self.probes and probe_data is None:
+            raise ValueError("probes need probe_data=(x, y), the batch they run on")
+        self.probe_data = probe_data
+        self.tensorboard = bool(tensorboard)
+        self.resume = bool(resume)
+        self.checkpoint_freq = validate_freq("checkpoint_freq", checkpoint_freq)
+        self.verbose = verbose
+        self._tracker = None
+        self._step = 0
+        self._epoch = 0
+        self._keys = metric_names(self.thresholds, self.ema_decay)
+        self._history = {"model": [], "layers": []}  # per epoch: float arrays
+        self._epoch_wise = {k: [] for k in EPOCH_KEYS}
+        self._probe_history = {}
+        self._writers = {}
+        self._started = False
+
+    # ----------------------------------------------------------------- paths
+    def _path(self, *parts):
+        return os.path.join(self.log_dir, *parts)
+
+    def _writer(self, name):
+        if name not in self._writers:
+            self._writers[name] = JsonlWriter(self._path(name))
+        return self._writers[name]
+
+    @property
+    def _tb(self):
+        if "tensorboard" not in self._writers:
+            self._writers["tensorboard"] = TensorBoardWriter(self._path("tensorboard", "train"))
+        return self._writers["tensorboard"]
+
+    # ------------------------------------------------------------- lifecycle
+    def on_train_begin(self, logs=None):
+        model = self.model
+        if not model.trainable_variables:
+            raise ValueError(f"model {model.name!r} has no trainable variables; "
+                             "there is no optimization to record")
+        if self._tracker is None:  # a further fit() with this callback continues the run
+            prepare_log_dir(self.log_dir)
+            self._tracker = DynamicsTracker(
+                model.trainable_variables, self.thresholds, self.ema_decay,
+                self.histogram_freq, self.histogram_bins,
+                buffer_size=int(getattr(model, "steps_per_execution", 1) or 1))
+            if self.resume:
+                self._restore()
+            elif os.path.exists(self._path("steps.jsonl")):
+                raise ValueError(
+                    f"log_dir {self.log_dir!r} already holds a run; pass resume=True to "
+                    "continue it, or choose another log_dir")
+            if self.verbose:
+                print(f"optinsight: logging to {self.log_dir}", file=sys.stderr)
+        self._install(model)
+        self._started = True
+
+    def _install(self, model):
+        if isinstance(model, InsightModel):
+            model.attach_tracker(self._tracker)
+        else:
+            model.train_step = functools.partial(insight_train_step, model,
+                                                 tracker=self._tracker)
+        model.make_train_function(force=True)
+
+    def _uninstall(self, model):
+        if isinstance(model, InsightModel):
+            model.attach_tracker(None)
+        else:
+            model.__dict__.pop("train_step", None)
+        model.train_function = None
+
+    def on_train_end(self, logs=None):
+        self._uninstall(self.model)
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+    # --------------------------------------------------------------- batches
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._epoch_rows = ([], [])
+
+    def on_train_batch_end(self, batch, logs=None):
+        rows = self._tracker.read_rows(self._step)
+        for offset, (step, loss, has_prev, stats) in enumerate(rows):
+            self._record_step(step, batch - (len(rows) - 1 - offset), loss, has_prev, stats)
+        if self.histogram_freq:
+            self._record_histograms()
+        if isinstance(self.sign_map_freq, int) and self.sign_map_freq \
+                and self._step % self.sign_map_freq == 0:
+            self._record_sign_map(f"step_{self._step:08d}")
+        for probe in self.probes:
+            if probe.every != "epoch" and probe.every and self._step % probe.every == 0:
+                self._run_probe(probe)
+
+    def _record_step(self, step, batch, loss, has_prev, stats):
+        tracker = self._tracker
+        model_metrics, layers = summarize(stats, has_prev, tracker.names,
+                                          self.thresholds, self.ema_decay)
+        model_metrics["train_loss"] = loss
+        self._step = step
+        self._writer("steps.jsonl").write({
+            "step": step, "epoch": self._epoch, "batch": batch,
+            "model": model_metrics, "layers": layers})
+        self._epoch_rows[0].append([model_metrics[k] for k in self._model_keys])
+        self._epoch_rows[1].append([[layers[n][k] for k in self._keys] for n in tracker.names])
+        if self.tensorboard and self.update_freq != "epoch" and step % self.update_freq == 0:
+            self._tb.scalars(self._tb_scalars(model_metrics, layers), step)
+
+    @property
+    def _model_keys(self):
+        return self._keys + ["train_loss"]
+
+    def _tb_scalars(self, model_metrics, layers):
+        values = {f"insight/{k}": v for k, v in model_metrics.items()}
+        for name, metrics in layers.items():
+            values.update({f"insight/{name}/{k}": v for k, v in metrics.items()})
+        return values
+
+    def _record_histograms(self):
+        step, histograms = self._tracker.read_histograms()
+        if step <= getattr(self, "_histogram_step", 0) or step == 0:
+            return
+        self._histogram_step = step
+        record = {"step": step, "epoch": self._epoch}
+        for kind, (counts, ranges) in histograms.items():
+            record[kind] = {
+                name: {"range": ranges[i].tolist(), "counts": counts[i].tolist()}
+                for i, name in enumerate(self._tracker.names)}
+            if self.tensorboard:
+                for i, name in enumerate(self._tracker.names):
+                    self._tb.histogram(f"{kind}/{name}", counts[i], ranges[i, 0],
+                                       ranges[i, 1], step)
+        self._writer("histograms.jsonl").write(record)
+
+    def _record_sign_map(self, label):
+        gradients = self._tracker.last_gradients(self.sign_map_max_params or None)
+        codes = {name: sign_codes(g) for name, g in gradients.items()}
+        strides = {name: math.ceil(size / len(codes[name])) if len(codes[name]) else 1
+                   for name, size in zip(self._tracker.names, self._tracker.sizes)}
+        os.makedirs(self._path("signs"), exist_ok=True)
+        path = self._path("signs", f"{label}.npz")
+        meta = json.dumps({"step": self._step, "epoch": self._epoch, "strides": strides})
+        np.savez_compressed(f"{path}.tmp.npz", _meta=np.array(meta), **codes)
+        os.replace(f"{path}.tmp.npz", path)
+        if self.tensorboard:
+            for name, c in codes.items():
+                self._tb.image(f"signs/{name}", sign_map_image(c), self._step)
+
+    # ---------------------------------------------------------------- epochs
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        model_rows, layer_rows = self._epoch_rows
+        self._history["model"].append(np.array(model_rows, dtype=np.float64)
+                                      .reshape(-1, len(self._model_keys)))
+        self._history["layers"].append(
+            np.array(layer_rows, dtype=np.float64)
+            .reshape(-1, len(self._tracker.names), len(self._keys)))
+        values = {"train_mean_loss": logs.get("loss"), "val_mean_loss": logs.get("val_loss"),
+                  "train_mean_acc": _accuracy(logs), "val_mean_acc": _accuracy(logs, "val_")}
+        for key, value in values.items():
+            self._epoch_wise[key].append(None if value is None else float(value))
+        if self.sign_map_freq == "epoch":
+            self._record_sign_map(f"epoch_{epoch:04d}")
+        for probe in self.probes:
+            if probe.every == "epoch":
+                self._run_probe(probe)
+        if self.tensorboard:
+            scalars = {f"insight/epoch/{k}": v[-1] for k, v in self._epoch_wise.items()}
+            if self.update_freq == "epoch":
+                means = np.nanmean(self._history["model"][-1], axis=0) \
+                    if model_rows else []
+                scalars.update({f"insight/{k}": float(m)
+                                for k, m in zip(self._model_keys, means)})
+            self._tb.scalars(scalars, self._step)
+            self._tb.flush()
+        write_json_atomic(self._path("insight.json"), self.summary())
+        if self.checkpoint_freq and (epoch + 1) % self.checkpoint_freq == 0:
+            self._save_checkpoint(epoch + 1)
+
+    def summary(self):
+        """The insight.json document (DESIGN.md section 4) of what is recorded so far."""
+        counter = [0]
+
+        def per_epoch(arrays, index):
+            return [a[(slice(None),) + index].tolist() for a in arrays]
+
+        batch_wise = {k: per_epoch(self._history["model"], (i,))
+                      for i, k in enumerate(self._model_keys)}
+        layers = {
+            name: {"batch_wise": {k: per_epoch(self._history["layers"], (v, i))
+                                  for i, k in enumerate(self._keys)},
+                   "epoch_wise": {}}
+            for v, name in enumerate(self._tracker.names)}
+        document = {
+            "schema_version": SCHEMA_VERSION,
+            "meta": {
+                "thresholds": list(self.thresholds), "ema_decay": self.ema_decay,
+                "variables": list(self._tracker.names),
+                "variable_sizes": list(self._tracker.sizes),
+                "steps": self._step, "epochs": len(self._history["model"]),
+                "histogram_freq": self.histogram_freq, "histogram_bins": self.histogram_bins,
+                "sign_map_freq": self.sign_map_freq,
+            },
+            "batch_wise": batch_wise,
+            "epoch_wise": dict(self._epoch_wise),
+            "layers": layers,
+            "probes": self._probe_history,
+        }
+        document = plain(document, counter)
+        document["meta"]["null_values"] = counter[0]
+        return document
+
+    # ---------------------------------------------------------------- probes
+    def _run_probe(self, probe):
+        x, y = self.probe_data
+        result = probe(self.model, x, y)
+        record = {"step": self._step, "epoch": self._epoch, "probe": probe.name}
+        scalars, arrays = {}, {}
+        for key, value in result.items():
+            if np.ndim(value) == 0:
+                scalars[key] = float(value)
+            else:
+                arrays[key] = np.asarray(value)
+        record["values"] = scalars
+        if arrays:
+            os.makedirs(self._path("probes"), exist_ok=True)
+            name = f"{probe.name}_{self._step:08d}.npz"
+            np.savez_compressed(self._path("probes", name), **arrays)
+            record["arrays"] = f"probes/{name}"
+        self._writer("probes.jsonl").write(record)
+        history = self._probe_history.setdefault(probe.name, {"step": []})
+        history["step"].append(self._step)
+        for key, value in scalars.items():
+            history.setdefault(key, []).append(value)
+        if self.tensorboard:
+            self._tb.scalars({f"probes/{probe.name}/{k}": v for k, v in scalars.items()},
+                             self._step)
+
+    # ------------------------------------------------------ checkpoint/resume
+    def _save_checkpoint(self, epochs_done):
+        directory = self._path("checkpoint")
+        os.makedirs(directory, exist_ok=True)
+        weights = f"model-{epochs_done:05d}.weights.h5"
+        insight = f"insight-{epochs_done:05d}.npz"
+        self.model.save_weights(os.path.join(directory, weights))
+        np.savez(os.path.join(directory, insight), **self._tracker.state_dict())
+        write_json_atomic(os.path.join(directory, "state.json"), {
+            "epoch": epochs_done, "step": self._step, "weights": weights, "insight": insight})
+        for name in os.listdir(directory):  # older checkpoints
+            if name not in (weights, insight, "state.json"):
+                os.remove(os.path.join(directory, name))
+
+    def _restore(self):
+        state_path = self._path("checkpoint", "state.json")
+        if not os.path.exists(state_path):
+            if os.path.exists(self._path("steps.jsonl")):
+                raise ValueError(
+                    f"log_dir {self.log_dir!r} holds a run but no checkpoint to resume "
+                    "from (checkpoint_freq was 0 or it stopped in its first epoch)")
+            return
+        state = read_json(state_path)
+        model = self.model
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(self._path("checkpoint", state["weights"]))
+        with np.load(self._path("checkpoint", state["insight"])) as saved:
+            self._tracker.load_state(dict(saved))
+        self._step = int(state["step"])
+        epochs = int(state["epoch"])
+        model._initial_epoch = epochs  # as keras.callbacks.BackupAndRestore does
+        for name in ("steps.jsonl", "probes.jsonl", "histograms.jsonl"):
+            truncate_jsonl(self._path(name), self._step)
+        self._histogram_step = self._step
+        if os.path.exists(self._path("insight.json")):
+            self._load_history(read_json(self._path("insight.json")), epochs)
+
+    def _load_history(self, document, epochs):
+        """Reload the first `epochs` epochs of a previous insight.json."""
+        def array(lists):
+            return np.array([np.nan if v is None else v for v in lists], dtype=np.float64)
+
+        for e in range(epochs):
+            self._history["model"].append(np.stack(
+                [array(document["batch_wise"][k][e]) for k in self._model_keys], axis=1))
+            self._history["layers"].append(np.stack([
+                np.stack([array(document["layers"][n]["batch_wise"][k][e])
+                          for k in self._keys], axis=1)
+                for n in self._tracker.names], axis=1))
+        self._epoch_wise = {k: document["epoch_wise"][k][:epochs] for k in EPOCH_KEYS}
+        self._probe_history = {}
+        for name, history in document.get("probes", {}).items():
+            keep = [i for i, s in enumerate(history["step"]) if s <= self._step]
+            self._probe_history[name] = {k: [v[i] for i in keep] for k, v in history.items()}

@@ -1,0 +1,384 @@
+"""In-graph per-batch optimization dynamics (DESIGN.md section 3).
+
+`DynamicsTracker` owns the device-side state of one training run: the previous
+gradient, the moving averages of gradient and weights, and a small ring buffer of
+per-step sufficient statistics, all as non-trainable `tf.Variable`s. Inside the
+compiled train step, `DynamicsTracker.update` reduces a step's gradients and weights
+(all trainable variables flattened into one float32 vector, O(parameters) work, no
+host transfer) to a `[n_vars, n_stats]` float64 matrix. On the host,
+`summarize` turns one such matrix into the named metrics of DESIGN section 3, per
+variable and for the whole model. Nothing of size O(parameters) leaves the device
+per step, and memory is constant in the number of steps.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+#: Statistics kept per variable regardless of threshold (columns 0..4 of a row).
+GLOBAL_STATS = ("grad_sq", "weight_sq", "prev_weight_sq", "wdiff_sq", "nonfinite")
+#: Statistics kept per (family, threshold) block, in column order.
+BAND_STATS = (
+    "grad1", "grad2", "retained", "flipped", "min", "max", "wdiff_sum", "wdiff_max",
+)
+
+
+def threshold_tag(threshold):
+    """Short name of a zero-band threshold: `e7` for 1e-7, else e.g. `3e-06`."""
+    exponent = round(-math.log10(threshold))
+    if exponent > 0 and math.isclose(threshold, 10.0**-exponent, rel_tol=1e-12):
+        return f"e{exponent}"
+    return f"{threshold:g}"
+
+
+def ema_suffix(ema_decay):
+    """Key suffix of the moving-average family: `_09avg` for a decay of 0.9."""
+    return "_" + f"{ema_decay:g}".replace(".", "") + "avg"
+
+
+def sign_codes(grad, band=1e-5):
+    """Gradient sign-map codes (int8, same shape as `grad`).
+
+    0: |g| > band (or not finite), -1: -band <= g < 0, +1: 0 < g <= band, 2: g == 0.
+    """
+    g = np.asarray(grad, dtype=np.float64)
+    codes = np.zeros(g.shape, dtype=np.int8)
+    codes[(g >= -band) & (g < 0)] = -1
+    codes[(g > 0) & (g <= band)] = 1
+    codes[g == 0] = 2
+    return codes
+
+
+def _flatten(tensors):
+    return tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
+
+
+def _band_stats(prev_g, g, dw, threshold, segments, n_vars):
+    """The BAND_STATS columns for one (family, threshold) pair, each shape [n_vars]."""
+    zero_prev = tf.abs(prev_g) <= threshold
+    zero_now = tf.abs(g) <= threshold
+    retained = zero_prev & zero_now
+    flipped = retained & (tf.sign(prev_g) * tf.sign(g) < 0)
+    turn = tf.sign(dw) * tf.sign(g - prev_g)
+    abs_dw = tf.where(retained & tf.math.is_finite(dw), tf.abs(dw), 0.0)
+
+    def count(mask):
+        return tf.cast(
+            tf.math.unsorted_segment_sum(tf.cast(mask, tf.int32), segments, n_vars),
+            tf.float64,
+        )
+
+    return [
+        count(zero_prev),
+        count(zero_now),
+        count(retained),
+        count(flipped),
+        count(flipped & (turn > 0)),
+        count(flipped & (turn < 0)),
+        tf.cast(tf.math.unsorted_segment_sum(abs_dw, segments, n_vars), tf.float64),
+        tf.cast(tf.math.unsorted_segment_max(abs_dw, segments, n_vars), tf.float64),
+    ]
+
+
+def _step_statistics(g, w_prev, w, prev_g, ema_g, ema_w, has_prev, *, segments,
+                     n_vars, thresholds, ema_decay):
+    """One step's statistics matrix [n_vars, n_stats] and the new moving averages."""
+    finite_g = tf.math.is_finite(g)
+
+    def sq_sum(x):
+        x = tf.where(tf.math.is_finite(x), x, 0.0)
+        return tf.cast(tf.math.unsorted_segment_sum(x * x, segments, n_vars), tf.float64)
+
+    dw = w - w_prev
+    columns = [
+        sq_sum(g),
+        sq_sum(w),
+        sq_sum(w_prev),
+        sq_sum(dw),
+        tf.cast(
+            tf.math.unsorted_segment_sum(
+                tf.cast(~finite_g, tf.int32), segments, n_vars),
+            tf.float64,
+        ),
+    ]
+    for threshold in thresholds:
+        columns += _band_stats(prev_g, g, dw, threshold, segments, n_vars)
+
+    new_ema_g, new_ema_w = ema_g, ema_w
+    if ema_decay is not None:
+        d = ema_decay
+        g_finite = tf.where(finite_g, g, tf.where(has_prev, ema_g, 0.0))
+        new_ema_g = tf.where(has_prev, d * ema_g + (1.0 - d) * g_finite, g_finite)
+        old_ema_w = tf.where(has_prev, ema_w, w_prev)
+        new_ema_w = d * old_ema_w + (1.0 - d) * w
+        ema_dw = new_ema_w - old_ema_w
+        for threshold in thresholds:
+            columns += _band_stats(ema_g, new_ema_g, ema_dw, threshold, segments, n_vars)
+    return tf.stack(columns, axis=1), new_ema_g, new_ema_w
+
+
+def _histograms(values, segments, n_vars, bins):
+    """Per-variable histograms of the finite entries of `values` (flat float32).
+
+    Returns counts [n_vars, bins] int32 and ranges [n_vars, 2] (lo, hi) float64:
+    bin k holds lo + k*(hi-lo)/bins <= v < lo + (k+1)*(hi-lo)/bins, the last bin
+    closed on the right (a constant variable puts everything in bin 0).
+    """
+    v = tf.cast(values, tf.float64)
+    finite = tf.math.is_finite(v)
+    lo = tf.math.unsorted_segment_min(tf.where(finite, v, np.inf), segments, n_vars)
+    hi = tf.math.unsorted_segment_max(tf.where(finite, v, -np.inf), segments, n_vars)
+    lo = tf.where(tf.math.is_finite(lo), lo, 0.0)
+    hi = tf.where(tf.math.is_finite(hi), hi, 0.0)
+    width = tf.where(hi > lo, hi - lo, 1.0)
+    position = (tf.where(finite, v, 0.0) - tf.gather(lo, segments)) / tf.gather(width, segments)
+    index = tf.clip_by_value(tf.cast(tf.floor(position * bins), tf.int32), 0, bins - 1)
+    counts = tf.math.unsorted_segment_sum(
+        tf.cast(finite, tf.int32), segments * bins + index, n_vars * bins)
+    return tf.reshape(counts, [n_vars, bins]), tf.stack([lo, hi], axis=1)
+
+
+class DynamicsTracker(tf.Module):
+    """Device-side state and per-step statistics for a list of trainable variables.
+
+    Args:
+        variables: the model's trainable variables (Keras or tf variables).
+        thresholds: increasing positive zero-band thresholds.
+        ema_decay: moving-average decay d in [0, 1), or None for no "avg" family.
+        histogram_freq: steps between gradient/weight histograms; 0 disables.
+        histogram_bins: bins per histogram.
+        buffer_size: rows of the statistics ring buffer (the model's
+            steps_per_execution, so that no step is overwritten before it is read).
+        jit_compile: compile the elementwise reductions with XLA (fuses the
+            O(parameters) passes into a few kernels).
+    """
+
+    def __init__(self, variables, thresholds=(1e-7, 1e-5), ema_decay=0.9,
+                 histogram_freq=0, histogram_bins=1000, buffer_size=1,
+                 jit_compile=True):
+        super().__init__(name="dynamics_tracker")
+        self.names = tuple(getattr(v, "path", None) or v.name for v in variables)
+        self.sizes = tuple(int(np.prod(v.shape)) for v in variables)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.ema_decay = None if ema_decay is None else float(ema_decay)
+        self.histogram_freq = int(histogram_freq)
+        self.histogram_bins = int(histogram_bins)
+        self.buffer_size = int(buffer_size)
+        self._variables = tuple(variables)
+        n_vars, n_params = len(self.sizes), sum(self.sizes)
+        self._segments = tf.constant(np.repeat(np.arange(n_vars), self.sizes), tf.int32)
+        families = 1 if self.ema_decay is None else 2
+        n_stats = len(GLOBAL_STATS) + families * len(self.thresholds) * len(BAND_STATS)
+
+        def state(name, shape, dtype=tf.float32):
+            return tf.Variable(tf.zeros(shape, dtype), trainable=False, name=name)
+
+        self.prev_grad = state("prev_grad", [n_params])
+        self.ema_grad = state("ema_grad", [n_params if self.ema_decay is not None else 0])
+        self.ema_weight = state("ema_weight", [n_params if self.ema_decay is not None else 0])
+        self.step = state("step", [], tf.int64)
+        self.has_prev = tf.Variable(False, trainable=False, name="has_prev")
+        self.stats = state("stats", [self.buffer_size, n_vars, n_stats], tf.float64)
+        self.row_step = state("row_step", [self.buffer_size], tf.int64)
+        self.row_loss = state("row_loss", [self.buffer_size], tf.float64)
+        self.row_has_prev = tf.Variable(
+            tf.zeros([self.buffer_size], tf.bool), trainable=False, name="row_has_prev")
+        bins = max(self.histogram_bins, 1)
+        self.hist_counts = state("hist_counts", [2, n_vars, bins], tf.int32)
+        self.hist_ranges = state("hist_ranges", [2, n_vars, 2], tf.float64)
+        self.hist_step = state("hist_step", [], tf.int64)
+
+        def statistics(g, w_prev, w, prev_g, ema_g, ema_w, has_prev):
+            return _step_statistics(
+                g, w_prev, w, prev_g, ema_g, ema_w, has_prev, segments=self._segments,
+                n_vars=n_vars, thresholds=self.thresholds, ema_decay=self.ema_decay)
+
+        def histograms(g, w):
+            gc, gr = _histograms(g, self._segments, n_vars, bins)
+            wc, wr = _histograms(w, self._segments, n_vars, bins)
+            return tf.stack([gc, wc]), tf.stack([gr, wr])
+
+        self._statistics = tf.function(statistics, jit_compile=jit_compile)
+        self._histograms = tf.function(histograms, jit_compile=jit_compile)
+
+    def read_weights(self):
+        """Current values of the tracked variables, flattened (float32 [n_params])."""
+        return _flatten([tf.convert_to_tensor(v) for v in self._variables])
+
+    def update(self, grads, weights_before, loss):
+        """Record one step. Call inside the train step after the optimizer update.
+
+        Args:
+            grads: per-variable gradients the optimizer applied (None for unconnected).
+            weights_before: `read_weights()` taken before the optimizer update.
+            loss: the batch's scalar loss.
+        """
+        g = _flatten([tf.zeros(v.shape) if gr is None else tf.convert_to_tensor(gr)
+                      for gr, v in zip(grads, self._variables)])
+        w = self.read_weights()
+        has_prev = self.has_prev.read_value()
+        stats, new_ema_g, new_ema_w = self._statistics(
+            g, weights_before, w, self.prev_grad.read_value(),
+            self.ema_grad.read_value(), self.ema_weight.read_value(), has_prev)
+        step = self.step.assign_add(1)
+        row = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)
+        self.stats[row].assign(stats)
+        self.row_step[row].assign(step)
+        self.row_loss[row].assign(tf.cast(loss, tf.float64))
+        self.row_has_prev[row].assign(has_prev)
+        self.prev_grad.assign(g)
+        self.ema_grad.assign(new_ema_g)
+        self.ema_weight.assign(new_ema_w)
+        self.has_prev.assign(True)
+        if self.histogram_freq > 0:
+            def record_histograms():
+                counts, ranges = self._histograms(g, w)
+                self.hist_counts.assign(counts)
+                self.hist_ranges.assign(ranges)
+                self.hist_step.assign(step)
+                return tf.constant(True)
+
+            tf.cond(tf.equal(tf.math.floormod(step, self.histogram_freq), 0),
+                    record_histograms, lambda: tf.constant(False))
+
+    def read_rows(self, after_step):
+        """Rows recorded after `after_step`: list of (step, loss, has_prev, stats)."""
+        steps = self.row_step.numpy()
+        order = [i for i in np.argsort(steps) if steps[i] > after_step]
+        if not order:
+            return []
+        stats, losses, has_prev = (self.stats.numpy(), self.row_loss.numpy(),
+                                   self.row_has_prev.numpy())
+        return [(int(steps[i]), float(losses[i]), bool(has_prev[i]), stats[i])
+                for i in order]
+
+    def read_histograms(self):
+        """(step, {"gradients"|"weights": (counts [n_vars, bins], ranges [n_vars, 2])})."""
+        counts, ranges = self.hist_counts.numpy(), self.hist_ranges.numpy()
+        return int(self.hist_step.numpy()), {
+            "gradients": (counts[0], ranges[0]), "weights": (counts[1], ranges[1])}
+
+    def last_gradients(self, max_params=None):
+        """Last step's gradient per variable as numpy, strided to <= max_params each."""
+        out = {}
+        offset = 0
+        for name, size in zip(self.names, self.sizes):
+            stride = 1 if not max_params else max(1, math.ceil(size / max_params))
+            out[name] = self.prev_grad[offset:offset + size:stride].numpy()
+            offset += size
+        return out
+
+    _STATE = ("prev_grad", "ema_grad", "ema_weight", "step", "has_prev")
+
+    def state_dict(self):
+        """The state needed to resume: numpy arrays keyed by name."""
+        state = {k: getattr(self, k).numpy() for k in self._STATE}
+        state["names"] = np.array(self.names)
+        return state
+
+    def load_state(self, state):
+        """Restore `state_dict()` output; ValueError if it belongs to other variables."""
+        names = [str(n) for n in state["names"]]
+        if names != list(self.names) or state["prev_grad"].shape != self.prev_grad.shape:
+            raise ValueError(
+                f"saved insight state is for variables {names}, but the model has "
+                f"{self.names}; resume needs the same model")
+        if state["ema_grad"].shape != self.ema_grad.shape:
+            raise ValueError("saved insight state has a different ema_decay setting "
+                             "(None vs. a value); resume with the same setting")
+        for k in self._STATE:
+            getattr(self, k).assign(state[k])
+
+
+def _keys(tag, suffix):
+    return {
+        "grad1": f"no_zero_{tag}_grad1{suffix}",
+        "grad2": f"no_zero_{tag}_grad2{suffix}",
+        "retained": f"no_zero_{tag}_grad_retained{suffix}",
+        "released": f"no_zero_{tag}_grad_released{suffix}",
+        "fraction_released": f"fraction_zeros_{tag}_released{suffix}",
+        "flipped": f"no_grad_flipped_{tag}{suffix}",
+        "fraction_flipped": f"fraction_grad_flipped_{tag}{suffix}",
+        "min": f"no_min_{tag}{suffix}",
+        "max": f"no_max_{tag}{suffix}",
+        "wdiff_mean": f"w_diff_0_0_{tag}_mean{suffix}",
+        "wdiff_max": f"w_diff_0_0_{tag}_max{suffix}",
+    }
+
+
+def metric_names(thresholds, ema_decay):
+    """Every per-variable metric key, in output order (whole model adds `train_loss`)."""
+    names = ["grad_norm", "weight_norm", "wdiff", "update_ratio", "nonfinite_grads"]
+    suffixes = [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)])
+    for suffix in suffixes:
+        for threshold in thresholds:
+            names += list(_keys(threshold_tag(threshold), suffix).values())
+    return names
+
+
+def _ratio(num, den):
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+def summarize(stats, has_prev, names, thresholds, ema_decay):
+    """Metrics of one step from its statistics matrix.
+
+    Args:
+        stats: float64 [n_vars, n_stats] from `DynamicsTracker`.
+        has_prev: whether a previous step exists (False on a run's first step:
+            metrics that need g_{t-1} are None).
+        names: variable names, one per row.
+    Returns:
+        (model, layers): {key: value} for the whole model and {name: {key: value}};
+        counts are int, everything else float or None.
+    """
+    stats = np.asarray(stats, dtype=np.float64)
+    n_global = len(GLOBAL_STATS)
+    total = stats.sum(axis=0)
+    # The whole model: sums of counts and squares, max of maxima.
+    maxima = [n_global + i for i in range(stats.shape[1] - n_global)
+              if (i % len(BAND_STATS)) == BAND_STATS.index("wdiff_max")]
+    total[maxima] = stats[:, maxima].max(axis=0)
+    rows = np.vstack([stats, total[None, :]])
+    columns = {}
+    grad_sq, weight_sq, prev_sq, wdiff_sq, nonfinite = (rows[:, i] for i in range(n_global))
+    columns["grad_norm"] = (np.sqrt(grad_sq), True, False)
+    columns["weight_norm"] = (np.sqrt(weight_sq), True, False)
+    columns["wdiff"] = (np.sqrt(wdiff_sq), True, False)
+    columns["update_ratio"] = (_ratio(np.sqrt(wdiff_sq), np.sqrt(prev_sq)), True, False)
+    columns["nonfinite_grads"] = (nonfinite, True, True)
+    suffixes = [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)])
+    block = n_global
+    for suffix in suffixes:
+        for threshold in thresholds:
+            s = {name: rows[:, block + i] for i, name in enumerate(BAND_STATS)}
+            block += len(BAND_STATS)
+            keys = _keys(threshold_tag(threshold), suffix)
+            released = s["grad1"] - s["retained"]
+            # (values, defined at a first step, is a count)
+            columns[keys["grad1"]] = (s["grad1"], False, True)
+            columns[keys["grad2"]] = (s["grad2"], True, True)
+            columns[keys["retained"]] = (s["retained"], False, True)
+            columns[keys["released"]] = (released, False, True)
+            columns[keys["fraction_released"]] = (_ratio(released, s["grad1"]), False, False)
+            columns[keys["flipped"]] = (s["flipped"], False, True)
+            columns[keys["fraction_flipped"]] = (
+                _ratio(s["flipped"], s["retained"]), False, False)
+            columns[keys["min"]] = (s["min"], False, True)
+            columns[keys["max"]] = (s["max"], False, True)
+            columns[keys["wdiff_mean"]] = (
+                _ratio(s["wdiff_sum"], s["retained"]), False, False)
+            columns[keys["wdiff_max"]] = (s["wdiff_max"], False, False)
+
+    def row_dict(r):
+        out = {}
+        for key, (values, at_first, is_count) in columns.items():
+            if not (has_prev or at_first):
+                out[key] = None
+            else:
+                out[key] = int(values[r]) if is_count else float(values[r])
+        return out
+
+    layers = {name: row_dict(r) for r, name in enumerate(names)}
+    return row_dict(len(names)), layers

@@ -1,0 +1,1 @@
+"""Writers and readers of a run's logs (DESIGN.md section 4)."""

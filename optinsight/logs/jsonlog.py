@@ -1,0 +1,111 @@
+"""JSON and JSON Lines files of a run: crash-safe appends and atomic rewrites.
+
+JSON Lines files (`steps.jsonl`, `probes.jsonl`, `histograms.jsonl`) get one object
+per line, flushed as written, so a killed process leaves every finished line intact;
+a torn last line is ignored by `read_jsonl`. `insight.json` is rewritten through a
+temporary file and a rename, so it is always a complete document. Non-finite floats
+are written as null (JSON has no NaN) and counted.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+def plain(value, counter=None):
+    """`value` as plain JSON types; NaN/Inf become None, counted in `counter[0]`."""
+    if isinstance(value, dict):
+        return {str(k): plain(v, counter) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, counter) for v in value]
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist(), counter)
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        if math.isfinite(value):
+            return float(value)
+        if counter is not None:
+            counter[0] += 1
+        return None
+    return value
+
+
+def write_json_atomic(path, document):
+    """Write `document` (plain JSON types) to `path` via a temp file and rename."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(document, f, allow_nan=False, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    """Load a JSON document; ValueError naming the file if it is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupted") from None
+
+
+def read_jsonl(path):
+    """Objects of a JSON Lines file; a torn (incomplete) last line is skipped.
+
+    A malformed line anywhere else raises ValueError naming the file and line.
+    """
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number >= len(lines) - 1:  # the last line, torn by a crash
+                break
+            raise ValueError(f"{path}, line {number}, is not valid JSON") from None
+    return records
+
+
+def truncate_jsonl(path, last_step):
+    """Keep only the complete records of `path` whose "step" is <= last_step."""
+    if not os.path.exists(path):
+        return
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in kept:
+            f.write(json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+
+
+class JsonlWriter:
+    """Appends one JSON object per line to a file opened on first write."""
+
+    def __init__(self, path):
+        self.path = path
+        self._file = None
+        self.null_count = 0
+
+    def write(self, record):
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+        counter = [0]
+        line = json.dumps(plain(record, counter), allow_nan=False, separators=(",", ":"))
+        self.null_count += counter[0]
+        self._file.write(line + "\n")
+        self._file.flush()
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None

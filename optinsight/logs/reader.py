@@ -1,0 +1,81 @@
+"""Reads a run's logs back into pandas: `read_log(log_dir) -> Run`."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pandas as pd
+
+from optinsight.logs.jsonlog import read_json, read_jsonl
+
+
+@dataclasses.dataclass
+class Run:
+    """A run's logs.
+
+    Attributes:
+        steps: one row per batch: `step`, `epoch`, `batch`, the whole-model keys,
+            and per-variable columns named `<variable>/<key>`; nulls are NaN.
+        epochs: one row per epoch: `epoch` and the epoch_wise keys.
+        summary: the insight.json document.
+        probes: one row per probe evaluation: `step`, `epoch`, `probe`, its scalars
+            and, where it wrote arrays, `arrays` (a path relative to the log dir).
+        log_dir: where the run lives.
+    """
+
+    steps: pd.DataFrame
+    epochs: pd.DataFrame
+    summary: dict
+    probes: pd.DataFrame
+    log_dir: str
+
+    def layer(self, variable):
+        """The per-step metrics of one variable, columns without the prefix."""
+        prefix = f"{variable}/"
+        columns = [c for c in self.steps.columns if c.startswith(prefix)]
+        if not columns:
+            raise KeyError(f"no variable {variable!r} in this run; it has "
+                           f"{self.summary.get('meta', {}).get('variables')}")
+        frame = self.steps[["step", "epoch", "batch"] + columns]
+        return frame.rename(columns={c: c[len(prefix):] for c in columns})
+
+
+def _step_row(record):
+    row = {"step": record["step"], "epoch": record["epoch"], "batch": record["batch"]}
+    row.update(record["model"])
+    for variable, metrics in record["layers"].items():
+        row.update({f"{variable}/{k}": v for k, v in metrics.items()})
+    return row
+
+
+def read_log(log_dir):
+    """Load the run in `log_dir`.
+
+    Raises FileNotFoundError when `log_dir` is missing or holds no run, and
+    ValueError when its files are corrupted. A torn last line of a JSON Lines
+    file (a crash mid-write) is ignored.
+    """
+    log_dir = os.fspath(log_dir)
+    if not os.path.isdir(log_dir):
+        raise FileNotFoundError(f"log dir {log_dir!r} does not exist")
+    summary_path = os.path.join(log_dir, "insight.json")
+    steps_path = os.path.join(log_dir, "steps.jsonl")
+    if not os.path.exists(summary_path) and not os.path.exists(steps_path):
+        raise FileNotFoundError(
+            f"{log_dir!r} holds no optinsight run (no insight.json or steps.jsonl)")
+    summary = read_json(summary_path) if os.path.exists(summary_path) else {}
+    steps = pd.DataFrame([_step_row(r) for r in read_jsonl(steps_path)])
+    if not steps.empty:
+        steps = steps.fillna(np.nan).infer_objects()
+    epoch_wise = summary.get("epoch_wise", {})
+    epochs = pd.DataFrame(epoch_wise)
+    epochs.insert(0, "epoch", range(len(epochs)))
+    probe_rows = []
+    for record in read_jsonl(os.path.join(log_dir, "probes.jsonl")):
+        row = {"step": record["step"], "epoch": record["epoch"], "probe": record["probe"]}
+        row.update(record.get("values", {}))
+        if "arrays" in record:
+            row["arrays"] = record["arrays"]
+        probe_rows.append(row)
+    return Run(steps=steps, epochs=epochs.astype({c: float for c in epoch_wise}),
+               summary=summary, probes=pd.DataFrame(probe_rows), log_dir=log_dir)

@@ -1,0 +1,78 @@
+"""TensorBoard event files of a run, written with tf.summary.
+
+Scalars of one step go out as one Summary protocol buffer (a single op per step,
+however many tags), histograms from the counts computed in the train step, and
+sign maps as images. The writer is opened on first use and flushed/closed by its
+owner. Tags follow DESIGN.md section 4.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.histogram import metadata as histogram_metadata
+
+#: RGB colour of each sign-map code: white outside the band, red negative,
+#: green positive, black exactly zero; grey pads the image.
+SIGN_COLOURS = {0: (255, 255, 255), -1: (220, 40, 40), 1: (40, 170, 60), 2: (0, 0, 0)}
+_PAD = (128, 128, 128)
+
+
+def sign_map_image(codes):
+    """Sign codes (any shape) as an RGB uint8 image [rows, cols, 3], near square."""
+    flat = np.asarray(codes).reshape(-1)
+    cols = max(1, math.ceil(math.sqrt(flat.size)))
+    rows = max(1, math.ceil(flat.size / cols))
+    image = np.empty((rows * cols, 3), np.uint8)
+    image[:] = _PAD
+    for code, colour in SIGN_COLOURS.items():
+        image[: flat.size][flat == code] = colour
+    return image.reshape(rows, cols, 3)
+
+
+class TensorBoardWriter:
+    """Writes scalars, histograms and images under one event-file directory."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self._writer = None
+
+    def _get(self):
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.directory)
+        return self._writer
+
+    def scalars(self, values, step):
+        """Write {tag: number or None} at `step`; None and non-finite are skipped."""
+        summary = summary_pb2.Summary()
+        for tag, value in values.items():
+            if value is not None and math.isfinite(value):
+                summary.value.add(tag=tag, simple_value=float(value))
+        with self._get().as_default():
+            tf.summary.experimental.write_raw_pb(
+                summary.SerializeToString(), step=int(step))
+
+    def histogram(self, tag, counts, lo, hi, step):
+        """Write a histogram of `counts` over equal bins spanning [lo, hi]."""
+        counts = np.asarray(counts, np.float64)
+        edges = np.linspace(lo, hi, counts.size + 1)
+        buckets = np.stack([edges[:-1], edges[1:], counts], axis=1)
+        with self._get().as_default():
+            tf.summary.write(
+                tag, tf.constant(buckets), step=int(step),
+                metadata=histogram_metadata.create_summary_metadata(tag, None))
+
+    def image(self, tag, rgb, step):
+        """Write one RGB uint8 image [rows, cols, 3]."""
+        with self._get().as_default():
+            tf.summary.image(tag, np.asarray(rgb)[None], step=int(step))
+
+    def flush(self):
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
