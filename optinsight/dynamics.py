@@ -81,7 +81,7 @@ def _band_stats(prev_g, g, dw, threshold, segments, n_vars):
     ]
 
 
-def _step_statistics(g, w_prev, w, prev_g, ema_g, ema_w, has_prev, *, segments,
+def _step_statistics(g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, *, segments,
                      n_vars, thresholds, ema_decay):
     """One step's statistics matrix [n_vars, n_stats] and the new moving averages."""
     finite_g = tf.math.is_finite(g)
@@ -105,17 +105,20 @@ def _step_statistics(g, w_prev, w, prev_g, ema_g, ema_w, has_prev, *, segments,
     for threshold in thresholds:
         columns += _band_stats(prev_g, g, dw, threshold, segments, n_vars)
 
-    new_ema_g, new_ema_w = ema_g, ema_w
+    new_ema_g, new_ema_w_offset = ema_g, ema_w_offset
     if ema_decay is not None:
         d = ema_decay
         g_finite = tf.where(finite_g, g, tf.where(has_prev, ema_g, 0.0))
         new_ema_g = tf.where(has_prev, d * ema_g + (1.0 - d) * g_finite, g_finite)
-        old_ema_w = tf.where(has_prev, ema_w, w_prev)
-        new_ema_w = d * old_ema_w + (1.0 - d) * w
-        ema_dw = new_ema_w - old_ema_w
+        # The weight average is kept as its offset e = ŵ - w, small numbers whose float32
+        # rounding is relative to their own size: ŵ_t - ŵ_{t-1} = (1-d)(Δw - e_{t-1})
+        # and e_t = d(e_{t-1} - Δw), with e_0 = 0 (ŵ_0 = the weights at train begin).
+        old_offset = tf.where(has_prev, ema_w_offset, 0.0)
+        ema_dw = (1.0 - d) * (dw - old_offset)
+        new_ema_w_offset = d * (old_offset - dw)
         for threshold in thresholds:
             columns += _band_stats(ema_g, new_ema_g, ema_dw, threshold, segments, n_vars)
-    return tf.stack(columns, axis=1), new_ema_g, new_ema_w
+    return tf.stack(columns, axis=1), new_ema_g, new_ema_w_offset
 
 
 def _histograms(values, segments, n_vars, bins):
@@ -176,7 +179,8 @@ class DynamicsTracker(tf.Module):
 
         self.prev_grad = state("prev_grad", [n_params])
         self.ema_grad = state("ema_grad", [n_params if self.ema_decay is not None else 0])
-        self.ema_weight = state("ema_weight", [n_params if self.ema_decay is not None else 0])
+        self.ema_weight_offset = state(  # ŵ - w, see _step_statistics
+            "ema_weight_offset", [n_params if self.ema_decay is not None else 0])
         self.step = state("step", [], tf.int64)
         self.has_prev = tf.Variable(False, trainable=False, name="has_prev")
         self.stats = state("stats", [self.buffer_size, n_vars, n_stats], tf.float64)
@@ -189,9 +193,9 @@ class DynamicsTracker(tf.Module):
         self.hist_ranges = state("hist_ranges", [2, n_vars, 2], tf.float64)
         self.hist_step = state("hist_step", [], tf.int64)
 
-        def statistics(g, w_prev, w, prev_g, ema_g, ema_w, has_prev):
+        def statistics(g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev):
             return _step_statistics(
-                g, w_prev, w, prev_g, ema_g, ema_w, has_prev, segments=self._segments,
+                g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, segments=self._segments,
                 n_vars=n_vars, thresholds=self.thresholds, ema_decay=self.ema_decay)
 
         def histograms(g, w):
@@ -218,9 +222,9 @@ class DynamicsTracker(tf.Module):
                       for gr, v in zip(grads, self._variables)])
         w = self.read_weights()
         has_prev = self.has_prev.read_value()
-        stats, new_ema_g, new_ema_w = self._statistics(
+        stats, new_ema_g, new_ema_w_offset = self._statistics(
             g, weights_before, w, self.prev_grad.read_value(),
-            self.ema_grad.read_value(), self.ema_weight.read_value(), has_prev)
+            self.ema_grad.read_value(), self.ema_weight_offset.read_value(), has_prev)
         step = self.step.assign_add(1)
         row = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)
         self.stats[row].assign(stats)
@@ -229,7 +233,7 @@ class DynamicsTracker(tf.Module):
         self.row_has_prev[row].assign(has_prev)
         self.prev_grad.assign(g)
         self.ema_grad.assign(new_ema_g)
-        self.ema_weight.assign(new_ema_w)
+        self.ema_weight_offset.assign(new_ema_w_offset)
         self.has_prev.assign(True)
         if self.histogram_freq > 0:
             def record_histograms():
@@ -269,7 +273,7 @@ class DynamicsTracker(tf.Module):
             offset += size
         return out
 
-    _STATE = ("prev_grad", "ema_grad", "ema_weight", "step", "has_prev")
+    _STATE = ("prev_grad", "ema_grad", "ema_weight_offset", "step", "has_prev")
 
     def state_dict(self):
         """The state needed to resume: numpy arrays keyed by name."""
@@ -346,7 +350,10 @@ def summarize(stats, has_prev, names, thresholds, ema_decay):
     columns["grad_norm"] = (np.sqrt(grad_sq), True, False)
     columns["weight_norm"] = (np.sqrt(weight_sq), True, False)
     columns["wdiff"] = (np.sqrt(wdiff_sq), True, False)
-    columns["update_ratio"] = (_ratio(np.sqrt(wdiff_sq), np.sqrt(prev_sq)), True, False)
+    # Undefined (None) for a variable whose previous weights are all zero.
+    columns["update_ratio"] = (
+        np.where(prev_sq > 0, np.sqrt(wdiff_sq) / np.sqrt(np.where(prev_sq > 0, prev_sq, 1)),
+                 np.nan), True, False)
     columns["nonfinite_grads"] = (nonfinite, True, True)
     suffixes = [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)])
     block = n_global
@@ -374,7 +381,7 @@ def summarize(stats, has_prev, names, thresholds, ema_decay):
     def row_dict(r):
         out = {}
         for key, (values, at_first, is_count) in columns.items():
-            if not (has_prev or at_first):
+            if not (has_prev or at_first) or np.isnan(values[r]):
                 out[key] = None
             else:
                 out[key] = int(values[r]) if is_count else float(values[r])

@@ -1,0 +1,39 @@
+"""Shared test set-up: quiet TensorFlow, deterministic seeds, tiny models and data."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+
+
+def tiny_relu_model(model_class=keras.Model, inputs=6, hidden=8, classes=3):
+    """Dense-ReLU-Dense-softmax with units that start dead (exact-zero gradients)."""
+    keras.utils.set_random_seed(1)
+    x_in = keras.Input((inputs,))
+    h = keras.layers.Dense(hidden, activation="relu", name="hidden",
+                           bias_initializer=keras.initializers.Constant(
+                               [-5.0, -5.0] + [0.1] * (hidden - 2)))(x_in)
+    out = keras.layers.Dense(classes, activation="softmax", name="out")(h)
+    return model_class(inputs=x_in, outputs=out)
+
+
+def tiny_data(n=96, inputs=6, classes=3, seed=0, block=12):
+    """Features with two near-zero columns, so kernel gradients land in the zero band
+    with changing signs (flips), a third column near zero only in every other block
+    of `block` rows (gradients enter and leave the band), and one-hot labels."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, inputs)).astype("float32")
+    x[:, 0] *= 1e-7
+    x[:, 1] *= 3e-6
+    x[(np.arange(n) // block) % 2 == 0, 2] *= 1e-8
+    y = keras.utils.to_categorical(rng.integers(0, classes, n), classes)
+    return x, y.astype("float32")

@@ -1,0 +1,293 @@
+"""Every per-batch metric of DESIGN.md section 3 against an independent numpy computation.
+
+The test records the weights before and after every batch itself, recomputes each
+batch's gradient eagerly with its own GradientTape, and derives every key in plain
+numpy (float64), per variable and for the whole model, raw and moving-average.
+"""
+
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import tiny_data, tiny_relu_model
+
+import optinsight as oi
+from optinsight.dynamics import DynamicsTracker, sign_codes, summarize, threshold_tag
+
+THRESHOLDS = (1e-7, 1e-5)
+DECAY = 0.9
+BATCH = 12
+STEPS = 8
+
+
+class WeightRecorder(keras.callbacks.Callback):
+    """Weights of every trainable variable before the first and after every batch."""
+
+    def on_train_begin(self, logs=None):
+        self.weights = [[v.numpy().copy() for v in self.model.trainable_variables]]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.weights.append([v.numpy().copy() for v in self.model.trainable_variables])
+
+
+def eager_gradients(model, weights, x, y):
+    clone = keras.models.clone_model(model)
+    for v, w in zip(clone.trainable_variables, weights):
+        v.assign(w)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(keras.losses.categorical_crossentropy(y, clone(x, training=True)))
+    return [g.numpy() for g in tape.gradient(loss, clone.trainable_variables)]
+
+
+def reference_band(g_prev, g, w_prev, w, th):
+    """Raw band metrics of one variable (or of all concatenated), numpy float64."""
+    g_prev, g, w_prev, w = (np.asarray(a, np.float64).ravel() for a in (g_prev, g, w_prev, w))
+    zp, zn = np.abs(g_prev) <= th, np.abs(g) <= th
+    retained = zp & zn
+    flipped = retained & (g_prev * g < 0)
+    turn = np.sign((w - w_prev) * (g - g_prev))
+    dw = np.abs(w - w_prev)[retained]
+    grad1, ret = int(zp.sum()), int(retained.sum())
+    released = int((zp & ~zn).sum())
+    return {
+        "grad1": grad1, "grad2": int(zn.sum()), "retained": ret, "released": released,
+        "fraction_released": released / grad1 if grad1 else 0.0,
+        "flipped": int(flipped.sum()),
+        "fraction_flipped": flipped.sum() / ret if ret else 0.0,
+        "min": int((flipped & (turn > 0)).sum()), "max": int((flipped & (turn < 0)).sum()),
+        "wdiff_mean": dw.mean() if dw.size else 0.0, "wdiff_max": dw.max() if dw.size else 0.0,
+    }
+
+
+def key_names(tag, suffix):
+    return {
+        "grad1": f"no_zero_{tag}_grad1{suffix}", "grad2": f"no_zero_{tag}_grad2{suffix}",
+        "retained": f"no_zero_{tag}_grad_retained{suffix}",
+        "released": f"no_zero_{tag}_grad_released{suffix}",
+        "fraction_released": f"fraction_zeros_{tag}_released{suffix}",
+        "flipped": f"no_grad_flipped_{tag}{suffix}",
+        "fraction_flipped": f"fraction_grad_flipped_{tag}{suffix}",
+        "min": f"no_min_{tag}{suffix}", "max": f"no_max_{tag}{suffix}",
+        "wdiff_mean": f"w_diff_0_0_{tag}_mean{suffix}", "wdiff_max": f"w_diff_0_0_{tag}_max{suffix}",
+    }
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("run")
+    x, y = tiny_data(n=BATCH * STEPS)
+    model = tiny_relu_model(oi.InsightModel)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="categorical_crossentropy")
+    recorder = WeightRecorder()
+    cb = oi.OptimizationInsightCallback(log_dir, thresholds=THRESHOLDS, ema_decay=DECAY,
+                                        histogram_freq=4, histogram_bins=16)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[recorder, cb])
+    weights = recorder.weights
+    grads = [eager_gradients(model, weights[t], x[t * BATCH:(t + 1) * BATCH],
+                             y[t * BATCH:(t + 1) * BATCH]) for t in range(STEPS)]
+    records = [json.loads(line) for line in open(log_dir / "steps.jsonl")]
+    names = [v.path for v in model.trainable_variables]
+    return {"log_dir": log_dir, "weights": weights, "grads": grads, "records": records,
+            "names": names, "model": model}
+
+
+def moving_averages(run):
+    """ĝ_t (ĝ_1 = g_1) and ŵ_t (ŵ_0 = initial weights), per step and variable."""
+    ema_g, ema_w = [], [[w.astype(np.float64) for w in run["weights"][0]]]
+    for t, g in enumerate(run["grads"]):
+        g = [a.astype(np.float64) for a in g]
+        ema_g.append(g if t == 0 else [DECAY * a + (1 - DECAY) * b
+                                       for a, b in zip(ema_g[-1], g)])
+        ema_w.append([DECAY * a + (1 - DECAY) * b.astype(np.float64)
+                      for a, b in zip(ema_w[-1], run["weights"][t + 1])])
+    return ema_g, ema_w
+
+
+def expected_metrics(run, t, select):
+    """Expected metrics at step t+1 for the variables picked by `select` (list of indices)."""
+    cat = lambda arrays: np.concatenate([np.ravel(arrays[i]) for i in select])  # noqa: E731
+    g, w_prev, w = cat(run["grads"][t]), cat(run["weights"][t]), cat(run["weights"][t + 1])
+    out = {
+        "grad_norm": np.linalg.norm(g), "weight_norm": np.linalg.norm(w),
+        "wdiff": np.linalg.norm(w - w_prev),
+        "update_ratio": (np.linalg.norm(w - w_prev) / np.linalg.norm(w_prev)
+                         if np.any(w_prev) else None),
+        "nonfinite_grads": 0,
+    }
+    ema_g, ema_w = moving_averages(run)
+    for th in THRESHOLDS:
+        tag = threshold_tag(th)
+        if t == 0:
+            for k in key_names(tag, "").values():
+                out[k] = None
+            out[key_names(tag, "")["grad2"]] = int((np.abs(g) <= th).sum())
+            for k in key_names(tag, "_09avg").values():
+                out[k] = None
+            out[key_names(tag, "_09avg")["grad2"]] = int((np.abs(cat(ema_g[0])) <= th).sum())
+            continue
+        raw = reference_band(cat(run["grads"][t - 1]), g, w_prev, w, th)
+        avg = reference_band(cat(ema_g[t - 1]), cat(ema_g[t]), cat(ema_w[t]),
+                             cat(ema_w[t + 1]), th)
+        for suffix, values in (("", raw), ("_09avg", avg)):
+            for short, key in key_names(tag, suffix).items():
+                out[key] = values[short]
+    return out
+
+
+def assert_metrics_equal(actual, expected, where):
+    for key, want in expected.items():
+        got = actual[key]
+        if want is None:
+            assert got is None, f"{where} {key}: expected null at step 1, got {got}"
+        elif isinstance(want, (int, np.integer)):
+            assert isinstance(got, int) and got == want, f"{where} {key}: {got} != {want}"
+        else:
+            assert got == pytest.approx(float(want), rel=2e-5, abs=1e-12), \
+                f"{where} {key}: {got} != {want}"
+
+
+def test_every_key_per_variable_and_whole_model(run):
+    records = run["records"]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for t, record in enumerate(records):
+        for i, name in enumerate(run["names"]):
+            assert_metrics_equal(record["layers"][name], expected_metrics(run, t, [i]),
+                                 f"step {t + 1} {name}")
+        assert_metrics_equal(record["model"], expected_metrics(run, t,
+                                                              range(len(run["names"]))),
+                             f"step {t + 1} model")
+
+
+def test_the_model_really_has_zeros_flips_and_turns(run):
+    """Guards against a trivially-zero comparison: every count family is exercised."""
+    records = run["records"][1:]
+    for suffix in ("", "_09avg"):
+        for tag in ("e7", "e5"):
+            keys = key_names(tag, suffix)
+            for short in ("grad1", "retained", "flipped"):
+                assert sum(r["model"][keys[short]] for r in records) > 0, (short, tag, suffix)
+    assert sum(r["model"]["no_zero_e5_grad_released"] for r in records) > 0
+    assert sum(r["model"]["no_min_e5"] for r in records) > 0
+    assert sum(r["model"]["no_max_e5"] for r in records) > 0
+    assert sum(r["model"]["w_diff_0_0_e5_max"] for r in records) > 0
+
+
+def test_train_loss_is_the_batch_loss(run):
+    model = keras.models.clone_model(run["model"])
+    x, y = tiny_data(n=BATCH * STEPS)
+    for t, record in enumerate(run["records"]):
+        for v, w in zip(model.trainable_variables, run["weights"][t]):
+            v.assign(w)
+        p = model(x[t * BATCH:(t + 1) * BATCH], training=True)
+        want = float(np.mean(keras.losses.categorical_crossentropy(
+            y[t * BATCH:(t + 1) * BATCH], p)))
+        assert record["model"]["train_loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_histograms_match_numpy(run):
+    lines = [json.loads(s) for s in open(run["log_dir"] / "histograms.jsonl")]
+    assert [h["step"] for h in lines] == [4, 8]
+    for h in lines:
+        t = h["step"] - 1
+        for kind, arrays in (("gradients", run["grads"][t]), ("weights", run["weights"][t + 1])):
+            for name, values in zip(run["names"], arrays):
+                v = np.asarray(values, np.float64).ravel()
+                lo, hi = v.min(), v.max()
+                assert h[kind][name]["range"] == pytest.approx([lo, hi], rel=1e-6, abs=1e-30)
+                width = hi - lo if hi > lo else 1.0
+                index = np.clip(np.floor((v - lo) / width * 16).astype(int), 0, 15)
+                assert h[kind][name]["counts"] == np.bincount(index, minlength=16).tolist()
+
+
+def test_sign_map_codes_of_last_gradient(run):
+    with np.load(run["log_dir"] / "signs" / "epoch_0000.npz") as f:
+        meta = json.loads(str(f["_meta"]))
+        assert meta["step"] == STEPS
+        for name, g in zip(run["names"], run["grads"][-1]):
+            expected = sign_codes(np.ravel(g))
+            np.testing.assert_array_equal(f[name], expected)
+    g = np.array([0.0, -1e-5, -2e-6, 3e-6, 1e-5, 2e-5, -2e-5, np.nan])
+    np.testing.assert_array_equal(sign_codes(g), [2, -1, -1, 1, 1, 0, 0, 0])
+
+
+def test_insight_json_keeps_seed_layout(run):
+    doc = json.load(open(run["log_dir"] / "insight.json"))
+    assert doc["schema_version"] == 1
+    assert set(doc["epoch_wise"]) == {"train_mean_loss", "val_mean_loss", "train_mean_acc",
+                                      "val_mean_acc"}
+    steps = doc["batch_wise"]["no_zero_e5_grad2"]
+    assert len(steps) == 1 and len(steps[0]) == STEPS
+    assert steps[0] == [r["model"]["no_zero_e5_grad2"] for r in run["records"]]
+    assert doc["batch_wise"]["no_zero_e5_grad1"][0][0] is None
+    name = run["names"][0]
+    assert doc["layers"][name]["batch_wise"]["wdiff"][0] == pytest.approx(
+        [r["layers"][name]["wdiff"] for r in run["records"]])
+
+
+def test_read_log_frames(run):
+    r = oi.read_log(run["log_dir"])
+    assert list(r.steps["step"]) == list(range(1, STEPS + 1))
+    assert math.isnan(r.steps["no_zero_e7_grad1"].iloc[0])
+    assert r.steps["no_zero_e7_grad2"].iloc[0] == run["records"][0]["model"]["no_zero_e7_grad2"]
+    layer = r.layer(run["names"][2])
+    assert layer["grad_norm"].tolist() == pytest.approx(
+        [rec["layers"][run["names"][2]]["grad_norm"] for rec in run["records"]])
+    assert len(r.epochs) == 1
+    with pytest.raises(KeyError, match="no variable"):
+        r.layer("nope")
+
+
+def test_tensorboard_tags_read_back(run):
+    from tbparse import SummaryReader
+
+    scalars = SummaryReader(str(run["log_dir"] / "tensorboard")).scalars
+    grad_norm = scalars[scalars.tag == "insight/grad_norm"].sort_values("step")
+    assert grad_norm.step.tolist() == list(range(1, STEPS + 1))
+    assert grad_norm.value.tolist() == pytest.approx(
+        [r["model"]["grad_norm"] for r in run["records"]], rel=1e-6)
+    per_var = scalars[scalars.tag == f"insight/{run['names'][0]}/wdiff"]
+    assert len(per_var) == STEPS
+    # Histograms are in TensorBoard's v2 format (tensors of [left, right, count] rows).
+    tensors = SummaryReader(str(run["log_dir"] / "tensorboard"), pivot=False).tensors
+    hist = tensors[tensors.tag == f"gradients/{run['names'][0]}"].sort_values("step")
+    assert hist.step.tolist() == [4, 8]
+    logged = json.loads(open(run["log_dir"] / "histograms.jsonl").readline())
+    buckets = np.asarray(hist.value.iloc[0])
+    assert buckets[:, 2].tolist() == logged["gradients"][run["names"][0]]["counts"]
+    assert buckets[0, 0] == pytest.approx(logged["gradients"][run["names"][0]]["range"][0])
+
+
+def test_tracker_counts_nonfinite_and_ignores_them():
+    """Crafted gradients with NaN/Inf and values on the band edges, straight to the tracker."""
+    w = tf.Variable(tf.zeros([6]))
+    tracker = DynamicsTracker([w], thresholds=(1e-5,), ema_decay=0.5, jit_compile=True)
+    g1 = np.array([0.0, 1e-5, -3e-6, 2e-6, np.nan, 5.0], np.float32)
+    g2 = np.array([0.0, 2e-6, 4e-6, -1e-6, 1e-6, np.inf], np.float32)
+
+    @tf.function
+    def step(g, new_w):
+        before = tracker.read_weights()
+        w.assign(new_w)
+        tracker.update([g], before, tf.constant(1.0))
+
+    step(g1, np.array([0, 1, 2, 3, 4, 5], np.float32))
+    step(g2, np.array([0, 1, 1, 4, 4, 5], np.float32))
+    rows = tracker.read_rows(1)
+    assert [r[0] for r in rows] == [2]
+    model, layers = summarize(rows[0][3], rows[0][2], tracker.names, (1e-5,), 0.5)
+    assert model["nonfinite_grads"] == 1
+    assert model["no_zero_e5_grad1"] == 4  # 0, 1e-5 (inclusive), -3e-6, 2e-6; NaN excluded
+    assert model["no_zero_e5_grad2"] == 5
+    assert model["no_zero_e5_grad_retained"] == 4
+    assert model["no_grad_flipped_e5"] == 2  # -3e-6 -> 4e-6 and 2e-6 -> -1e-6
+    assert model["no_min_e5"] == 0 and model["no_max_e5"] == 2  # dw -1, dg + / dw +1, dg -
+    assert model["w_diff_0_0_e5_mean"] == pytest.approx(0.5)
+    assert model["grad_norm"] == pytest.approx(math.sqrt(2e-6**2 + 4e-6**2 + 1e-6**2 + 1e-6**2))
+    # moving average: NaN at step 1 entered as 0, then ĝ = 0.5 * 0 + 0.5 * 1e-6
+    ema = tracker.ema_grad.numpy()
+    assert ema[4] == pytest.approx(0.5e-6) and ema[5] == 5.0  # Inf leaves the average as it was
+    assert model["no_zero_e5_grad2_05avg"] == 5
