@@ -1,0 +1,207 @@
+"""The callback on plain Keras models: installation, errors, resume, non-finite values."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+from conftest import tiny_data, tiny_relu_model
+
+import optinsight as oi
+from optinsight.logs.jsonlog import read_jsonl
+
+
+def compiled(model):
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def test_plain_sequential_is_instrumented_and_restored(tmp_path):
+    model = compiled(keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"),
+                                       keras.layers.Dense(3, activation="softmax")]))
+    x, y = tiny_data(n=48)
+    cb = oi.OptimizationInsightCallback(tmp_path / "run", histogram_freq=0)
+    history = model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0,
+                        validation_data=(x, y))
+    run = oi.read_log(tmp_path / "run")
+    assert run.steps["step"].tolist() == list(range(1, 7))
+    assert run.steps["epoch"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert run.steps["batch"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert run.epochs["train_mean_loss"].tolist() == pytest.approx(history.history["loss"])
+    assert run.epochs["val_mean_acc"].tolist() == pytest.approx(history.history["val_accuracy"])
+    assert "train_step" not in model.__dict__  # the model's own train step is back
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # and plain fit still works
+    assert len(read_jsonl(tmp_path / "run" / "steps.jsonl")) == 6
+
+
+def test_insight_model_trains_plainly_without_callback():
+    model = compiled(tiny_relu_model(oi.InsightModel))
+    x, y = tiny_data(n=32)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"thresholds": (1e-5, 1e-7)}, "strictly increasing"),
+    ({"thresholds": (0.0,)}, "positive"),
+    ({"thresholds": "abc"}, "positive numbers"),
+    ({"ema_decay": 1.0}, r"\[0, 1\)"),
+    ({"ema_decay": -0.1}, r"got -0.1"),
+    ({"histogram_freq": -1}, "histogram_freq"),
+    ({"histogram_freq": 2.5}, "got 2.5"),
+    ({"sign_map_freq": "weekly"}, "sign_map_freq"),
+    ({"update_freq": 0}, "update_freq"),
+    ({"histogram_bins": 0}, "histogram_bins"),
+    ({"probes": [object()]}, "needs a name"),
+])
+def test_bad_arguments_raise_clear_errors(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        oi.OptimizationInsightCallback(tmp_path, **kwargs)
+
+
+def test_unwritable_or_file_log_dir(tmp_path):
+    model = compiled(tiny_relu_model())
+    x, y = tiny_data(n=16)
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        model.fit(x, y, epochs=1, verbose=0,
+                  callbacks=[oi.OptimizationInsightCallback(target)])
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="not writable"):
+            model.fit(x, y, epochs=1, verbose=0,
+                      callbacks=[oi.OptimizationInsightCallback(locked / "run")])
+
+
+def test_model_without_trainable_variables(tmp_path):
+    model = compiled(keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)]))
+    model.layers[0].trainable = False
+    model = compiled(model)
+    x, y = tiny_data(n=16)
+    with pytest.raises(ValueError, match="no trainable variables"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[oi.OptimizationInsightCallback(tmp_path)])
+
+
+def test_existing_run_needs_resume(tmp_path):
+    x, y = tiny_data(n=16)
+    model = compiled(tiny_relu_model())
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[oi.OptimizationInsightCallback(tmp_path)])
+    with pytest.raises(ValueError, match="already holds a run"):
+        model.fit(x, y, epochs=1, verbose=0,
+                  callbacks=[oi.OptimizationInsightCallback(tmp_path)])
+
+
+def test_resume_continues_steps_epochs_and_state(tmp_path):
+    """Two epochs, then a fresh model and callback resume from the checkpoint: same logs
+    as an uninterrupted run of four epochs."""
+    x, y = tiny_data(n=48)
+
+    def fit(log_dir, epochs, resume=False):
+        model = compiled(tiny_relu_model())
+        cb = oi.OptimizationInsightCallback(log_dir, resume=resume, histogram_freq=2,
+                                            histogram_bins=8)
+        model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0, callbacks=[cb])
+        return model
+
+    whole = fit(tmp_path / "whole", 4)
+    fit(tmp_path / "split", 2)
+    resumed = fit(tmp_path / "split", 4, resume=True)
+    a, b = oi.read_log(tmp_path / "whole"), oi.read_log(tmp_path / "split")
+    assert b.steps["step"].tolist() == list(range(1, 13))
+    assert b.steps["epoch"].tolist() == a.steps["epoch"].tolist()
+    numeric = a.steps.select_dtypes("number").columns
+    np.testing.assert_allclose(b.steps[numeric].to_numpy(float), a.steps[numeric].to_numpy(float),
+                               rtol=1e-5, atol=1e-9, equal_nan=True)
+    assert len(b.epochs) == 4
+    for wa, wb in zip(whole.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-7)
+    assert [h["step"] for h in read_jsonl(tmp_path / "split" / "histograms.jsonl")] == \
+        [2, 4, 6, 8, 10, 12]
+
+
+def test_resume_drops_logs_after_the_checkpoint(tmp_path):
+    """Steps logged after the last checkpoint (a crash mid-epoch) are trained again,
+    not duplicated."""
+    x, y = tiny_data(n=48)
+    model = compiled(tiny_relu_model())
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+              callbacks=[oi.OptimizationInsightCallback(tmp_path)])
+    with open(tmp_path / "steps.jsonl", "a") as f:  # two later steps and a torn line
+        f.write(json.dumps({"step": 4, "epoch": 1, "batch": 0, "model": {}, "layers": {}}) + "\n")
+        f.write('{"step": 5, "epo')
+    model = compiled(tiny_relu_model())
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0,
+              callbacks=[oi.OptimizationInsightCallback(tmp_path, resume=True)])
+    assert [r["step"] for r in read_jsonl(tmp_path / "steps.jsonl")] == list(range(1, 7))
+
+
+def test_nonfinite_gradients_are_counted_not_fatal(tmp_path):
+    x, y = tiny_data(n=48)
+    x[20, 3] = np.nan  # poisons the second batch
+    model = compiled(tiny_relu_model())
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[oi.OptimizationInsightCallback(tmp_path)])
+    steps = read_jsonl(tmp_path / "steps.jsonl")
+    assert [s["step"] for s in steps] == [1, 2, 3]  # training went on
+    assert steps[0]["model"]["nonfinite_grads"] == 0
+    assert steps[1]["model"]["nonfinite_grads"] > 0
+    assert steps[1]["layers"]["hidden/kernel"]["nonfinite_grads"] > 0
+    json.load(open(tmp_path / "insight.json"))  # still valid JSON
+
+
+def test_nonfinite_values_are_written_as_counted_nulls(tmp_path):
+    from optinsight.logs.jsonlog import JsonlWriter
+
+    writer = JsonlWriter(tmp_path / "x.jsonl")
+    writer.write({"step": 1, "a": float("nan"), "b": [1.0, float("inf")], "c": np.int64(3)})
+    writer.close()
+    assert read_jsonl(tmp_path / "x.jsonl") == [{"step": 1, "a": None, "b": [1.0, None], "c": 3}]
+    assert writer.null_count == 2
+
+
+def test_steps_per_execution_keeps_every_step(tmp_path):
+    model = tiny_relu_model()
+    model.compile(optimizer="adam", loss="categorical_crossentropy", steps_per_execution=3)
+    x, y = tiny_data(n=96)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+              callbacks=[oi.OptimizationInsightCallback(tmp_path)])
+    steps = read_jsonl(tmp_path / "steps.jsonl")
+    assert [s["step"] for s in steps] == list(range(1, 7))
+    assert [s["batch"] for s in steps] == list(range(6))
+
+
+def test_probes_are_scheduled_and_logged(tmp_path):
+    class MeanOutput:
+        name = "mean_output"
+        every = 2
+
+        def __call__(self, model, x, y):
+            p = np.asarray(model(x))
+            return {"mean": float(p.mean()), "per_class": p.mean(axis=0)}
+
+    x, y = tiny_data(n=64)
+    model = compiled(tiny_relu_model())
+    cb = oi.OptimizationInsightCallback(tmp_path, probes=[MeanOutput()], probe_data=(x[:8], y[:8]))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    run = oi.read_log(tmp_path)
+    assert run.probes["step"].tolist() == [2, 4]
+    final = np.asarray(model(x[:8]))
+    assert run.probes["mean"].iloc[-1] == pytest.approx(final.mean(), rel=1e-5)
+    with np.load(tmp_path / run.probes["arrays"].iloc[-1]) as arrays:
+        np.testing.assert_allclose(arrays["per_class"], final.mean(axis=0), rtol=1e-5)
+    with pytest.raises(ValueError, match="probe_data"):
+        oi.OptimizationInsightCallback(tmp_path, probes=[MeanOutput()])
+
+
+def test_read_log_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        oi.read_log(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="holds no optinsight run"):
+        oi.read_log(tmp_path)
+    (tmp_path / "insight.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        oi.read_log(tmp_path)
