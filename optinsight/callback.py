@@ -16,8 +16,7 @@ import keras
 import numpy as np
 
 from optinsight.dynamics import DynamicsTracker, metric_names, sign_codes, summarize
-from optinsight.logs.jsonlog import (
-    JsonlWriter, plain, read_json, truncate_jsonl, write_json_atomic)
+from optinsight.logs.jsonlog import JsonlWriter, plain, read_json, truncate_jsonl, write_json_atomic
 from optinsight.logs.tensorboard import TensorBoardWriter, sign_map_image
 from optinsight.model import InsightModel, insight_train_step
 

@@ -71,7 +71,8 @@ def key_names(tag, suffix):
         "flipped": f"no_grad_flipped_{tag}{suffix}",
         "fraction_flipped": f"fraction_grad_flipped_{tag}{suffix}",
         "min": f"no_min_{tag}{suffix}", "max": f"no_max_{tag}{suffix}",
-        "wdiff_mean": f"w_diff_0_0_{tag}_mean{suffix}", "wdiff_max": f"w_diff_0_0_{tag}_max{suffix}",
+        "wdiff_mean": f"w_diff_0_0_{tag}_mean{suffix}",
+        "wdiff_max": f"w_diff_0_0_{tag}_max{suffix}",
     }
 
 

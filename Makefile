@@ -1,0 +1,36 @@
+# The README's two commands: `make run` and `make test`. Both set up what they need
+# (a virtual environment with the package, Debian's Fashion-MNIST) and are idempotent.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+EPOCHS ?= 10
+
+.PHONY: run test setup data lint
+
+setup: $(INSTALLED)
+
+$(INSTALLED): setup.cfg pyproject.toml
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+data: $(FASHION_MNIST)
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+run: $(INSTALLED) $(FASHION_MNIST)
+	$(PY) main.py --dataset fashion-mnist --epochs $(EPOCHS)
+
+test: $(INSTALLED) $(FASHION_MNIST)
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+lint: $(INSTALLED)
+	$(PY) -m ruff check .

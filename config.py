@@ -1,0 +1,177 @@
+"""Settings of the main job as frozen dataclasses, built from argv and validated.
+
+`parse_args(argv) -> Config` raises ValueError with a one-line message naming the
+value received and what was expected, for a bad flag as for a bad value.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import os
+
+from data_loader import DATASETS
+from optinsight.callback import validate_ema_decay, validate_freq, validate_thresholds
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to train on: dataset name, where its files are, batching."""
+
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    batch_size: int = 1024
+    validation_split: float = 0.1
+    limit: int | None = None  # use only the first `limit` training examples
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.data_dir is not None and not os.path.isdir(self.data_dir):
+            raise FileNotFoundError(f"data dir {self.data_dir!r} does not exist")
+        _positive_int("batch_size", self.batch_size)
+        if not 0 <= self.validation_split < 1:
+            raise ValueError(
+                f"validation_split must be in [0, 1), got {self.validation_split!r}")
+        if self.limit is not None:
+            _positive_int("limit", self.limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train: epochs, learning rate, seed, logs and checkpoints."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    seed: int = 0
+    log_dir: str | None = None
+    resume: bool = False
+    checkpoint_every: int = 1
+
+    def __post_init__(self):
+        _positive_int("epochs", self.epochs)
+        if not (isinstance(self.lr, float) and 0 < self.lr < float("inf")):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        validate_freq("checkpoint_every", self.checkpoint_every)
+        if self.resume and self.log_dir is None:
+            raise ValueError("--resume needs --log-dir, the run to continue")
+
+    def run_dir(self, dataset):
+        """The log dir: as given, else runs/<dataset>-<timestamp>."""
+        if self.log_dir is not None:
+            return self.log_dir
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return os.path.join("runs", f"{dataset}-{stamp}")
+
+
+@dataclasses.dataclass(frozen=True)
+class InsightConfig:
+    """OptimizationInsightCallback settings (see its docstring)."""
+
+    thresholds: tuple = (1e-7, 1e-5)
+    ema_decay: float | None = 0.9
+    histogram_freq: int = 30
+    histogram_bins: int = 1000
+    sign_map_freq: int | str = "epoch"
+    update_freq: int | str = "batch"
+
+    def __post_init__(self):
+        validate_thresholds(self.thresholds)
+        validate_ema_decay(self.ema_decay)
+        validate_freq("histogram_freq", self.histogram_freq)
+        _positive_int("histogram_bins", self.histogram_bins)
+        validate_freq("sign_map_freq", self.sign_map_freq, ("epoch",))
+        update = validate_freq("update_freq", self.update_freq, ("batch", "epoch"))
+        if update == 0:
+            raise ValueError("update_freq must be 'batch', 'epoch' or a positive integer, got 0")
+
+    def callback_kwargs(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    train: TrainConfig
+    insight: InsightConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ValueError(message)
+
+
+def _number_list(text):
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers like 1e-7,1e-5, got {text!r}") from None
+
+
+def _freq(words):
+    def parse(text):
+        if text in words:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer or one of {words}, got {text!r}") from None
+    return parse
+
+
+def _decay(text):
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+def build_parser():
+    p = _Parser(prog="main.py", description="Train the reference CNN with optimization "
+                "insight switched on.")
+    d = DataConfig()
+    t = TrainConfig()
+    i = InsightConfig()
+    p.add_argument("--dataset", default=d.dataset, help=f"one of {DATASETS}")
+    p.add_argument("--data-dir", default=None, help="directory holding the dataset's files")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--validation-split", type=float, default=d.validation_split)
+    p.add_argument("--limit", type=int, default=None,
+                   help="train on the first N examples only (quick runs)")
+    p.add_argument("--epochs", type=int, default=t.epochs)
+    p.add_argument("--lr", type=float, default=t.lr, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--log-dir", default=None, help="default: runs/<dataset>-<timestamp>")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --log-dir from its last checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every,
+                   help="epochs between checkpoints (0: none)")
+    p.add_argument("--thresholds", type=_number_list, default=i.thresholds,
+                   help="zero-band thresholds, e.g. 1e-7,1e-5")
+    p.add_argument("--ema-decay", type=_decay, default=i.ema_decay, help="or 'none'")
+    p.add_argument("--histogram-freq", type=int, default=i.histogram_freq)
+    p.add_argument("--histogram-bins", type=int, default=i.histogram_bins)
+    p.add_argument("--sign-map-freq", type=_freq(("epoch",)), default=i.sign_map_freq)
+    p.add_argument("--update-freq", type=_freq(("batch", "epoch")), default=i.update_freq)
+    return p
+
+
+def parse_args(argv=None):
+    """Config from command-line arguments (sys.argv[1:] when None)."""
+    a = build_parser().parse_args(argv)
+    return Config(
+        data=DataConfig(a.dataset, a.data_dir, a.batch_size, a.validation_split, a.limit),
+        train=TrainConfig(a.epochs, a.lr, a.seed, a.log_dir, a.resume, a.checkpoint_every),
+        insight=InsightConfig(a.thresholds, a.ema_decay, a.histogram_freq, a.histogram_bins,
+                              a.sign_map_freq, a.update_freq),
+    )
