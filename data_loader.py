@@ -49,7 +49,8 @@ class _ArrayUnpickler(pickle.Unpickler):
     _ALLOWED = {"_reconstruct", "ndarray", "dtype", "scalar", "frombuffer"}
 
     def find_class(self, module, name):
-        if module.split(".")[0] == "numpy" and name in self._ALLOWED:
+        if (module.split(".")[0] == "numpy" and name in self._ALLOWED) \
+                or (module, name) == ("_codecs", "encode"):  # bytes in protocol-2 pickles
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
 
