@@ -15,7 +15,8 @@ import sys
 import keras
 import numpy as np
 
-from optinsight.dynamics import DynamicsTracker, metric_names, sign_codes, summarize
+from optinsight.dynamics import (
+    DynamicsTracker, count_keys, metric_names, metric_table, sign_codes, table_row_dict)
 from optinsight.logs.jsonlog import JsonlWriter, plain, read_json, truncate_jsonl, write_json_atomic
 from optinsight.logs.tensorboard import TensorBoardWriter, sign_map_image
 from optinsight.model import InsightModel, insight_train_step
@@ -149,6 +150,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._step = 0
         self._epoch = 0
         self._keys = metric_names(self.thresholds, self.ema_decay)
+        self._counts = count_keys(self.thresholds, self.ema_decay)
         self._history = {"model": [], "layers": []}  # per epoch: float arrays
         self._epoch_wise = {k: [] for k in EPOCH_KEYS}
         self._probe_history = {}
@@ -217,7 +219,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
     # --------------------------------------------------------------- batches
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
-        self._epoch_rows = ([], [])
+        self._epoch_rows = []  # (metric table, loss) per step
 
     def on_train_batch_end(self, batch, logs=None):
         rows = self._tracker.read_rows(self._step)
@@ -233,16 +235,17 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                 self._run_probe(probe)
 
     def _record_step(self, step, batch, loss, has_prev, stats):
-        tracker = self._tracker
-        model_metrics, layers = summarize(stats, has_prev, tracker.names,
-                                          self.thresholds, self.ema_decay)
+        names = self._tracker.names
+        table = metric_table(stats, has_prev, self.thresholds, self.ema_decay)
+        model_metrics = table_row_dict(table[-1], self._keys, self._counts)
         model_metrics["train_loss"] = loss
+        layers = {name: table_row_dict(table[r], self._keys, self._counts)
+                  for r, name in enumerate(names)}
         self._step = step
         self._writer("steps.jsonl").write({
             "step": step, "epoch": self._epoch, "batch": batch,
             "model": model_metrics, "layers": layers})
-        self._epoch_rows[0].append([model_metrics[k] for k in self._model_keys])
-        self._epoch_rows[1].append([[layers[n][k] for k in self._keys] for n in tracker.names])
+        self._epoch_rows.append((table, loss))
         if self.tensorboard and self.update_freq != "epoch" and step % self.update_freq == 0:
             self._tb.scalars(self._tb_scalars(model_metrics, layers), step)
 
@@ -289,12 +292,11 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
     # ---------------------------------------------------------------- epochs
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        model_rows, layer_rows = self._epoch_rows
-        self._history["model"].append(np.array(model_rows, dtype=np.float64)
-                                      .reshape(-1, len(self._model_keys)))
-        self._history["layers"].append(
-            np.array(layer_rows, dtype=np.float64)
-            .reshape(-1, len(self._tracker.names), len(self._keys)))
+        n_vars, n_keys = len(self._tracker.names), len(self._keys)
+        tables = np.array([t for t, _ in self._epoch_rows]).reshape(-1, n_vars + 1, n_keys)
+        losses = np.array([loss for _, loss in self._epoch_rows], dtype=np.float64)
+        self._history["model"].append(np.column_stack([tables[:, -1, :], losses]))
+        self._history["layers"].append(tables[:, :-1, :])
         values = {"train_mean_loss": logs.get("loss"), "val_mean_loss": logs.get("val_loss"),
                   "train_mean_acc": _accuracy(logs), "val_mean_acc": _accuracy(logs, "val_")}
         for key, value in values.items():
@@ -308,7 +310,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             scalars = {f"insight/epoch/{k}": v[-1] for k, v in self._epoch_wise.items()}
             if self.update_freq == "epoch":
                 means = np.nanmean(self._history["model"][-1], axis=0) \
-                    if model_rows else []
+                    if self._epoch_rows else []
                 scalars.update({f"insight/{k}": float(m)
                                 for k, m in zip(self._model_keys, means)})
             self._tb.scalars(scalars, self._step)

@@ -54,57 +54,78 @@ def _flatten(tensors):
     return tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
 
 
-def _band_stats(prev_g, g, dw, threshold, segments, n_vars):
-    """The BAND_STATS columns for one (family, threshold) pair, each shape [n_vars]."""
+_FIELD_BITS = 21  # bits of one packed count; a chunk holds fewer than 2**21 elements
+_PACK = 3  # counts packed into one int64 sum
+
+
+def _chunks(bounds):
+    """(variable index, start, stop) pieces of the flat vector, each < 2**_FIELD_BITS long."""
+    size = (1 << _FIELD_BITS) - 1
+    return [(v, i, min(i + size, b)) for v, (a, b) in enumerate(bounds)
+            for i in range(a, b, size)]
+
+
+def _per_variable(values_per_chunk, chunks, n_vars, combine=tf.add_n):
+    parts = [[] for _ in range(n_vars)]
+    for (v, _, _), value in zip(chunks, values_per_chunk):
+        parts[v].append(value)
+    return tf.stack([p[0] if len(p) == 1 else combine(p) for p in parts])
+
+
+def _segment_sum(x, bounds):
+    """Sums of x[a:b] for each (a, b) in bounds: [n_vars]. Contiguous slices fuse into
+    vectorised loops under XLA, where a scatter-based segment sum is serial."""
+    chunks = _chunks(bounds)
+    return _per_variable([tf.reduce_sum(x[a:b]) for _, a, b in chunks], chunks, len(bounds))
+
+
+def _segment_max(x, bounds):
+    chunks = _chunks(bounds)
+    return _per_variable([tf.reduce_max(x[a:b]) for _, a, b in chunks], chunks, len(bounds),
+                         combine=lambda p: tf.reduce_max(tf.stack(p)))
+
+
+def _count(masks, bounds):
+    """Number of True entries of each boolean mask per variable: list of float64 [n_vars].
+
+    Counting is the bulk of the per-step work, so three masks share one pass: each
+    element contributes m0 + m1·2**21 + m2·2**42 to an int64 sum, and per chunk of
+    fewer than 2**21 elements no field can carry into the next.
+    """
+    chunks = _chunks(bounds)
+    field = (1 << _FIELD_BITS) - 1
+    counts = []
+    for i in range(0, len(masks), _PACK):
+        group = masks[i:i + _PACK]
+        packed = tf.add_n([tf.cast(m, tf.int64) * (1 << (_FIELD_BITS * j))
+                           for j, m in enumerate(group)])
+        sums = [tf.reduce_sum(packed[a:b]) for _, a, b in chunks]
+        for j in range(len(group)):
+            fields = [tf.bitwise.bitwise_and(tf.bitwise.right_shift(s, _FIELD_BITS * j), field)
+                      for s in sums]
+            counts.append(tf.cast(_per_variable(fields, chunks, len(bounds)), tf.float64))
+    return counts
+
+
+def _band_masks(prev_g, g, dw, threshold):
+    """The count masks of BAND_STATS (first six) and |dw| over retained entries."""
     zero_prev = tf.abs(prev_g) <= threshold
     zero_now = tf.abs(g) <= threshold
     retained = zero_prev & zero_now
     flipped = retained & (tf.sign(prev_g) * tf.sign(g) < 0)
     turn = tf.sign(dw) * tf.sign(g - prev_g)
     abs_dw = tf.where(retained & tf.math.is_finite(dw), tf.abs(dw), 0.0)
-
-    def count(mask):
-        return tf.cast(
-            tf.math.unsorted_segment_sum(tf.cast(mask, tf.int32), segments, n_vars),
-            tf.float64,
-        )
-
-    return [
-        count(zero_prev),
-        count(zero_now),
-        count(retained),
-        count(flipped),
-        count(flipped & (turn > 0)),
-        count(flipped & (turn < 0)),
-        tf.cast(tf.math.unsorted_segment_sum(abs_dw, segments, n_vars), tf.float64),
-        tf.cast(tf.math.unsorted_segment_max(abs_dw, segments, n_vars), tf.float64),
-    ]
+    masks = [zero_prev, zero_now, retained, flipped, flipped & (turn > 0), flipped & (turn < 0)]
+    return masks, abs_dw
 
 
-def _step_statistics(g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, *, segments,
-                     n_vars, thresholds, ema_decay):
+def _step_statistics(g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, *, bounds,
+                     thresholds, ema_decay):
     """One step's statistics matrix [n_vars, n_stats] and the new moving averages."""
     finite_g = tf.math.is_finite(g)
-
-    def sq_sum(x):
-        x = tf.where(tf.math.is_finite(x), x, 0.0)
-        return tf.cast(tf.math.unsorted_segment_sum(x * x, segments, n_vars), tf.float64)
-
     dw = w - w_prev
-    columns = [
-        sq_sum(g),
-        sq_sum(w),
-        sq_sum(w_prev),
-        sq_sum(dw),
-        tf.cast(
-            tf.math.unsorted_segment_sum(
-                tf.cast(~finite_g, tf.int32), segments, n_vars),
-            tf.float64,
-        ),
-    ]
-    for threshold in thresholds:
-        columns += _band_stats(prev_g, g, dw, threshold, segments, n_vars)
-
+    # (prev gradient, gradient, weight change) of each family: raw, then averaged.
+    families = [(prev_g, g, dw)]
     new_ema_g, new_ema_w_offset = ema_g, ema_w_offset
     if ema_decay is not None:
         d = ema_decay
@@ -114,10 +135,25 @@ def _step_statistics(g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, *, seg
         # rounding is relative to their own size: ŵ_t - ŵ_{t-1} = (1-d)(Δw - e_{t-1})
         # and e_t = d(e_{t-1} - Δw), with e_0 = 0 (ŵ_0 = the weights at train begin).
         old_offset = tf.where(has_prev, ema_w_offset, 0.0)
-        ema_dw = (1.0 - d) * (dw - old_offset)
+        families.append((ema_g, new_ema_g, (1.0 - d) * (dw - old_offset)))
         new_ema_w_offset = d * (old_offset - dw)
+
+    def sq_sum(x):
+        x = tf.where(tf.math.is_finite(x), x, 0.0)
+        return tf.cast(_segment_sum(x * x, bounds), tf.float64)
+
+    masks, abs_dws = [~finite_g], []
+    for family in families:
         for threshold in thresholds:
-            columns += _band_stats(ema_g, new_ema_g, ema_dw, threshold, segments, n_vars)
+            band_masks, abs_dw = _band_masks(*family, threshold)
+            masks += band_masks
+            abs_dws.append(abs_dw)
+    counts = _count(masks, bounds)
+    columns = [sq_sum(g), sq_sum(w), sq_sum(w_prev), sq_sum(dw), counts[0]]
+    for block, abs_dw in enumerate(abs_dws):
+        columns += counts[1 + 6 * block: 7 + 6 * block]
+        columns += [tf.cast(_segment_sum(abs_dw, bounds), tf.float64),
+                    tf.cast(_segment_max(abs_dw, bounds), tf.float64)]
     return tf.stack(columns, axis=1), new_ema_g, new_ema_w_offset
 
 
@@ -193,10 +229,13 @@ class DynamicsTracker(tf.Module):
         self.hist_ranges = state("hist_ranges", [2, n_vars, 2], tf.float64)
         self.hist_step = state("hist_step", [], tf.int64)
 
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        bounds = tuple(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
+
         def statistics(g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev):
             return _step_statistics(
-                g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, segments=self._segments,
-                n_vars=n_vars, thresholds=self.thresholds, ema_decay=self.ema_decay)
+                g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, bounds=bounds,
+                thresholds=self.thresholds, ema_decay=self.ema_decay)
 
         def histograms(g, w):
             gc, gr = _histograms(g, self._segments, n_vars, bins)
@@ -325,67 +364,85 @@ def _ratio(num, den):
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
 
-def summarize(stats, has_prev, names, thresholds, ema_decay):
-    """Metrics of one step from its statistics matrix.
+def count_keys(thresholds, ema_decay):
+    """The keys of `metric_names` whose values are counts (ints)."""
+    counts = {"nonfinite_grads"}
+    suffixes = [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)])
+    for suffix in suffixes:
+        for threshold in thresholds:
+            keys = _keys(threshold_tag(threshold), suffix)
+            counts.update(keys[k] for k in
+                          ("grad1", "grad2", "retained", "released", "flipped", "min", "max"))
+    return counts
+
+
+def metric_table(stats, has_prev, thresholds, ema_decay):
+    """Metrics of one step from its statistics matrix, as a table.
 
     Args:
         stats: float64 [n_vars, n_stats] from `DynamicsTracker`.
         has_prev: whether a previous step exists (False on a run's first step:
-            metrics that need g_{t-1} are None).
-        names: variable names, one per row.
+            metrics that need g_{t-1} are undefined).
     Returns:
-        (model, layers): {key: value} for the whole model and {name: {key: value}};
-        counts are int, everything else float or None.
+        float64 [n_vars + 1, n_keys]: a row per variable, then the whole model
+        (sums of counts and squares, maxima of maxima, fractions and norms
+        recomputed); columns in `metric_names` order; NaN where undefined.
     """
     stats = np.asarray(stats, dtype=np.float64)
     n_global = len(GLOBAL_STATS)
     total = stats.sum(axis=0)
-    # The whole model: sums of counts and squares, max of maxima.
     maxima = [n_global + i for i in range(stats.shape[1] - n_global)
               if (i % len(BAND_STATS)) == BAND_STATS.index("wdiff_max")]
     total[maxima] = stats[:, maxima].max(axis=0)
     rows = np.vstack([stats, total[None, :]])
-    columns = {}
     grad_sq, weight_sq, prev_sq, wdiff_sq, nonfinite = (rows[:, i] for i in range(n_global))
-    columns["grad_norm"] = (np.sqrt(grad_sq), True, False)
-    columns["weight_norm"] = (np.sqrt(weight_sq), True, False)
-    columns["wdiff"] = (np.sqrt(wdiff_sq), True, False)
-    # Undefined (None) for a variable whose previous weights are all zero.
-    columns["update_ratio"] = (
-        np.where(prev_sq > 0, np.sqrt(wdiff_sq) / np.sqrt(np.where(prev_sq > 0, prev_sq, 1)),
-                 np.nan), True, False)
-    columns["nonfinite_grads"] = (nonfinite, True, True)
-    suffixes = [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)])
+    nan = np.full(len(rows), np.nan)
+    columns = {  # key: values, None where a first step leaves them undefined
+        "grad_norm": np.sqrt(grad_sq),
+        "weight_norm": np.sqrt(weight_sq),
+        "wdiff": np.sqrt(wdiff_sq),
+        # undefined for a variable whose previous weights are all zero
+        "update_ratio": np.where(
+            prev_sq > 0, np.sqrt(wdiff_sq) / np.sqrt(np.where(prev_sq > 0, prev_sq, 1)), nan),
+        "nonfinite_grads": nonfinite,
+    }
     block = n_global
-    for suffix in suffixes:
+    for suffix in [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)]):
         for threshold in thresholds:
             s = {name: rows[:, block + i] for i, name in enumerate(BAND_STATS)}
             block += len(BAND_STATS)
             keys = _keys(threshold_tag(threshold), suffix)
             released = s["grad1"] - s["retained"]
-            # (values, defined at a first step, is a count)
-            columns[keys["grad1"]] = (s["grad1"], False, True)
-            columns[keys["grad2"]] = (s["grad2"], True, True)
-            columns[keys["retained"]] = (s["retained"], False, True)
-            columns[keys["released"]] = (released, False, True)
-            columns[keys["fraction_released"]] = (_ratio(released, s["grad1"]), False, False)
-            columns[keys["flipped"]] = (s["flipped"], False, True)
+            first = has_prev  # False: everything but grad2 needs the previous step
+            columns[keys["grad1"]] = s["grad1"] if first else nan
+            columns[keys["grad2"]] = s["grad2"]
+            columns[keys["retained"]] = s["retained"] if first else nan
+            columns[keys["released"]] = released if first else nan
+            columns[keys["fraction_released"]] = _ratio(released, s["grad1"]) if first else nan
+            columns[keys["flipped"]] = s["flipped"] if first else nan
             columns[keys["fraction_flipped"]] = (
-                _ratio(s["flipped"], s["retained"]), False, False)
-            columns[keys["min"]] = (s["min"], False, True)
-            columns[keys["max"]] = (s["max"], False, True)
-            columns[keys["wdiff_mean"]] = (
-                _ratio(s["wdiff_sum"], s["retained"]), False, False)
-            columns[keys["wdiff_max"]] = (s["wdiff_max"], False, False)
+                _ratio(s["flipped"], s["retained"]) if first else nan)
+            columns[keys["min"]] = s["min"] if first else nan
+            columns[keys["max"]] = s["max"] if first else nan
+            columns[keys["wdiff_mean"]] = _ratio(s["wdiff_sum"], s["retained"]) if first else nan
+            columns[keys["wdiff_max"]] = s["wdiff_max"] if first else nan
+    table = np.stack([columns[k] for k in metric_names(thresholds, ema_decay)], axis=1)
+    table[~np.isfinite(table)] = np.nan
+    return table
 
-    def row_dict(r):
-        out = {}
-        for key, (values, at_first, is_count) in columns.items():
-            if not (has_prev or at_first) or np.isnan(values[r]):
-                out[key] = None
-            else:
-                out[key] = int(values[r]) if is_count else float(values[r])
-        return out
 
-    layers = {name: row_dict(r) for r, name in enumerate(names)}
-    return row_dict(len(names)), layers
+def table_row_dict(row, keys, counts):
+    """{key: int | float | None} of one table row (NaN -> None, counts -> int)."""
+    return {k: None if v != v else (int(v) if k in counts else v)
+            for k, v in zip(keys, row.tolist())}
+
+
+def summarize(stats, has_prev, names, thresholds, ema_decay):
+    """Metrics of one step as dicts: (model {key: value}, layers {name: {key: value}}).
+
+    See `metric_table`; counts are int, everything else float or None.
+    """
+    table = metric_table(stats, has_prev, thresholds, ema_decay)
+    keys, counts = metric_names(thresholds, ema_decay), count_keys(thresholds, ema_decay)
+    layers = {name: table_row_dict(table[r], keys, counts) for r, name in enumerate(names)}
+    return table_row_dict(table[-1], keys, counts), layers

@@ -99,9 +99,12 @@ class JsonlWriter:
     def write(self, record):
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8")
-        counter = [0]
-        line = json.dumps(plain(record, counter), allow_nan=False, separators=(",", ":"))
-        self.null_count += counter[0]
+        try:  # the common case: already plain and finite
+            line = json.dumps(record, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError):
+            counter = [0]
+            line = json.dumps(plain(record, counter), allow_nan=False, separators=(",", ":"))
+            self.null_count += counter[0]
         self._file.write(line + "\n")
         self._file.flush()
 

@@ -1,0 +1,130 @@
+"""Cost of OptimizationInsightCallback at its defaults against plain `fit`.
+
+Two models: the reference CNN on CIFAR-10-shaped data at batch 256 and a 3-layer
+MLP at batch 128. Plain and insight runs alternate in one process (same data,
+same number of steps each round); the figure is the median step time of each,
+and their ratio. Memory: resident set size after 100 and after 1,000 insight
+steps of the MLP. Prints the figures and writes benchmarks/results/overhead.json.
+
+    python benchmarks/overhead.py [--rounds 5] [--steps 40]
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import optinsight as oi  # noqa: E402
+from main import build_model  # noqa: E402
+
+TARGETS = {"cnn": 1.10, "mlp": 1.25}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "overhead.json")
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Seconds between consecutive batch ends (the first batch of a fit is skipped)."""
+
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter())
+
+    def steps(self):
+        return list(np.diff(self.times))
+
+
+def mlp():
+    x_in = keras.Input((784,))
+    h = keras.layers.Dense(512, activation="relu")(x_in)
+    h = keras.layers.Dense(256, activation="relu")(h)
+    return keras.Model(x_in, keras.layers.Dense(10, activation="softmax")(h))
+
+
+def cnn():
+    model = build_model((32, 32, 3))
+    return keras.Model(model.inputs, model.outputs)  # a plain model: the callback installs
+
+
+def data(kind, n):
+    rng = np.random.default_rng(0)
+    shape = (n, 32, 32, 3) if kind == "cnn" else (n, 784)
+    x = rng.random(shape, dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, n), 10)
+    return x, y
+
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def compare(kind, batch, steps, rounds, log_root):
+    x, y = data(kind, batch * steps)
+    models = {}
+    for mode in ("plain", "insight"):
+        keras.utils.set_random_seed(0)
+        models[mode] = (cnn if kind == "cnn" else mlp)()
+        models[mode].compile(optimizer="adam", loss="categorical_crossentropy")
+    callback = oi.OptimizationInsightCallback(os.path.join(log_root, kind))
+    times = {"plain": [], "insight": []}
+    for r in range(rounds + 1):  # round 0 warms up (tracing, compilation)
+        for mode in ("plain", "insight") if r % 2 else ("insight", "plain"):
+            timer = StepTimer()
+            extra = [callback] if mode == "insight" else []
+            models[mode].fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False,
+                             callbacks=extra + [timer])
+            if r:
+                times[mode] += timer.steps()
+    plain, insight = np.median(times["plain"]), np.median(times["insight"])
+    return {"batch": batch, "plain_step_ms": 1e3 * plain, "insight_step_ms": 1e3 * insight,
+            "ratio": insight / plain, "target": TARGETS[kind], "steps_timed": len(times["plain"])}
+
+
+def memory_growth(log_root):
+    x, y = data("mlp", 128 * 100)
+    model = mlp()
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    callback = oi.OptimizationInsightCallback(os.path.join(log_root, "memory"))
+    model.fit(x, y, batch_size=128, epochs=1, verbose=0, callbacks=[callback])
+    after_100 = rss_mib()
+    model.fit(x, y, batch_size=128, epochs=9, verbose=0, callbacks=[callback])
+    after_1000 = rss_mib()
+    return {"rss_mib_after_100_steps": after_100, "rss_mib_after_1000_steps": after_1000,
+            "growth": after_1000 / after_100 - 1, "target": 0.05}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as log_root:
+        for kind, batch in (("cnn", 256), ("mlp", 128)):
+            results[kind] = compare(kind, batch, args.steps, args.rounds, log_root)
+            r = results[kind]
+            print(f"{kind}: plain {r['plain_step_ms']:.2f} ms/step, insight "
+                  f"{r['insight_step_ms']:.2f} ms/step, ratio {r['ratio']:.3f} "
+                  f"(target <= {r['target']})", flush=True)
+        results["memory"] = memory_growth(log_root)
+        m = results["memory"]
+        print(f"memory: {m['rss_mib_after_100_steps']:.0f} MiB after 100 steps, "
+              f"{m['rss_mib_after_1000_steps']:.0f} MiB after 1000: growth "
+              f"{100 * m['growth']:.1f} % (target < 5 %)")
+    results["machine"] = {"cpus": os.cpu_count(), "keras": keras.__version__}
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
