@@ -16,7 +16,13 @@ import keras
 import numpy as np
 
 from optinsight.dynamics import (
-    DynamicsTracker, count_keys, metric_names, metric_table, sign_codes, table_row_dict)
+    DynamicsTracker,
+    count_keys,
+    metric_names,
+    metric_table,
+    sign_codes,
+    table_row_dict,
+)
 from optinsight.logs.jsonlog import JsonlWriter, plain, read_json, truncate_jsonl, write_json_atomic
 from optinsight.logs.tensorboard import TensorBoardWriter, sign_map_image
 from optinsight.model import InsightModel, insight_train_step

@@ -57,7 +57,9 @@ def test_missing_data_dir():
 
 
 def test_frozen():
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         TrainConfig().epochs = 3
 
 
