@@ -4,7 +4,8 @@
 other function and every probe class is available here directly.
 """
 
-from optinsight.probes import hessian
+from optinsight.probes import hessian, ntk
 from optinsight.probes.hessian import HessianProbe
+from optinsight.probes.ntk import NTKProbe
 
-__all__ = ["hessian", "HessianProbe"]
+__all__ = ["hessian", "ntk", "HessianProbe", "NTKProbe"]

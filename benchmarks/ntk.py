@@ -1,0 +1,126 @@
+"""The vectorised empirical NTK against loops, and its memory with chunks.
+
+For the reference CNN (CIFAR-10 shape) and a small MLP, n = 256, sum_logits mode:
+* time of `ntk.kernel` (vectorised per-example gradients) against the per-pair loop
+  (for each of the n(n+1)/2 pairs, two compiled gradient calls and a dot product;
+  timed on 200 pairs and scaled to all of them) — target >= 10x — and against a
+  per-example loop (one compiled gradient call per example, then J Jᵀ), timed whole;
+* peak resident memory of `ntk.kernel` with chunk_size=None and 32, each measured in
+  a fresh subprocess.
+Prints the figures and writes benchmarks/results/ntk.json.
+
+    python benchmarks/ntk.py
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from main import build_model  # noqa: E402
+from optinsight.probes import ntk  # noqa: E402
+
+N = 256
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ntk.json")
+
+
+def model_and_data(kind):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    if kind == "cnn":
+        return build_model((32, 32, 3)), rng.random((N, 32, 32, 3), dtype=np.float32)
+    x_in = keras.Input((784,))
+    h = keras.layers.Dense(128, activation="relu")(x_in)
+    h = keras.layers.Dense(64, activation="relu")(h)
+    return keras.Model(x_in, keras.layers.Dense(10)(h)), rng.random((N, 784), dtype=np.float32)
+
+
+def loop_kernel(model, x):
+    variables = model.trainable_variables
+
+    @tf.function
+    def gradient(xi):
+        with tf.GradientTape() as tape:
+            out = tf.reduce_sum(ntk.logits(model, xi))
+        return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(out, variables)], 0)
+
+    rows = [gradient(x[i:i + 1]).numpy() for i in range(len(x))]
+    J = np.array(rows, dtype=np.float64)
+    return J @ J.T
+
+
+def pair_loop_seconds(model, x, pairs=200):
+    """Seconds the per-pair loop would take for all n(n+1)/2 pairs, from `pairs` of them."""
+    variables = model.trainable_variables
+
+    @tf.function
+    def gradient(xi):
+        with tf.GradientTape() as tape:
+            out = tf.reduce_sum(ntk.logits(model, xi))
+        return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(out, variables)], 0)
+
+    gradient(x[:1])
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(pairs):
+        i, j = rng.integers(0, len(x), 2)
+        float(tf.tensordot(gradient(x[i:i + 1]), gradient(x[j:j + 1]), 1))
+    per_pair = (time.perf_counter() - start) / pairs
+    return per_pair * len(x) * (len(x) + 1) / 2
+
+
+def timed(fn):
+    fn()  # trace and compile
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def memory_child(kind, chunk):
+    model, x = model_and_data(kind)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ntk.kernel(model, x, chunk_size=None if chunk == 0 else chunk)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": peak / 1024, "added_mib": (peak - before) / 1024}))
+
+
+def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--memory-child":
+        return memory_child(sys.argv[2], int(sys.argv[3]))
+    results = {}
+    for kind in ("cnn", "mlp"):
+        model, x = model_and_data(kind)
+        fast, t_fast = timed(lambda m=model, x=x: ntk.kernel(m, x, chunk_size=64))
+        slow, t_slow = timed(lambda m=model, x=x: loop_kernel(m, x))
+        np.testing.assert_allclose(fast, slow, rtol=1e-3, atol=1e-3 * np.abs(slow).max())
+        t_pairs = pair_loop_seconds(model, x)
+        r = {"n": N, "vectorised_s": t_fast, "pair_loop_s_extrapolated": t_pairs,
+             "speedup_vs_pair_loop": t_pairs / t_fast, "target_speedup": 10,
+             "example_loop_s": t_slow, "speedup_vs_example_loop": t_slow / t_fast}
+        for chunk in (0, 32):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", kind, str(chunk)],
+                                 capture_output=True, text=True, check=True).stdout
+            r[f"peak_mib_chunk_{chunk or 'none'}"] = json.loads(out.splitlines()[-1])["peak_mib"]
+        results[kind] = r
+        print(f"{kind}: vectorised {t_fast:.2f} s; per-pair loop {t_pairs:.0f} s "
+              f"(extrapolated), {r['speedup_vs_pair_loop']:.0f}x (target >= 10); per-example "
+              f"loop {t_slow:.2f} s, {r['speedup_vs_example_loop']:.1f}x; peak memory "
+              f"{r['peak_mib_chunk_none']:.0f} MiB unchunked, "
+              f"{r['peak_mib_chunk_32']:.0f} MiB with chunk_size=32", flush=True)
+    results["machine"] = {"cpus": os.cpu_count(), "tensorflow": tf.__version__}
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The empirical neural tangent kernel K(x, x') = J(x) J(x')ᵀ and what it tells.
+
+J(x) is the Jacobian of the model's logits with respect to the chosen variables,
+evaluated with training=False: the outputs, or their pre-activations when the last
+layer ends in a softmax or sigmoid (summed softmax outputs are constant, so their
+kernel would be zero). Per-example Jacobians are computed vectorised
+(`GradientTape.jacobian`, parallel for) over chunks of `chunk_size` examples, never
+pair by pair. Kernels over a subset of variables are that subset's contribution:
+the contributions of a partition of the variables sum to the whole kernel.
+
+Memory: `sum_logits` holds the [n, n_params] Jacobian of the summed outputs,
+`trace` and `full` that of every output ([n, k, n_params]); the vectorised backward
+pass of one chunk holds chunk_size (times k) copies of the activations.
+"""
+
+import logging
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from optinsight.probes.common import resolve_variables
+
+MODES = ("sum_logits", "trace", "full")
+_COMPILED = weakref.WeakKeyDictionary()  # model -> {key: tf.function}
+
+
+_SQUASHING = (keras.activations.softmax, keras.activations.sigmoid)
+
+
+def logits(model, x):
+    """The model's outputs on x with a final softmax/sigmoid activation left out."""
+    last = model.layers[-1] if model.layers else None
+    activation = getattr(last, "activation", None)
+    if activation not in _SQUASHING:
+        return model(x, training=False)
+    last.activation = keras.activations.linear
+    try:
+        return model(x, training=False)
+    finally:
+        last.activation = activation
+
+
+def _jacobian_function(model, variables, summed):
+    """Compiled `f(x) -> [c, k, n_params]` per-example Jacobian of the logits (k = 1
+    with `summed`: the gradient of the summed logits, k times cheaper).
+
+    Examples are mapped one at a time through `tf.vectorized_map`, so the cost is c
+    single-example backward passes, batched; a Jacobian of the batch's outputs would
+    push every output row back through the whole batch (c times the work).
+    """
+    cache = _COMPILED.setdefault(model, {})
+    key = (tuple(id(v) for v in variables), summed)
+    if key not in cache:
+        zero = tf.UnconnectedGradients.ZERO
+
+        def one_example(xi):
+            with tf.GradientTape() as tape:
+                out = tf.reshape(logits(model, xi[None]), [-1])
+                if summed:
+                    out = tf.reduce_sum(out)
+            if summed:
+                grads = tape.gradient(out, variables, unconnected_gradients=zero)
+                return tf.concat([tf.reshape(g, [1, -1]) for g in grads], axis=1)
+            parts = tape.jacobian(out, variables, unconnected_gradients=zero)
+            k = tf.shape(out)[0]
+            return tf.concat([tf.reshape(p, [k, -1]) for p in parts], axis=1)
+
+        def per_example(x):
+            # pfor warns when it loops over an op it cannot vectorise (conv filter
+            # gradients); the result is the same, so keep that out of the user's console.
+            logger = logging.getLogger("tensorflow")
+            level = logger.level
+            logger.setLevel(logging.ERROR)
+            try:
+                return tf.vectorized_map(one_example, x)
+            finally:
+                logger.setLevel(level)
+
+        cache[key] = tf.function(per_example, reduce_retracing=True)
+    return cache[key]
+
+
+def jacobian(model, x, variables=None, chunk_size=None, summed=False):
+    """Per-example Jacobian of the logits: numpy [n, k, n_params] in the variables'
+    dtype; with `summed`, of the summed logits ([n, 1, n_params])."""
+    variables = resolve_variables(model, variables)
+    x = np.asarray(x)
+    if len(x) == 0:
+        raise ValueError("x is empty: the kernel needs at least one example")
+    fn = _jacobian_function(model, variables, summed)
+    step = len(x) if chunk_size is None else chunk_size
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return np.concatenate([fn(x[i:i + step]).numpy() for i in range(0, len(x), step)])
+
+
+def kernel(model, x1, x2=None, mode="sum_logits", variables=None, chunk_size=None):
+    """The empirical NTK between the examples of x1 and x2 (x2=None: x1 with itself).
+
+    mode "sum_logits": the kernel of the summed outputs, Σ_a J_a(x) · Σ_b J_b(x')
+    (n1×n2); "trace": Σ_a J_a(x) · J_a(x') (n1×n2); "full": every output pair,
+    [n1, n2, k, k] with K[i, j, a, b] = J_a(x1_i) · J_b(x2_j). float64 numpy.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    x1 = np.asarray(x1)
+    if x2 is not None:
+        x2 = np.asarray(x2)
+        if x2.shape[1:] != x1.shape[1:]:
+            raise ValueError(f"x1 examples have shape {x1.shape[1:]} but x2 examples have "
+                             f"{x2.shape[1:]}; they must match")
+    summed = mode == "sum_logits"
+    j1 = jacobian(model, x1, variables, chunk_size, summed).astype(np.float64)
+    j2 = j1 if x2 is None else jacobian(model, x2, variables, chunk_size,
+                                        summed).astype(np.float64)
+    if summed:
+        return j1[:, 0] @ j2[:, 0].T
+    if mode == "trace":
+        return np.einsum("iap,jap->ij", j1, j2)
+    return np.einsum("iap,jbp->ijab", j1, j2)
+
+
+def _labels(y):
+    y = np.asarray(y)
+    return y.argmax(axis=1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1).astype(int)
+
+
+def _similarity(K, labels):
+    same = labels[:, None] == labels[None, :]
+    off_diagonal = ~np.eye(len(labels), dtype=bool)
+    if not (same & off_diagonal).any() or not (~same).any():
+        raise ValueError("class similarity needs two examples of one class and two classes")
+    s, d = float(K[same & off_diagonal].mean()), float(K[~same].mean())
+    return {"same": s, "different": d, "ratio": s / d if d != 0 else float("inf")}
+
+
+def class_similarity(model, x, y, mode="sum_logits", variables=None, chunk_size=None):
+    """Mean kernel entry over same-class pairs and different-class pairs (i != j).
+
+    Returns {"same", "different", "ratio"}: ratio > 1 means the kernel already
+    groups examples by class. y: integer labels or one-hot.
+    """
+    if mode == "full":
+        raise ValueError("class_similarity needs a scalar kernel: mode 'sum_logits' or 'trace'")
+    labels = _labels(y)
+    if len(labels) != len(x):
+        raise ValueError(f"x has {len(x)} examples but y has {len(labels)}")
+    return _similarity(kernel(model, x, mode=mode, variables=variables,
+                              chunk_size=chunk_size), labels)
+
+
+def alignment(K, y):
+    """Kernel–target alignment ⟨K, YYᵀ⟩_F / (‖K‖_F ‖YYᵀ‖_F), Y one-hot (uncentred), in [-1, 1]."""
+    labels = _labels(y)
+    K = np.asarray(K, dtype=np.float64)
+    if K.shape != (len(labels), len(labels)):
+        raise ValueError(f"K has shape {K.shape}; y has {len(labels)} labels")
+    target = (labels[:, None] == labels[None, :]).astype(np.float64)
+    return float((K * target).sum() / (np.linalg.norm(K) * np.linalg.norm(target)))
+
+
+def eigen(K, k):
+    """Top-k eigenvalues (descending) and eigenvectors ([n, k]) of a symmetric kernel."""
+    K = np.asarray(K, dtype=np.float64)
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"K must be a square matrix, got shape {K.shape}")
+    if not 1 <= k <= len(K):
+        raise ValueError(f"k must be in 1..{len(K)}, got {k!r}")
+    values, vectors = np.linalg.eigh((K + K.T) / 2)
+    order = np.argsort(values)[::-1][:k]
+    return values[order], vectors[:, order]
+
+
+class NTKProbe:
+    """NTK quantities for the callback, on the first `n` probe examples.
+
+    Writes same/different/ratio (class similarity), alignment, trace (tr K),
+    eig_1..eig_k, and kernel_change ‖K_t − K_0‖_F / ‖K_0‖_F against the kernel of
+    its first evaluation (small: the lazy, kernel regime; large: features move).
+    """
+
+    def __init__(self, every="epoch", n=256, k=5, mode="sum_logits", chunk_size=64,
+                 name="ntk"):
+        self.every, self.n, self.k, self.mode = every, n, k, mode
+        self.chunk_size, self.name = chunk_size, name
+        self.initial = None
+
+    def __call__(self, model, x, y):
+        x, y = np.asarray(x)[: self.n], np.asarray(y)[: self.n]
+        K = kernel(model, x, mode=self.mode, chunk_size=self.chunk_size)
+        out = _similarity(K, _labels(y))
+        out.update(alignment=alignment(K, y), trace=float(np.trace(K)))
+        values, _ = eigen(K, min(self.k, len(K)))
+        out.update({f"eig_{i + 1}": float(v) for i, v in enumerate(values)})
+        if self.initial is None:
+            self.initial = K
+        out["kernel_change"] = float(np.linalg.norm(K - self.initial)
+                                     / np.linalg.norm(self.initial))
+        return out

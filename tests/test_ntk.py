@@ -1,0 +1,146 @@
+"""Empirical NTK against per-example Jacobians built one gradient at a time."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import optinsight as oi
+from optinsight.probes import ntk
+
+
+def small_model():
+    keras.utils.set_random_seed(5)
+    x_in = keras.Input((4,))
+    h = keras.layers.Dense(5, activation="tanh", name="h")(x_in)
+    return keras.Model(x_in, keras.layers.Dense(3, name="out")(h))
+
+
+def loop_jacobian(model, x):
+    """[n, k, P] by one gradient per example and output, in a plain loop."""
+    rows = []
+    for i in range(len(x)):
+        per_output = []
+        for a in range(3):
+            with tf.GradientTape() as tape:
+                out = model(x[i:i + 1], training=False)[0, a]
+            grads = tape.gradient(out, model.trainable_variables)
+            per_output.append(np.concatenate([g.numpy().ravel() for g in grads]))
+        rows.append(per_output)
+    return np.array(rows, dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = small_model()
+    rng = np.random.default_rng(0)
+    x1 = rng.normal(size=(7, 4)).astype("float32")
+    x2 = rng.normal(size=(5, 4)).astype("float32")
+    return model, x1, x2, loop_jacobian(model, x1), loop_jacobian(model, x2)
+
+
+def test_every_mode_matches_the_loop(setup):
+    model, x1, x2, j1, j2 = setup
+    np.testing.assert_allclose(ntk.kernel(model, x1, x2),
+                               j1.sum(1) @ j2.sum(1).T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ntk.kernel(model, x1, x2, mode="trace"),
+                               np.einsum("iap,jap->ij", j1, j2), rtol=1e-5, atol=1e-6)
+    full = ntk.kernel(model, x1, x2, mode="full", chunk_size=3)
+    assert full.shape == (7, 5, 3, 3)
+    for a in range(3):
+        for b in range(3):
+            np.testing.assert_allclose(full[:, :, a, b], j1[:, a] @ j2[:, b].T,
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_symmetric_psd_and_x2_none(setup):
+    model, x1, _, j1, _ = setup
+    for mode in ("sum_logits", "trace"):
+        K = ntk.kernel(model, x1, mode=mode, chunk_size=2)
+        np.testing.assert_allclose(K, K.T, rtol=1e-12)
+        assert np.linalg.eigvalsh(K).min() > -1e-6 * np.abs(K).max()
+        np.testing.assert_allclose(K, ntk.kernel(model, x1, x1.copy(), mode=mode), rtol=1e-6)
+
+
+def test_per_layer_parts_sum_to_the_whole(setup):
+    model, x1, x2, _, _ = setup
+    whole = ntk.kernel(model, x1, x2, mode="trace")
+    parts = [ntk.kernel(model, x1, x2, mode="trace", variables=layer.trainable_variables)
+             for layer in (model.get_layer("h"), model.get_layer("out"))]
+    np.testing.assert_allclose(parts[0] + parts[1], whole, rtol=1e-5, atol=1e-6)
+
+
+def test_class_similarity_by_hand():
+    """f(x) = w·x: the kernel is x_i·x_j."""
+    x_in = keras.Input((2,))
+    model = keras.Model(x_in, keras.layers.Dense(1, use_bias=False)(x_in))
+    x = np.array([[1, 0], [2, 0], [1, 1]], dtype="float32")
+    out = ntk.class_similarity(model, x, np.array([0, 0, 1]))
+    # K = [[1,2,1],[2,4,2],[1,2,2]]: same pairs (0,1),(1,0): 2; different: 1,2,1,2
+    assert out == pytest.approx({"same": 2.0, "different": 1.5, "ratio": 4 / 3})
+    onehot = keras.utils.to_categorical([0, 0, 1], 2)
+    assert ntk.class_similarity(model, x, onehot) == pytest.approx(out)
+
+
+def test_alignment_and_eigen():
+    y = np.array([0, 0, 1])
+    target = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=float)
+    assert ntk.alignment(target, y) == pytest.approx(1.0)
+    K = np.array([[2.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, 1.0]])
+    expected = (K * target).sum() / (np.linalg.norm(K) * np.linalg.norm(target))
+    assert ntk.alignment(K, y) == pytest.approx(expected)
+    values, vectors = ntk.eigen(K, 2)
+    dense = np.linalg.eigvalsh(K)[::-1]
+    np.testing.assert_allclose(values, dense[:2])
+    np.testing.assert_allclose(K @ vectors, vectors * values, atol=1e-12)
+
+
+def test_errors(setup):
+    model, x1, _, _, _ = setup
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ntk.kernel(model, x1, mode="diag")
+    with pytest.raises(ValueError, match=r"x2 examples have \(3,\)"):
+        ntk.kernel(model, x1, np.zeros((2, 3), "float32"))
+    with pytest.raises(ValueError, match="x has 7 examples but y has 2"):
+        ntk.class_similarity(model, x1, np.array([0, 1]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        ntk.kernel(model, x1, chunk_size=0)
+    with pytest.raises(ValueError, match="K has shape"):
+        ntk.alignment(np.eye(2), np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match="x is empty"):
+        ntk.kernel(model, x1[:0])
+
+
+def test_ntk_probe_tracks_kernel_change(setup):
+    model, x1, _, j1, _ = setup
+    y = np.array([0, 0, 1, 1, 2, 2, 0])
+    probe = oi.probes.NTKProbe(n=6, k=3)
+    first = probe(model, x1, y)
+    K = j1[:6].sum(1) @ j1[:6].sum(1).T
+    assert first["kernel_change"] == 0.0
+    assert first["trace"] == pytest.approx(np.trace(K), rel=1e-5)
+    assert first["eig_1"] == pytest.approx(np.linalg.eigvalsh(K).max(), rel=1e-5)
+    assert first["alignment"] == pytest.approx(ntk.alignment(K, y[:6]), rel=1e-5)
+    model.get_layer("out").kernel.assign(model.get_layer("out").kernel * 2.0)
+    second = probe(model, x1, y)
+    assert second["kernel_change"] > 0.1
+    model.get_layer("out").kernel.assign(model.get_layer("out").kernel / 2.0)
+
+
+def test_softmax_outputs_use_the_logits():
+    """A softmax head: the kernel is that of the pre-activations, not of the
+    (constant) summed probabilities."""
+    keras.utils.set_random_seed(2)
+    x_in = keras.Input((4,))
+    h = keras.layers.Dense(5, activation="tanh")(x_in)
+    soft = keras.Model(x_in, keras.layers.Dense(3, activation="softmax", name="head")(h))
+    linear = keras.Model(x_in, soft.get_layer("head").output)
+    x = np.random.default_rng(1).normal(size=(6, 4)).astype("float32")
+    assert soft.get_layer("head").activation is keras.activations.softmax
+    linear.get_layer("head").activation = keras.activations.linear
+    expected = loop_jacobian(linear, x)
+    linear.get_layer("head").activation = keras.activations.softmax
+    K = ntk.kernel(soft, x)
+    np.testing.assert_allclose(K, expected.sum(1) @ expected.sum(1).T, rtol=1e-5, atol=1e-6)
+    assert np.abs(K).max() > 1e-2
+    assert soft.get_layer("head").activation is keras.activations.softmax  # restored
