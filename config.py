@@ -80,6 +80,8 @@ class InsightConfig:
     histogram_bins: int = 1000
     sign_map_freq: int | str = "epoch"
     update_freq: int | str = "batch"
+    probes: bool = True  # the probe set of main.py, on `probe_examples` held-out examples
+    probe_examples: int = 128
 
     def __post_init__(self):
         validate_thresholds(self.thresholds)
@@ -90,9 +92,13 @@ class InsightConfig:
         update = validate_freq("update_freq", self.update_freq, ("batch", "epoch"))
         if update == 0:
             raise ValueError("update_freq must be 'batch', 'epoch' or a positive integer, got 0")
+        _positive_int("probe_examples", self.probe_examples)
 
     def callback_kwargs(self):
-        return dataclasses.asdict(self)
+        """The OptimizationInsightCallback arguments among these settings."""
+        kwargs = dataclasses.asdict(self)
+        del kwargs["probes"], kwargs["probe_examples"]
+        return kwargs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +169,10 @@ def build_parser():
     p.add_argument("--histogram-bins", type=int, default=i.histogram_bins)
     p.add_argument("--sign-map-freq", type=_freq(("epoch",)), default=i.sign_map_freq)
     p.add_argument("--update-freq", type=_freq(("batch", "epoch")), default=i.update_freq)
+    p.add_argument("--no-probes", dest="probes", action="store_false",
+                   help="per-batch dynamics only: no Hessian, NTK, spectra, ... probes")
+    p.add_argument("--probe-examples", type=int, default=i.probe_examples,
+                   help="held-out examples the probes run on")
     return p
 
 
@@ -173,5 +183,5 @@ def parse_args(argv=None):
         data=DataConfig(a.dataset, a.data_dir, a.batch_size, a.validation_split, a.limit),
         train=TrainConfig(a.epochs, a.lr, a.seed, a.log_dir, a.resume, a.checkpoint_every),
         insight=InsightConfig(a.thresholds, a.ema_decay, a.histogram_freq, a.histogram_bins,
-                              a.sign_map_freq, a.update_freq),
+                              a.sign_map_freq, a.update_freq, a.probes, a.probe_examples),
     )

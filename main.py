@@ -35,6 +35,31 @@ def build_model(input_shape, num_classes=10):
     return oi.InsightModel(inputs=inputs, outputs=outputs, name="reference_cnn")
 
 
+def build_probes(every="epoch"):
+    """The probe set of the main job: curvature, tangent kernel, weights, gradients,
+    representations; each runs on the held-out probe batch."""
+    from optinsight import probes
+
+    return [
+        probes.HessianProbe(every=every, k=2, trace_samples=10, density=True,
+                            density_steps=16, density_samples=2),
+        probes.NTKProbe(every=every, n=128),
+        probes.WeightNormProbe(every=every),
+        probes.WeightSpectrumProbe(every=every),
+        probes.GradientNoiseProbe(every=every),
+        probes.RepresentationProbe(every=every),
+        probes.AugmentationProbe(every=every, n=8),
+        probes.NeuralCollapseProbe(every=every),
+        probes.ActivationProbe(every=20),
+    ]
+
+
+def probe_batch(dataset, n):
+    """The first n examples of a batched (x, y) dataset, as numpy arrays."""
+    x, y = next(iter(dataset.unbatch().batch(n)))
+    return x.numpy(), y.numpy()
+
+
 def run(config):
     """Train as `config` says; returns the final logs dict and the log dir."""
     import keras
@@ -56,9 +81,14 @@ def run(config):
         loss="categorical_crossentropy",
         metrics=["accuracy", keras.metrics.F1Score(average="macro", name="macro_f1")],
     )
+    probe_kwargs = {}
+    if config.insight.probes:
+        probe_kwargs = {"probes": build_probes(),
+                        "probe_data": probe_batch(val_ds or train_ds,
+                                                  config.insight.probe_examples)}
     callback = oi.OptimizationInsightCallback(
-        log_dir, resume=config.train.resume,
-        checkpoint_freq=config.train.checkpoint_every, **config.insight.callback_kwargs())
+        log_dir, resume=config.train.resume, checkpoint_freq=config.train.checkpoint_every,
+        **probe_kwargs, **config.insight.callback_kwargs())
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.train.epochs,
                         callbacks=[callback], shuffle=False,  # the pipeline shuffles
                         verbose=1 if sys.stdout.isatty() else 2)

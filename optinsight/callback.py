@@ -105,7 +105,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         sign_map_max_params: most parameters per variable in a sign map (a
             deterministic stride picks them).
         probes: probe objects with `name`, `every` (steps or "epoch") and
-            `__call__(model, x, y) -> dict`.
+            `__call__(model, x, y) -> dict`; each also runs once at the start of a
+            fresh run (step 0), so changes are measured from initialisation.
         probe_data: the (x, y) batch probes run on; needed when `probes` is set.
         tensorboard: also write TensorBoard event files.
         update_freq: "batch", "epoch", or batches between TensorBoard scalars.
@@ -199,6 +200,10 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             if self.verbose:
                 print(f"optinsight: logging to {self.log_dir}", file=sys.stderr)
         self._install(model)
+        if self._step == 0 and not self._started:
+            self._epoch = 0
+            for probe in self.probes:  # the starting point: step 0
+                self._run_probe(probe)
         self._started = True
 
     def _install(self, model):
@@ -361,8 +366,15 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
     # ---------------------------------------------------------------- probes
     def _run_probe(self, probe):
         x, y = self.probe_data
-        result = probe(self.model, x, y)
         record = {"step": self._step, "epoch": self._epoch, "probe": probe.name}
+        try:
+            result = probe(self.model, x, y)
+        except Exception as e:  # a probe must not end a long training run
+            message = f"{type(e).__name__}: {e}".splitlines()[0]
+            print(f"optinsight: probe {probe.name!r} failed at step {self._step}: {message}",
+                  file=sys.stderr)
+            self._writer("probes.jsonl").write({**record, "error": message})
+            return
         scalars, arrays = {}, {}
         for key, value in result.items():
             if np.ndim(value) == 0:

@@ -188,7 +188,7 @@ def test_probes_are_scheduled_and_logged(tmp_path):
     cb = oi.OptimizationInsightCallback(tmp_path, probes=[MeanOutput()], probe_data=(x[:8], y[:8]))
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
     run = oi.read_log(tmp_path)
-    assert run.probes["step"].tolist() == [2, 4]
+    assert run.probes["step"].tolist() == [0, 2, 4]
     final = np.asarray(model(x[:8]))
     assert run.probes["mean"].iloc[-1] == pytest.approx(final.mean(), rel=1e-5)
     with np.load(tmp_path / run.probes["arrays"].iloc[-1]) as arrays:
@@ -205,3 +205,21 @@ def test_read_log_errors(tmp_path):
     (tmp_path / "insight.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         oi.read_log(tmp_path)
+
+
+def test_a_failing_probe_is_reported_not_fatal(tmp_path, capsys):
+    class Broken:
+        name, every = "broken", 1
+
+        def __call__(self, model, x, y):
+            raise ArithmeticError("no luck")
+
+    x, y = tiny_data(n=32)
+    model = compiled(tiny_relu_model())
+    cb = oi.OptimizationInsightCallback(tmp_path, probes=[Broken()], probe_data=(x, y))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    assert "probe 'broken' failed at step 0: ArithmeticError: no luck" in capsys.readouterr().err
+    records = read_jsonl(tmp_path / "probes.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[0]["error"] == "ArithmeticError: no luck"
+    assert len(read_jsonl(tmp_path / "steps.jsonl")) == 2

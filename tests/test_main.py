@@ -36,6 +36,11 @@ def test_trains_and_writes_every_promised_log(cifar_dir, tmp_path, capsys):
     assert os.listdir(log_dir / "tensorboard" / "train")
     assert (log_dir / "signs" / "epoch_0000.npz").exists()
     assert json.load(open(log_dir / "checkpoint" / "state.json"))["step"] == 3
+    probes = read_jsonl(log_dir / "probes.jsonl")
+    assert {p["probe"] for p in probes} >= {"hessian", "ntk", "weight_spectrum",
+                                            "gradient_noise", "neural_collapse"}
+    assert not [p for p in probes if "error" in p]
+    assert {p["step"] for p in probes if p["probe"] == "hessian"} == {0, 3}
 
     assert main.main(argv[:5] + ["2"] + argv[6:] + ["--resume"]) == 0
     assert [s["step"] for s in read_jsonl(log_dir / "steps.jsonl")] == [1, 2, 3, 4, 5, 6]

@@ -8,8 +8,15 @@ means all trainable variables. Flat vectors concatenate the variables in that or
 each flattened row-major.
 """
 
+import logging
+import weakref
+
+import keras
 import numpy as np
 import tensorflow as tf
+
+_PER_EXAMPLE = weakref.WeakKeyDictionary()  # model -> {key: tf.function}
+_EXTRACTORS = weakref.WeakKeyDictionary()  # model -> {layer names: keras.Model}
 
 
 def resolve_variables(model, variables=None):
@@ -99,3 +106,102 @@ def unflatten(vector, variables):
 
 def num_parameters(variables):
     return int(sum(np.prod(v.shape) for v in variables))
+
+
+def per_example_jacobian(model, variables, outputs, key):
+    """Compiled `f(*batch) -> [c, k, n_params]`: per example, the Jacobian of
+    `outputs(*example_batch_of_one)` (k values, or one) w.r.t. `variables`.
+
+    Examples are mapped one at a time through `tf.vectorized_map`, so the cost is c
+    single-example backward passes, batched; a Jacobian of a whole batch's outputs
+    would push every output row back through the whole batch (c times the work).
+    Cached per model under `key`.
+    """
+    cache = _PER_EXAMPLE.setdefault(model, {})
+    key = (tuple(id(v) for v in variables), key)
+    if key in cache:
+        return cache[key]
+    zero = tf.UnconnectedGradients.ZERO
+
+    def one_example(example):
+        with tf.GradientTape() as tape:
+            out = tf.reshape(outputs(*[t[None] for t in example]), [-1])
+        if out.shape[0] == 1:
+            grads = tape.gradient(out, variables, unconnected_gradients=zero)
+            return tf.concat([tf.reshape(g, [1, -1]) for g in grads], axis=1)
+        parts = tape.jacobian(out, variables, unconnected_gradients=zero)
+        k = tf.shape(out)[0]
+        return tf.concat([tf.reshape(p, [k, -1]) for p in parts], axis=1)
+
+    def per_example(*batch):
+        # pfor warns when it loops over an op it cannot vectorise (conv filter
+        # gradients); the result is the same, so keep that out of the user's console.
+        logger = logging.getLogger("tensorflow")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            return tf.vectorized_map(one_example, batch)
+        finally:
+            logger.setLevel(level)
+
+    cache[key] = tf.function(per_example, reduce_retracing=True)
+    return cache[key]
+
+
+def in_chunks(fn, arrays, chunk_size=None):
+    """numpy concatenation of fn(*chunk) over chunks of `chunk_size` examples."""
+    n = len(arrays[0])
+    step = n if chunk_size is None else chunk_size
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return np.concatenate([np.asarray(fn(*[a[i:i + step] for a in arrays]))
+                           for i in range(0, n, step)])
+
+
+def kernels(model):
+    """The trainable variables of two or more dimensions (dense and conv kernels)."""
+    return [v for v in model.trainable_variables if len(v.shape) >= 2]
+
+
+def feature_layers(model, layers=None):
+    """The layers whose outputs representation probes read: `layers` (names), else
+    every layer but the input layers. ValueError for a name the model lacks."""
+    candidates = [layer for layer in model.layers
+                  if not isinstance(layer, keras.layers.InputLayer)]
+    if layers is None:
+        return candidates
+    by_name = {layer.name: layer for layer in model.layers}
+    missing = [name for name in layers if name not in by_name]
+    if missing:
+        raise ValueError(f"no layer named {missing} in model {model.name!r}; it has "
+                         f"{[layer.name for layer in candidates]}")
+    return [by_name[name] for name in layers]
+
+
+def layer_features(model, x, layers=None, batch_size=256):
+    """{layer name: outputs on x flattened per example, float64 [n, d]}.
+
+    Needs a functional or Sequential model (one with symbolic inputs).
+    """
+    chosen = feature_layers(model, layers)
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        raise ValueError(f"model {model.name!r} has no symbolic inputs; representation "
+                         "probes need a functional or Sequential model built on keras.Input")
+    cache = _EXTRACTORS.setdefault(model, {})
+    key = tuple(layer.name for layer in chosen)
+    if key not in cache:
+        cache[key] = keras.Model(inputs, [layer.output for layer in chosen])
+    extractor = cache[key]
+    x = np.asarray(x)
+    if x.shape[1:] != tuple(inputs[0].shape[1:]):
+        raise ValueError(f"x has examples of shape {x.shape[1:]}; model {model.name!r} "
+                         f"takes {tuple(inputs[0].shape[1:])}")
+    outputs = extractor.predict(x, batch_size=batch_size, verbose=0)
+    if len(chosen) == 1:
+        outputs = [outputs]
+    return {layer.name: np.asarray(out, np.float64).reshape(len(x), -1)
+            for layer, out in zip(chosen, outputs)}

@@ -13,17 +13,13 @@ Memory: `sum_logits` holds the [n, n_params] Jacobian of the summed outputs,
 pass of one chunk holds chunk_size (times k) copies of the activations.
 """
 
-import logging
-import weakref
-
 import keras
 import numpy as np
 import tensorflow as tf
 
-from optinsight.probes.common import resolve_variables
+from optinsight.probes.common import in_chunks, per_example_jacobian, resolve_variables
 
 MODES = ("sum_logits", "trace", "full")
-_COMPILED = weakref.WeakKeyDictionary()  # model -> {key: tf.function}
 
 
 _SQUASHING = (keras.activations.softmax, keras.activations.sigmoid)
@@ -42,46 +38,6 @@ def logits(model, x):
         last.activation = activation
 
 
-def _jacobian_function(model, variables, summed):
-    """Compiled `f(x) -> [c, k, n_params]` per-example Jacobian of the logits (k = 1
-    with `summed`: the gradient of the summed logits, k times cheaper).
-
-    Examples are mapped one at a time through `tf.vectorized_map`, so the cost is c
-    single-example backward passes, batched; a Jacobian of the batch's outputs would
-    push every output row back through the whole batch (c times the work).
-    """
-    cache = _COMPILED.setdefault(model, {})
-    key = (tuple(id(v) for v in variables), summed)
-    if key not in cache:
-        zero = tf.UnconnectedGradients.ZERO
-
-        def one_example(xi):
-            with tf.GradientTape() as tape:
-                out = tf.reshape(logits(model, xi[None]), [-1])
-                if summed:
-                    out = tf.reduce_sum(out)
-            if summed:
-                grads = tape.gradient(out, variables, unconnected_gradients=zero)
-                return tf.concat([tf.reshape(g, [1, -1]) for g in grads], axis=1)
-            parts = tape.jacobian(out, variables, unconnected_gradients=zero)
-            k = tf.shape(out)[0]
-            return tf.concat([tf.reshape(p, [k, -1]) for p in parts], axis=1)
-
-        def per_example(x):
-            # pfor warns when it loops over an op it cannot vectorise (conv filter
-            # gradients); the result is the same, so keep that out of the user's console.
-            logger = logging.getLogger("tensorflow")
-            level = logger.level
-            logger.setLevel(logging.ERROR)
-            try:
-                return tf.vectorized_map(one_example, x)
-            finally:
-                logger.setLevel(level)
-
-        cache[key] = tf.function(per_example, reduce_retracing=True)
-    return cache[key]
-
-
 def jacobian(model, x, variables=None, chunk_size=None, summed=False):
     """Per-example Jacobian of the logits: numpy [n, k, n_params] in the variables'
     dtype; with `summed`, of the summed logits ([n, 1, n_params])."""
@@ -89,11 +45,13 @@ def jacobian(model, x, variables=None, chunk_size=None, summed=False):
     x = np.asarray(x)
     if len(x) == 0:
         raise ValueError("x is empty: the kernel needs at least one example")
-    fn = _jacobian_function(model, variables, summed)
-    step = len(x) if chunk_size is None else chunk_size
-    if not isinstance(step, int) or step < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    return np.concatenate([fn(x[i:i + step]).numpy() for i in range(0, len(x), step)])
+
+    def outputs(xi):
+        out = logits(model, xi)
+        return tf.reduce_sum(out) if summed else out
+
+    fn = per_example_jacobian(model, variables, outputs, ("ntk", summed))
+    return in_chunks(fn, [x], chunk_size)
 
 
 def kernel(model, x1, x2=None, mode="sum_logits", variables=None, chunk_size=None):
@@ -190,7 +148,10 @@ class NTKProbe:
     def __call__(self, model, x, y):
         x, y = np.asarray(x)[: self.n], np.asarray(y)[: self.n]
         K = kernel(model, x, mode=self.mode, chunk_size=self.chunk_size)
-        out = _similarity(K, _labels(y))
+        try:
+            out = _similarity(K, _labels(y))
+        except ValueError:  # a batch without two classes or a repeated class
+            out = {"same": np.nan, "different": np.nan, "ratio": np.nan}
         out.update(alignment=alignment(K, y), trace=float(np.trace(K)))
         values, _ = eigen(K, min(self.k, len(K)))
         out.update({f"eig_{i + 1}": float(v) for i, v in enumerate(values)})

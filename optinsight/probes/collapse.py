@@ -1,0 +1,90 @@
+"""Neural collapse (Papyan, Han & Donoho 2020) of the last-layer features.
+
+Features h_i are a layer's outputs (default: the input of the last Dense layer, the
+penultimate features); classes come from y. With μ_c the class means, μ_G the global
+mean, M the [C, d] matrix of centred class means μ_c − μ_G, W the last Dense
+layer's [C, d] classifier (its kernel transposed):
+
+* nc1: tr(Σ_W Σ_B⁺) / C, within-class covariance against between-class covariance
+  (→ 0 as each class collapses to its mean);
+* nc2_equinorm: coefficient of variation of ‖μ_c − μ_G‖ (→ 0: equal norms);
+* nc2_equiangular: mean over c ≠ c' of |cos(μ_c − μ_G, μ_c' − μ_G) + 1/(C − 1)|
+  (→ 0: the maximally separated simplex);
+* nc3: ‖W/‖W‖_F − M/‖M‖_F‖_F² (→ 0: classifier aligned with the means);
+* nc4: fraction of examples where the model's prediction differs from the nearest
+  class mean's (→ 0).
+"""
+
+import keras
+import numpy as np
+
+from optinsight.probes.common import layer_features
+
+
+def _last_dense(model):
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    if not dense:
+        raise ValueError(f"model {model.name!r} has no Dense layer to act as classifier")
+    return dense[-1]
+
+
+def _penultimate_features(model, x, classifier):
+    extractor = keras.Model(model.inputs, classifier.input)
+    return np.asarray(extractor.predict(np.asarray(x), verbose=0), np.float64).reshape(len(x), -1)
+
+
+def collapse_metrics(features, labels, classifier_weights, predictions):
+    """The NC quantities from features [n, d], int labels [n], classifier [C, d] and
+    the model's predicted classes [n]."""
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise ValueError("neural collapse needs examples of at least two classes")
+    global_mean = features.mean(axis=0)
+    means = np.array([features[labels == c].mean(axis=0) for c in classes])
+    centred = means - global_mean
+    within = np.zeros((features.shape[1], features.shape[1]))
+    for c, mu in zip(classes, means):
+        diff = features[labels == c] - mu
+        within += diff.T @ diff
+    within /= len(features)
+    between = centred.T @ centred / len(classes)
+    norms = np.linalg.norm(centred, axis=1)
+    unit = centred / np.where(norms > 0, norms, 1)[:, None]
+    cosines = unit @ unit.T
+    off = ~np.eye(len(classes), dtype=bool)
+    w = np.asarray(classifier_weights, np.float64)[classes]
+    nearest = classes[np.argmin(((features[:, None, :] - means[None]) ** 2).sum(-1), axis=1)]
+    return {
+        "nc1": float(np.trace(within @ np.linalg.pinv(between)) / len(classes)),
+        "nc2_equinorm": float(norms.std() / norms.mean()) if norms.mean() > 0 else np.nan,
+        "nc2_equiangular": float(np.abs(cosines[off] + 1 / (len(classes) - 1)).mean()),
+        "nc3": float(np.linalg.norm(w / np.linalg.norm(w) - centred / np.linalg.norm(centred))
+                     ** 2),
+        "nc4": float(np.mean(nearest != np.asarray(predictions))),
+    }
+
+
+def neural_collapse(model, x, y, layer=None):
+    """{"nc1", "nc2_equinorm", "nc2_equiangular", "nc3", "nc4"} on (x, y); y integer
+    labels or one-hot. `layer`: a layer name whose outputs are the features
+    (default: the input of the last Dense layer)."""
+    labels = np.asarray(y)
+    labels = labels.argmax(axis=1) if labels.ndim == 2 and labels.shape[1] > 1 \
+        else labels.reshape(-1).astype(int)
+    if len(labels) != len(x):
+        raise ValueError(f"x has {len(x)} examples but y has {len(labels)}")
+    classifier = _last_dense(model)
+    features = (layer_features(model, x, [layer])[layer] if layer is not None
+                else _penultimate_features(model, x, classifier))
+    predictions = np.asarray(model.predict(np.asarray(x), verbose=0)).argmax(axis=1)
+    return collapse_metrics(features, labels, np.asarray(classifier.kernel).T, predictions)
+
+
+class NeuralCollapseProbe:
+    """Writes nc1, nc2_equinorm, nc2_equiangular, nc3, nc4 (see neural_collapse)."""
+
+    def __init__(self, every="epoch", layer=None, name="neural_collapse"):
+        self.every, self.layer, self.name = every, layer, name
+
+    def __call__(self, model, x, y):
+        return neural_collapse(model, x, y, self.layer)
