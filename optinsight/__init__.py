@@ -1,9 +1,31 @@
-"""optinsight: see inside optimization while a Keras model trains."""
+"""optinsight: see inside optimization while a Keras model trains.
 
-from optinsight import probes
-from optinsight.callback import OptimizationInsightCallback
-from optinsight.logs.reader import Run, read_log
-from optinsight.model import InsightModel
+The public API is re-exported here and imported on first use, so that the
+`optinsight` command's log readers start without loading TensorFlow.
+"""
 
-__all__ = ["InsightModel", "OptimizationInsightCallback", "Run", "probes", "read_log"]
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "InsightModel": "optinsight.model",
+    "OptimizationInsightCallback": "optinsight.callback",
+    "Finding": "optinsight.diagnose",
+    "diagnose": "optinsight.diagnose",
+    "Run": "optinsight.logs.reader",
+    "read_log": "optinsight.logs.reader",
+}
+__all__ = sorted([*_EXPORTS, "probes"])
+
+
+def __getattr__(name):
+    if name == "probes":
+        return importlib.import_module("optinsight.probes")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'optinsight' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -20,12 +20,12 @@ from optinsight.dynamics import (
     count_keys,
     metric_names,
     metric_table,
-    sign_codes,
     table_row_dict,
 )
 from optinsight.logs.jsonlog import JsonlWriter, plain, read_json, truncate_jsonl, write_json_atomic
-from optinsight.logs.tensorboard import TensorBoardWriter, sign_map_image
+from optinsight.logs.tensorboard import TensorBoardWriter
 from optinsight.model import InsightModel, insight_train_step
+from optinsight.signs import sign_codes, sign_map_image
 
 SCHEMA_VERSION = 1
 EPOCH_KEYS = ("train_mean_loss", "val_mean_loss", "train_mean_acc", "val_mean_acc")

@@ -37,19 +37,6 @@ def ema_suffix(ema_decay):
     return "_" + f"{ema_decay:g}".replace(".", "") + "avg"
 
 
-def sign_codes(grad, band=1e-5):
-    """Gradient sign-map codes (int8, same shape as `grad`).
-
-    0: |g| > band (or not finite), -1: -band <= g < 0, +1: 0 < g <= band, 2: g == 0.
-    """
-    g = np.asarray(grad, dtype=np.float64)
-    codes = np.zeros(g.shape, dtype=np.int8)
-    codes[(g >= -band) & (g < 0)] = -1
-    codes[(g > 0) & (g <= band)] = 1
-    codes[g == 0] = 2
-    return codes
-
-
 def _flatten(tensors):
     return tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
 

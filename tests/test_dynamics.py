@@ -15,7 +15,8 @@ import tensorflow as tf
 from conftest import tiny_data, tiny_relu_model
 
 import optinsight as oi
-from optinsight.dynamics import DynamicsTracker, sign_codes, summarize, threshold_tag
+from optinsight.dynamics import DynamicsTracker, summarize, threshold_tag
+from optinsight.signs import sign_codes
 
 THRESHOLDS = (1e-7, 1e-5)
 DECAY = 0.9

@@ -1,6 +1,7 @@
 """Reads a run's logs back into pandas: `read_log(log_dir) -> Run`."""
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -28,6 +29,34 @@ class Run:
     summary: dict
     probes: pd.DataFrame
     log_dir: str
+
+    def histograms(self):
+        """Gradient/weight histograms: a list of {"step", "epoch", "gradients": {var:
+        {"range", "counts"}}, "weights": {...}} (histograms.jsonl)."""
+        return read_jsonl(os.path.join(self.log_dir, "histograms.jsonl"))
+
+    def probe_arrays(self, probe):
+        """[(step, {name: array})] of every evaluation of `probe` that wrote arrays."""
+        rows = self.probes[self.probes["probe"] == probe] if not self.probes.empty else []
+        out = []
+        if len(rows) and "arrays" in rows:
+            for step, path in zip(rows["step"], rows["arrays"]):
+                if isinstance(path, str):
+                    with np.load(os.path.join(self.log_dir, path)) as arrays:
+                        out.append((int(step), dict(arrays)))
+        return out
+
+    def sign_maps(self):
+        """[(label, {variable: int8 codes}, meta)] of signs/*.npz, in order."""
+        directory = os.path.join(self.log_dir, "signs")
+        out = []
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            if name.endswith(".npz") and not name.endswith(".tmp.npz"):
+                with np.load(os.path.join(directory, name)) as arrays:
+                    meta = json.loads(str(arrays["_meta"]))
+                    codes = {k: arrays[k] for k in arrays.files if k != "_meta"}
+                out.append((name[:-4], codes, meta))
+        return out
 
     def layer(self, variable):
         """The per-step metrics of one variable, columns without the prefix."""

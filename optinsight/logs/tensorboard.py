@@ -13,23 +13,6 @@ import tensorflow as tf
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 
-#: RGB colour of each sign-map code: white outside the band, red negative,
-#: green positive, black exactly zero; grey pads the image.
-SIGN_COLOURS = {0: (255, 255, 255), -1: (220, 40, 40), 1: (40, 170, 60), 2: (0, 0, 0)}
-_PAD = (128, 128, 128)
-
-
-def sign_map_image(codes):
-    """Sign codes (any shape) as an RGB uint8 image [rows, cols, 3], near square."""
-    flat = np.asarray(codes).reshape(-1)
-    cols = max(1, math.ceil(math.sqrt(flat.size)))
-    rows = max(1, math.ceil(flat.size / cols))
-    image = np.empty((rows * cols, 3), np.uint8)
-    image[:] = _PAD
-    for code, colour in SIGN_COLOURS.items():
-        image[: flat.size][flat == code] = colour
-    return image.reshape(rows, cols, 3)
-
 
 class TensorBoardWriter:
     """Writes scalars, histograms and images under one event-file directory."""

@@ -171,9 +171,22 @@ def export_projector(model, x, y, log_dir, layers=None):
     return list(features)
 
 
+def saturated_fraction(layer, outputs):
+    """Fraction of a tanh or sigmoid layer's outputs in the flat tails of its
+    activation (derivative below ~0.02: |tanh| > 0.99, sigmoid < 0.01 or > 0.99);
+    None for other activations."""
+    activation = getattr(layer, "activation", None)
+    if activation is keras.activations.tanh:
+        return float(np.mean(np.abs(outputs) > 0.99))
+    if activation is keras.activations.sigmoid:
+        return float(np.mean((outputs < 0.01) | (outputs > 0.99)))
+    return None
+
+
 class ActivationProbe:
-    """Writes per layer the array `hist/<layer>` (activation histogram counts) and the
-    scalar `<layer>/zero_fraction` (outputs exactly 0: dead ReLUs), for the
+    """Writes per layer the array `hist/<layer>` (activation histogram counts), the
+    scalar `<layer>/zero_fraction` (outputs exactly 0: dead ReLUs) and, for tanh and
+    sigmoid layers, `<layer>/saturated_fraction`; the histograms over time make the
     'activations over time' heatmap."""
 
     def __init__(self, every=100, bins=40, range=(0, 10), layers=None,  # noqa: A002
@@ -186,6 +199,9 @@ class ActivationProbe:
         for k, f in layer_features(model, x, self.layers).items():
             out[f"hist/{k}"] = np.histogram(f, bins=self.bins, range=self.range)[0]
             out[f"{k}/zero_fraction"] = float(np.mean(f == 0))
+            saturated = saturated_fraction(model.get_layer(k), f)
+            if saturated is not None:
+                out[f"{k}/saturated_fraction"] = saturated
         return out
 
 

@@ -56,6 +56,7 @@ def matrix_spectrum(w, near_zero_tol=1e-3):
         "spectral_norm": float(sigma.max()),
         "condition_number": float(sigma.max() / sigma.min()) if sigma.min() > 0 else np.inf,
         "near_zero": int(np.sum(eigenvalues <= near_zero_tol * largest)),
+        "near_zero_fraction": float(np.mean(eigenvalues <= near_zero_tol * largest)),
         "stable_rank": float(eigenvalues.sum() / largest) if largest > 0 else 0.0,
         "alpha": power_law_alpha(eigenvalues),
     }
@@ -65,6 +66,7 @@ def weight_spectrum(model, near_zero_tol=1e-3):
     """Per kernel: {eigenvalues (of W Wᵀ, descending), spectral_norm (σ_max),
     condition_number (σ_max / σ_min), near_zero (eigenvalues <= near_zero_tol × the
     largest: directions the layer has all but lost, a sign of rank collapse),
+    near_zero_fraction (near_zero over the number of eigenvalues),
     stable_rank (Σλ / λ_max = ‖W‖_F² / ‖W‖_2²), alpha (power-law tail exponent of
     the eigenvalues; heavy-tailed theory reads 2-4 as well trained, > 6 as
     under-trained)}."""
@@ -73,8 +75,8 @@ def weight_spectrum(model, near_zero_tol=1e-3):
 
 
 class WeightSpectrumProbe:
-    """Writes `<kernel>/spectral_norm`, `condition_number`, `near_zero`, `stable_rank`,
-    `alpha`, and the array `<kernel>/eigenvalues`."""
+    """Writes `<kernel>/spectral_norm`, `condition_number`, `near_zero`,
+    `near_zero_fraction`, `stable_rank`, `alpha`, and the array `<kernel>/eigenvalues`."""
 
     def __init__(self, every="epoch", near_zero_tol=1e-3, name="weight_spectrum"):
         self.every, self.near_zero_tol, self.name = every, near_zero_tol, name

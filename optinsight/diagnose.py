@@ -1,0 +1,256 @@
+"""Rules over a run's logs that name what is wrong, in plain words (DESIGN.md section 6).
+
+`diagnose(log_dir)` (or `diagnose_run(run)`) returns a list of `Finding`s. Each rule
+reads the recorded metrics only; its thresholds are the module constants below,
+each with the reason for its value. "Late" means the last LATE_FRACTION of the
+steps, where a problem that training has not outgrown shows; "early" the first.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+from optinsight.logs.reader import read_log
+
+LATE_FRACTION = 0.25
+#: The late median loss above this multiple of the early median: the run diverged
+#: (a healthy run's loss falls; noise alone does not raise a median by half).
+DIVERGENCE_FACTOR = 1.5
+#: lr·λmax above this: plain gradient descent is unstable along the sharpest
+#: direction (a step overshoots when lr > 2/λmax). Adaptive optimisers rescale
+#: steps, so for them this is a warning, not a verdict.
+EDGE_OF_STABILITY = 2.0
+#: Late over early median gradient norm at or above this: exploding gradients
+#: (a hundredfold growth is far beyond the drift of a converging run).
+EXPLOSION_FACTOR = 100.0
+#: First-kernel over last-kernel RMS gradient below this: vanishing gradients (the
+#: input layers learn a thousand times slower than the output layer).
+VANISHING_RATIO = 1e-3
+#: Late fraction of a kernel's gradients at or below 1e-7 at or above this: a dead
+#: layer (essentially no entry gets a gradient; ReLU units that never fire give
+#: exact zeros).
+DEAD_FRACTION = 0.99
+#: A layer whose late median update ratio is below this multiple of the median of
+#: the other layers' stalls (three orders of magnitude: well past any sensible
+#: per-layer learning-rate schedule).
+STALL_RATIO = 1e-3
+#: Kernels with at least this fraction of near-zero eigenvalues of W Wᵀ: rank
+#: collapse (more than half of the layer's directions lost).
+RANK_COLLAPSE_FRACTION = 0.5
+#: Layers with at least this fraction of saturated outputs (tanh/sigmoid in their
+#: flat tails, where the derivative is below ~0.02): saturation.
+SATURATION_FRACTION = 0.5
+
+SEVERITIES = ("info", "warning", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One problem found: what (code), how bad (severity), where (layer, may be None),
+    when (step, may be None), the numbers behind it (evidence) and what to try (advice)."""
+
+    code: str
+    severity: str
+    layer: str | None
+    step: int | None
+    evidence: str
+    advice: str
+
+    def __str__(self):
+        where = f" [{self.layer}]" if self.layer else ""
+        when = f" at step {self.step}" if self.step is not None else ""
+        return f"{self.severity.upper()} {self.code}{where}{when}: {self.evidence}. {self.advice}"
+
+
+def _late(series):
+    series = series.dropna()
+    return series.iloc[int(len(series) * (1 - LATE_FRACTION)):] if len(series) else series
+
+
+def _early(series):
+    series = series.dropna()
+    return series.iloc[: max(1, int(len(series) * LATE_FRACTION))] if len(series) else series
+
+
+def _kernels(run):
+    meta = run.summary.get("meta", {})
+    names, sizes = meta.get("variables", []), meta.get("variable_sizes", [])
+    shapes = dict(zip(names, sizes))
+    return [n for n in names if n.endswith("kernel") and f"{n}/grad_norm" in run.steps], shapes
+
+
+def _nonfinite(run):
+    steps = run.steps
+    bad = steps[(steps["nonfinite_grads"] > 0) | steps["train_loss"].isna()]
+    if bad.empty:
+        return []
+    first = bad.iloc[0]
+    layer_counts = {c[: -len("/nonfinite_grads")]: first[c] for c in steps.columns
+                    if c.endswith("/nonfinite_grads") and first[c] > 0}
+    worst = max(layer_counts, key=layer_counts.get) if layer_counts else None
+    return [Finding(
+        "nonfinite", "error", worst, int(first["step"]),
+        f"{len(bad)} of {len(steps)} steps had NaN/Inf gradients or loss "
+        f"({int(first['nonfinite_grads'])} gradient entries at the first)",
+        "Lower the learning rate, clip gradients (clipnorm=1.0), check the inputs for "
+        "NaN/Inf, and guard log/sqrt/division in custom losses")]
+
+
+def _learning_rate(run):
+    findings = []
+    loss = run.steps["train_loss"].replace([np.inf, -np.inf], np.nan)
+    early, late = _early(loss), _late(loss)
+    if len(loss.dropna()) >= 8 and late.median() > DIVERGENCE_FACTOR * early.median():
+        findings.append(Finding(
+            "lr_too_high", "error", None, int(run.steps["step"].iloc[-1]),
+            f"the loss diverged: median {early.median():.4g} over the first steps, "
+            f"{late.median():.4g} over the last",
+            "Lower the learning rate (try 10x smaller) or add warm-up"))
+    if not run.probes.empty and "lr_times_lambda_max" in run.probes:
+        over = run.probes[run.probes["lr_times_lambda_max"] > EDGE_OF_STABILITY]
+        if not over.empty:
+            row = over.iloc[-1]
+            findings.append(Finding(
+                "lr_too_high", "warning", None, int(row["step"]),
+                f"lr·λmax = {row['lr_times_lambda_max']:.3g} > 2: past the stability "
+                f"limit of gradient descent (λmax = {row['lambda_1']:.4g})",
+                "Lower the learning rate below 2/λmax; with an adaptive optimiser this "
+                "is a hint, check that the loss still falls"))
+    return findings
+
+
+def _exploding(run):
+    norms = run.steps["grad_norm"].replace([np.inf, -np.inf], np.nan)
+    early, late = _early(norms), _late(norms)
+    if len(norms.dropna()) < 8 or early.median() <= 0:
+        return []
+    growth = late.median() / early.median()
+    if growth < EXPLOSION_FACTOR:
+        return []
+    return [Finding(
+        "exploding_gradients", "error", None, int(run.steps.loc[norms.idxmax(), "step"]),
+        f"the gradient norm grew {growth:.3g}x: median {early.median():.3g} early, "
+        f"{late.median():.3g} late (max {norms.max():.3g})",
+        "Clip gradients (clipnorm=1.0), lower the learning rate, or normalise "
+        "(BatchNormalization/LayerNormalization) and initialise with variance scaling")]
+
+
+def _rms(run, name, size):
+    return _late(run.steps[f"{name}/grad_norm"]).median() / math.sqrt(size)
+
+
+def _vanishing(run):
+    kernels, sizes = _kernels(run)
+    if len(kernels) < 2:
+        return []
+    first, last = _rms(run, kernels[0], sizes[kernels[0]]), _rms(run, kernels[-1],
+                                                                sizes[kernels[-1]])
+    if not (last > 0) or first / last >= VANISHING_RATIO:
+        return []
+    return [Finding(
+        "vanishing_gradients", "warning", kernels[0], None,
+        f"the first kernel's RMS gradient is {first / last:.2g} of the last kernel's "
+        f"({first:.3g} vs {last:.3g})",
+        "Use ReLU-family activations instead of sigmoid/tanh, He initialisation, "
+        "normalisation layers or residual connections")]
+
+
+def _dead(run):
+    findings = []
+    kernels, sizes = _kernels(run)
+    for name in kernels:
+        column = f"{name}/no_zero_e7_grad2"
+        if column not in run.steps:
+            continue
+        fraction = _late(run.steps[column]).median() / sizes[name]
+        if fraction >= DEAD_FRACTION:
+            findings.append(Finding(
+                "dead_layer", "error", name, int(run.steps["step"].iloc[-1]),
+                f"{100 * fraction:.1f} % of its gradients are zero (|g| <= 1e-7) over "
+                "the last steps: the layer no longer learns",
+                "Its units never activate: check the bias initialisation, lower the "
+                "learning rate, or use LeakyReLU/GELU"))
+    if not run.probes.empty:
+        for column in [c for c in run.probes.columns if c.endswith("/zero_fraction")]:
+            values = run.probes[column].dropna()
+            if len(values) and values.iloc[-1] >= DEAD_FRACTION:
+                layer = column[: -len("/zero_fraction")]
+                if not any(f.layer and f.layer.startswith(layer) for f in findings):
+                    findings.append(Finding(
+                        "dead_layer", "error", layer,
+                        int(run.probes.loc[values.index[-1], "step"]),
+                        f"{100 * values.iloc[-1]:.1f} % of its outputs are exactly zero",
+                        "Its units never activate: check the bias initialisation, lower "
+                        "the learning rate, or use LeakyReLU/GELU"))
+    return findings
+
+
+def _stalled(run):
+    kernels, _ = _kernels(run)
+    ratios = {n: _late(run.steps[f"{n}/update_ratio"]).median() for n in kernels}
+    ratios = {n: r for n, r in ratios.items() if np.isfinite(r)}
+    findings = []
+    for name, ratio in ratios.items():
+        others = [r for n, r in ratios.items() if n != name]
+        if len(others) >= 1 and ratio < STALL_RATIO * np.median(others):
+            findings.append(Finding(
+                "stalled_layer", "warning", name, None,
+                f"its update ratio ‖Δw‖/‖w‖ is {ratio:.2g}, against a median of "
+                f"{np.median(others):.2g} for the other layers",
+                "Check per-layer learning rates, freezing, and the scale of its weights"))
+    return findings
+
+
+def _probe_columns(run, suffix):
+    return [c for c in run.probes.columns if c.endswith(suffix)] if not run.probes.empty \
+        else []
+
+
+def _rank_collapse(run):
+    findings = []
+    for column in _probe_columns(run, "/near_zero_fraction"):
+        values = run.probes[column].dropna()
+        if len(values) and values.iloc[-1] >= RANK_COLLAPSE_FRACTION:
+            name = column[: -len("/near_zero_fraction")]
+            stable = run.probes[f"{name}/stable_rank"].dropna()
+            findings.append(Finding(
+                "rank_collapse", "warning", name,
+                int(run.probes.loc[values.index[-1], "step"]),
+                f"{100 * values.iloc[-1]:.0f} % of its singular directions are near zero "
+                f"(stable rank {stable.iloc[-1]:.3g})",
+                "The layer uses few dimensions: lower weight decay or the learning rate, "
+                "or check for a bottleneck"))
+    return findings
+
+
+def _saturation(run):
+    findings = []
+    for column in _probe_columns(run, "/saturated_fraction"):
+        values = run.probes[column].dropna()
+        if len(values) and values.iloc[-1] >= SATURATION_FRACTION:
+            findings.append(Finding(
+                "activation_saturation", "warning", column[: -len("/saturated_fraction")],
+                int(run.probes.loc[values.index[-1], "step"]),
+                f"{100 * values.iloc[-1]:.0f} % of its outputs sit in the flat tails of "
+                "its activation, where gradients vanish",
+                "Normalise its inputs (BatchNormalization), lower the initial weight scale, "
+                "or use a non-saturating activation"))
+    return findings
+
+
+RULES = (_nonfinite, _learning_rate, _exploding, _vanishing, _dead, _stalled,
+         _rank_collapse, _saturation)
+
+
+def diagnose_run(run):
+    """Findings for a loaded `Run`, errors first."""
+    if run.steps.empty:
+        return []
+    findings = [f for rule in RULES for f in rule(run)]
+    return sorted(findings, key=lambda f: -SEVERITIES.index(f.severity))
+
+
+def diagnose(log_dir):
+    """Findings for the run in `log_dir` (see `read_log` for the errors it raises)."""
+    return diagnose_run(read_log(log_dir))

@@ -1,0 +1,1 @@
+"""Turning a run's logs into pictures: `plots` (matplotlib figures), `html` (one page)."""
