@@ -1,11 +1,13 @@
 # The README's two commands: `make run` and `make test`. Both set up what they need
-# (a virtual environment with the package, Debian's Fashion-MNIST) and are idempotent.
+# (a virtual environment with the package, Debian's Fashion-MNIST; for the tests also
+# Debian's Chromium, which renders the HTML report) and are idempotent.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 EPOCHS ?= 10
 
@@ -25,10 +27,14 @@ $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
 run: $(INSTALLED) $(FASHION_MNIST)
 	$(PY) main.py --dataset fashion-mnist --epochs $(EPOCHS)
 
-test: $(INSTALLED) $(FASHION_MNIST)
+test: $(INSTALLED) $(FASHION_MNIST) $(CHROMIUM)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 

@@ -6,17 +6,20 @@ The public API is re-exported here and imported on first use, so that the
 
 import importlib
 
+# Imported now: the function `diagnose` shares its name with its module, and binding
+# it here keeps the function, not the module, as `optinsight.diagnose`.
+from optinsight.diagnose import Finding, diagnose
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "InsightModel": "optinsight.model",
     "OptimizationInsightCallback": "optinsight.callback",
-    "Finding": "optinsight.diagnose",
-    "diagnose": "optinsight.diagnose",
     "Run": "optinsight.logs.reader",
     "read_log": "optinsight.logs.reader",
 }
-__all__ = sorted([*_EXPORTS, "probes"])
+__all__ = ["Finding", "InsightModel", "OptimizationInsightCallback", "Run", "diagnose",
+           "probes", "read_log"]
 
 
 def __getattr__(name):

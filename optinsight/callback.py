@@ -15,6 +15,7 @@ import sys
 import keras
 import numpy as np
 
+from optinsight.diagnose import diagnose
 from optinsight.dynamics import (
     DynamicsTracker,
     count_keys,
@@ -117,13 +118,16 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             fresh.
         checkpoint_freq: epochs between checkpoints (model weights, optimizer,
             insight state) in `log_dir/checkpoint`; 0 disables.
+        diagnosis: at each epoch end, print the diagnosis' new warnings and errors
+            (`optinsight.diagnose`), one line each, to stderr.
         verbose: 1 prints where the logs go at train begin.
     """
 
     def __init__(self, log_dir, thresholds=(1e-7, 1e-5), ema_decay=0.9,
                  histogram_freq=30, histogram_bins=1000, sign_map_freq="epoch",
                  sign_map_max_params=65536, probes=(), probe_data=None, tensorboard=True,
-                 update_freq="batch", resume=False, checkpoint_freq=1, verbose=0):
+                 update_freq="batch", resume=False, checkpoint_freq=1, diagnosis=True,
+                 verbose=0):
         super().__init__()
         if not isinstance(log_dir, (str, os.PathLike)):
             raise ValueError(f"log_dir must be a path, got {log_dir!r}")
@@ -152,6 +156,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self.tensorboard = bool(tensorboard)
         self.resume = bool(resume)
         self.checkpoint_freq = validate_freq("checkpoint_freq", checkpoint_freq)
+        self.diagnosis = bool(diagnosis)
+        self._reported = set()  # (code, layer) of findings already printed
         self.verbose = verbose
         self._tracker = None
         self._step = 0
@@ -329,6 +335,15 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         write_json_atomic(self._path("insight.json"), self.summary())
         if self.checkpoint_freq and (epoch + 1) % self.checkpoint_freq == 0:
             self._save_checkpoint(epoch + 1)
+        if self.diagnosis:
+            self._print_new_findings()
+
+    def _print_new_findings(self):
+        for finding in diagnose(self.log_dir):
+            key = (finding.code, finding.layer)
+            if finding.severity != "info" and key not in self._reported:
+                self._reported.add(key)
+                print(f"optinsight: {finding}", file=sys.stderr)
 
     def summary(self):
         """The insight.json document (DESIGN.md section 4) of what is recorded so far."""

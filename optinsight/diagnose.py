@@ -159,16 +159,20 @@ def _vanishing(run):
 def _dead(run):
     findings = []
     kernels, sizes = _kernels(run)
+    previous_dead = False
     for name in kernels:
         column = f"{name}/no_zero_e7_grad2"
         if column not in run.steps:
             continue
         fraction = _late(run.steps[column]).median() / sizes[name]
-        if fraction >= DEAD_FRACTION:
+        dead, follows_dead = fraction >= DEAD_FRACTION, previous_dead
+        previous_dead = dead
+        if dead and not follows_dead:  # a kernel after a dead one only gets no input
             findings.append(Finding(
                 "dead_layer", "error", name, int(run.steps["step"].iloc[-1]),
                 f"{100 * fraction:.1f} % of its gradients are zero (|g| <= 1e-7) over "
-                "the last steps: the layer no longer learns",
+                "the last steps: the layer no longer learns, and the layers after it "
+                "get no signal through it",
                 "Its units never activate: check the bias initialisation, lower the "
                 "learning rate, or use LeakyReLU/GELU"))
     if not run.probes.empty:

@@ -1,0 +1,103 @@
+"""The report: every figure from a real run, one self-contained page that renders in
+headless Chromium, and clear errors for bad log dirs."""
+
+import os
+import re
+import shutil
+import subprocess
+
+import keras
+import numpy as np
+import pytest
+
+import main
+import optinsight as oi
+from optinsight.cli import main as cli
+from optinsight.report import plots
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Two epochs of the reference CNN on 18×18 images with the main job's probes."""
+    log_dir = tmp_path_factory.mktemp("run")
+    rng = np.random.default_rng(0)
+    x = rng.random((192, 18, 18, 1), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 192), 10).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = main.build_model(x.shape[1:])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
+    cb = oi.OptimizationInsightCallback(log_dir, histogram_freq=2, histogram_bins=30,
+                                        probes=main.build_probes(every=3),
+                                        probe_data=(x[:64], y[:64]))
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[cb], validation_split=0.2)
+    return log_dir
+
+
+def test_every_figure_is_drawn_from_a_full_run(run_dir):
+    run = oi.read_log(run_dir)
+    for name, _, make in plots.FIGURES:
+        figure = make(run)
+        assert figure.axes, name
+        figure.clf()
+
+
+def test_missing_data_gives_a_note_not_a_crash(tmp_path):
+    x = np.random.default_rng(0).random((32, 6)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(32) % 3, 3)
+    x_in = keras.Input((6,))
+    model = keras.Model(x_in, keras.layers.Dense(3, activation="softmax")(x_in))
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[oi.OptimizationInsightCallback(
+        tmp_path, histogram_freq=0, sign_map_freq=0)])
+    run = oi.read_log(tmp_path)
+    with pytest.raises(plots.MissingData, match="no 'hessian' probe"):
+        plots.sharpness(run)
+    with pytest.raises(plots.MissingData, match="no gradient histograms"):
+        plots.gradient_histograms(run)
+    assert cli(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "sign map: no gradient sign maps" in page
+
+
+def test_report_page_is_self_contained_and_renders(run_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert cli(["report", str(run_dir), "-o", str(out)]) == 0
+    assert f"report: {out / 'index.html'}" in capsys.readouterr().out
+    names = [name for name, _, _ in plots.FIGURES]
+    assert sorted(p[:-4] for p in os.listdir(out) if p.endswith(".png")) == sorted(names)
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == len(names)
+    assert not re.search(r"""(src|href)=['"]?(https?:|//)""", page)  # nothing from a network
+    assert "No problems found" in page or "class='finding" in page
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (make test installs it)")
+    profile = tmp_path / "profile"
+    dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                          "--virtual-time-budget=10000", "--dump-dom",
+                          (out / "index.html").as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert f'data-figures-rendered="{len(names)}/{len(names)}"' in dom
+    shot = tmp_path / "page.png"
+    subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                    "--window-size=1280,4000", f"--screenshot={shot}",
+                    (out / "index.html").as_uri()], capture_output=True, timeout=120)
+    assert shot.stat().st_size > 50_000  # a page with pictures, not a blank one
+
+
+def test_report_bad_log_dirs(tmp_path, capsys):
+    assert cli(["report", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli(["report", str(tmp_path)]) == 2
+    assert "holds no optinsight run" in capsys.readouterr().err
+
+
+def test_summary_table(run_dir, capsys):
+    assert cli(["summary", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "2 epochs" in out and "train_mean_loss" in out and "grad_norm" in out
