@@ -111,6 +111,8 @@ def main(argv=None):
     print(f"logs: {os.path.abspath(log_dir)}")
     print(f"  tensorboard --logdir {os.path.join(log_dir, 'tensorboard')}")
     print(f"  optinsight summary {log_dir}")
+    print(f"  optinsight diagnose {log_dir}")
+    print(f"  optinsight report {log_dir}")
     return 0
 
 
