@@ -69,7 +69,26 @@ class Run:
         return frame.rename(columns={c: c[len(prefix):] for c in columns})
 
 
-def _step_row(record):
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _numbers(mapping):
+    return isinstance(mapping, dict) and all(_is_number(v) for v in mapping.values())
+
+
+def _step_row(record, path, index):
+    if not (isinstance(record, dict) and all(_is_int(record.get(k))
+                                             for k in ("step", "epoch", "batch"))
+            and _numbers(record.get("model"))
+            and isinstance(record.get("layers"), dict)
+            and all(_numbers(m) for m in record["layers"].values())):
+        raise ValueError(f"{path}: record {index + 1} is not a step record (expected "
+                         '{"step", "epoch", "batch", "model": {...}, "layers": {...}})')
     row = {"step": record["step"], "epoch": record["epoch"], "batch": record["batch"]}
     row.update(record["model"])
     for variable, metrics in record["layers"].items():
@@ -77,34 +96,55 @@ def _step_row(record):
     return row
 
 
+def _probe_row(record, path, index):
+    if not (isinstance(record, dict) and _is_int(record.get("step"))
+            and _is_int(record.get("epoch")) and isinstance(record.get("probe"), str)
+            and _numbers(record.get("values", {}))
+            and isinstance(record.get("arrays", ""), str)):
+        raise ValueError(f"{path}: record {index + 1} is not a probe record")
+    row = {"step": record["step"], "epoch": record["epoch"], "probe": record["probe"]}
+    row.update(record.get("values", {}))
+    if "arrays" in record:
+        row["arrays"] = record["arrays"]
+    return row
+
+
+def _epoch_frame(summary, path):
+    epoch_wise = summary.get("epoch_wise", {})
+    columns = epoch_wise.values() if isinstance(epoch_wise, dict) else None
+    if columns is None or not all(isinstance(c, list) and all(_is_number(v) for v in c)
+                                  for c in columns) \
+            or len({len(c) for c in columns}) > 1:
+        raise ValueError(f"{path}: epoch_wise must map keys to equally long lists of numbers")
+    epochs = pd.DataFrame({k: pd.Series(v, dtype=float) for k, v in epoch_wise.items()})
+    epochs.insert(0, "epoch", range(len(epochs)))
+    return epochs
+
+
 def read_log(log_dir):
     """Load the run in `log_dir`.
 
     Raises FileNotFoundError when `log_dir` is missing or holds no run, and
-    ValueError when its files are corrupted. A torn last line of a JSON Lines
-    file (a crash mid-write) is ignored.
+    ValueError (naming the file) when its files are corrupted. A torn last line of a
+    JSON Lines file (a crash mid-write) is ignored.
     """
     log_dir = os.fspath(log_dir)
     if not os.path.isdir(log_dir):
         raise FileNotFoundError(f"log dir {log_dir!r} does not exist")
     summary_path = os.path.join(log_dir, "insight.json")
     steps_path = os.path.join(log_dir, "steps.jsonl")
+    probes_path = os.path.join(log_dir, "probes.jsonl")
     if not os.path.exists(summary_path) and not os.path.exists(steps_path):
         raise FileNotFoundError(
             f"{log_dir!r} holds no optinsight run (no insight.json or steps.jsonl)")
     summary = read_json(summary_path) if os.path.exists(summary_path) else {}
-    steps = pd.DataFrame([_step_row(r) for r in read_jsonl(steps_path)])
+    if not isinstance(summary, dict):
+        raise ValueError(f"{summary_path} is not an optinsight summary (a JSON object)")
+    steps = pd.DataFrame([_step_row(r, steps_path, i)
+                          for i, r in enumerate(read_jsonl(steps_path))])
     if not steps.empty:
-        steps = steps.fillna(np.nan).infer_objects()
-    epoch_wise = summary.get("epoch_wise", {})
-    epochs = pd.DataFrame(epoch_wise)
-    epochs.insert(0, "epoch", range(len(epochs)))
-    probe_rows = []
-    for record in read_jsonl(os.path.join(log_dir, "probes.jsonl")):
-        row = {"step": record["step"], "epoch": record["epoch"], "probe": record["probe"]}
-        row.update(record.get("values", {}))
-        if "arrays" in record:
-            row["arrays"] = record["arrays"]
-        probe_rows.append(row)
-    return Run(steps=steps, epochs=epochs.astype({c: float for c in epoch_wise}),
-               summary=summary, probes=pd.DataFrame(probe_rows), log_dir=log_dir)
+        steps = steps.astype(float).astype({k: int for k in ("step", "epoch", "batch")})
+    probes = pd.DataFrame([_probe_row(r, probes_path, i)
+                           for i, r in enumerate(read_jsonl(probes_path))])
+    return Run(steps=steps, epochs=_epoch_frame(summary, summary_path), summary=summary,
+               probes=probes, log_dir=log_dir)
