@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 
 import keras
 import numpy as np
@@ -169,10 +170,11 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._probe_history = {}
         self._writers = {}
         self._started = False
+        self._root = self.log_dir
 
     # ----------------------------------------------------------------- paths
     def _path(self, *parts):
-        return os.path.join(self.log_dir, *parts)
+        return os.path.join(self._root, *parts)
 
     def _writer(self, name):
         if name not in self._writers:
@@ -192,11 +194,16 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             raise ValueError(f"model {model.name!r} has no trainable variables; "
                              "there is no optimization to record")
         if self._tracker is None:  # a further fit() with this callback continues the run
-            prepare_log_dir(self.log_dir)
+            # Only the chief writes into log_dir; other workers of a multi-worker
+            # strategy write to a scratch dir (they still take part in every step).
+            chief = getattr(model.distribute_strategy.extended, "should_checkpoint", True)
+            self._root = prepare_log_dir(self.log_dir) if chief else tempfile.mkdtemp(
+                prefix="optinsight-worker-")
             self._tracker = DynamicsTracker(
                 model.trainable_variables, self.thresholds, self.ema_decay,
                 self.histogram_freq, self.histogram_bins,
-                buffer_size=int(getattr(model, "steps_per_execution", 1) or 1))
+                buffer_size=int(getattr(model, "steps_per_execution", 1) or 1),
+                strategy=model.distribute_strategy)
             if self.resume:
                 self._restore()
             elif os.path.exists(self._path("steps.jsonl")):
@@ -339,7 +346,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             self._print_new_findings()
 
     def _print_new_findings(self):
-        for finding in diagnose(self.log_dir):
+        for finding in diagnose(self._root):
             key = (finding.code, finding.layer)
             if finding.severity != "info" and key not in self._reported:
                 self._reported.add(key)

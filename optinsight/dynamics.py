@@ -11,6 +11,7 @@ variable and for the whole model. Nothing of size O(parameters) leaves the devic
 per step, and memory is constant in the number of steps.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -178,11 +179,14 @@ class DynamicsTracker(tf.Module):
             steps_per_execution, so that no step is overwritten before it is read).
         jit_compile: compile the elementwise reductions with XLA (fuses the
             O(parameters) passes into a few kernels).
+        strategy: the tf.distribute strategy the model trains under (None: the
+            default). State is then mirrored and written by the first replica, from
+            the cross-replica sum of the gradients (what the optimizer applies).
     """
 
     def __init__(self, variables, thresholds=(1e-7, 1e-5), ema_decay=0.9,
                  histogram_freq=0, histogram_bins=1000, buffer_size=1,
-                 jit_compile=True):
+                 jit_compile=True, strategy=None):
         super().__init__(name="dynamics_tracker")
         self.names = tuple(getattr(v, "path", None) or v.name for v in variables)
         self.sizes = tuple(int(np.prod(v.shape)) for v in variables)
@@ -198,19 +202,22 @@ class DynamicsTracker(tf.Module):
         n_stats = len(GLOBAL_STATS) + families * len(self.thresholds) * len(BAND_STATS)
 
         def state(name, shape, dtype=tf.float32):
-            return tf.Variable(tf.zeros(shape, dtype), trainable=False, name=name)
+            with strategy.scope() if strategy is not None else contextlib.nullcontext():
+                return tf.Variable(
+                    tf.zeros(shape, dtype), trainable=False, name=name,
+                    synchronization=tf.VariableSynchronization.ON_WRITE,
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
         self.prev_grad = state("prev_grad", [n_params])
         self.ema_grad = state("ema_grad", [n_params if self.ema_decay is not None else 0])
         self.ema_weight_offset = state(  # ŵ - w, see _step_statistics
             "ema_weight_offset", [n_params if self.ema_decay is not None else 0])
         self.step = state("step", [], tf.int64)
-        self.has_prev = tf.Variable(False, trainable=False, name="has_prev")
+        self.has_prev = state("has_prev", [], tf.bool)
         self.stats = state("stats", [self.buffer_size, n_vars, n_stats], tf.float64)
         self.row_step = state("row_step", [self.buffer_size], tf.int64)
         self.row_loss = state("row_loss", [self.buffer_size], tf.float64)
-        self.row_has_prev = tf.Variable(
-            tf.zeros([self.buffer_size], tf.bool), trainable=False, name="row_has_prev")
+        self.row_has_prev = state("row_has_prev", [self.buffer_size], tf.bool)
         bins = max(self.histogram_bins, 1)
         self.hist_counts = state("hist_counts", [2, n_vars, bins], tf.int32)
         self.hist_ranges = state("hist_ranges", [2, n_vars, 2], tf.float64)
@@ -246,31 +253,39 @@ class DynamicsTracker(tf.Module):
         """
         g = _flatten([tf.zeros(v.shape) if gr is None else tf.convert_to_tensor(gr)
                       for gr, v in zip(grads, self._variables)])
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            # Each replica holds its shard's gradient of loss / replicas; the optimizer
+            # applies their sum, and the batch loss is the replicas' mean.
+            g = replica.all_reduce(tf.distribute.ReduceOp.SUM, g)
+            loss = replica.all_reduce(tf.distribute.ReduceOp.MEAN, loss)
         w = self.read_weights()
         has_prev = self.has_prev.read_value()
         stats, new_ema_g, new_ema_w_offset = self._statistics(
             g, weights_before, w, self.prev_grad.read_value(),
             self.ema_grad.read_value(), self.ema_weight_offset.read_value(), has_prev)
-        step = self.step.assign_add(1)
+        step = self.step.read_value() + 1
+        self.step.assign(step)
         row = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)
-        self.stats[row].assign(stats)
-        self.row_step[row].assign(step)
-        self.row_loss[row].assign(tf.cast(loss, tf.float64))
-        self.row_has_prev[row].assign(has_prev)
+        for buffer, value in ((self.stats, stats), (self.row_step, step),
+                              (self.row_loss, tf.cast(loss, tf.float64)),
+                              (self.row_has_prev, has_prev)):
+            buffer.assign(tf.tensor_scatter_nd_update(buffer, [[row]], [value]))
         self.prev_grad.assign(g)
         self.ema_grad.assign(new_ema_g)
         self.ema_weight_offset.assign(new_ema_w_offset)
         self.has_prev.assign(True)
         if self.histogram_freq > 0:
-            def record_histograms():
-                counts, ranges = self._histograms(g, w)
-                self.hist_counts.assign(counts)
-                self.hist_ranges.assign(ranges)
-                self.hist_step.assign(step)
-                return tf.constant(True)
-
-            tf.cond(tf.equal(tf.math.floormod(step, self.histogram_freq), 0),
-                    record_histograms, lambda: tf.constant(False))
+            # Computed only on histogram steps; assigned outside the branch, since an
+            # assignment to mirrored state may not sit inside control flow.
+            counts, ranges, hist_step = tf.cond(
+                tf.equal(tf.math.floormod(step, self.histogram_freq), 0),
+                lambda: (*self._histograms(g, w), step),
+                lambda: (self.hist_counts.read_value(), self.hist_ranges.read_value(),
+                         self.hist_step.read_value()))
+            self.hist_counts.assign(counts)
+            self.hist_ranges.assign(ranges)
+            self.hist_step.assign(hist_step)
 
     def read_rows(self, after_step):
         """Rows recorded after `after_step`: list of (step, loss, has_prev, stats)."""

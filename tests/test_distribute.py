@@ -1,0 +1,62 @@
+"""tf.distribute: MirroredStrategy over two logical CPU devices records the same
+metrics as one device on the same global batches (run in a fresh process, since
+logical devices must be set before TensorFlow starts)."""
+
+import subprocess
+import sys
+
+import numpy as np
+
+import optinsight as oi
+
+SCRIPT = """
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+import optinsight as oi
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(128, 6)).astype("float32")
+x[:, 0] *= 1e-6
+y = keras.utils.to_categorical(rng.integers(0, 3, 128), 3)
+
+def build():
+    keras.utils.set_random_seed(0)
+    x_in = keras.Input((6,))
+    dead_two = keras.initializers.Constant([-3.0] * 2 + [0.1] * 6)
+    h = keras.layers.Dense(8, activation="relu", name="h", bias_initializer=dead_two)(x_in)
+    model = keras.Model(x_in, keras.layers.Dense(3, activation="softmax", name="out")(h))
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss="categorical_crossentropy")
+    return model
+
+def fit(model, log_dir):
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+              callbacks=[oi.OptimizationInsightCallback(log_dir, histogram_freq=4)])
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+assert strategy.num_replicas_in_sync == 2
+with strategy.scope():
+    mirrored = build()
+fit(mirrored, sys.argv[1] + "/mirrored")
+fit(build(), sys.argv[1] + "/single")
+print("ok")
+"""
+
+
+def test_mirrored_strategy_matches_one_device(tmp_path):
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    mirrored, single = oi.read_log(tmp_path / "mirrored"), oi.read_log(tmp_path / "single")
+    assert mirrored.steps["step"].tolist() == list(range(1, 17))
+    numeric = [c for c in single.steps.columns if c not in ("step", "epoch", "batch")]
+    assert len(numeric) > 100
+    np.testing.assert_allclose(mirrored.steps[numeric].to_numpy(float),
+                               single.steps[numeric].to_numpy(float),
+                               rtol=1e-4, atol=1e-6, equal_nan=True)
+    assert mirrored.steps["no_zero_e7_grad_retained"].iloc[1:].sum() > 0
+    assert (tmp_path / "mirrored" / "histograms.jsonl").exists()
