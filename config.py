@@ -41,6 +41,9 @@ class DataConfig:
             _positive_int("limit", self.limit)
 
 
+STRATEGIES = ("none", "mirrored", "multiworker")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How to train: epochs, learning rate, seed, logs and checkpoints."""
@@ -51,9 +54,12 @@ class TrainConfig:
     log_dir: str | None = None
     resume: bool = False
     checkpoint_every: int = 1
+    strategy: str = "none"  # tf.distribute: none, mirrored (local devices), multiworker
 
     def __post_init__(self):
         _positive_int("epochs", self.epochs)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if not (isinstance(self.lr, float) and 0 < self.lr < float("inf")):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -160,6 +166,9 @@ def build_parser():
     p.add_argument("--log-dir", default=None, help="default: runs/<dataset>-<timestamp>")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --log-dir from its last checkpoint")
+    p.add_argument("--strategy", default=t.strategy,
+                   help=f"tf.distribute strategy, one of {STRATEGIES} (multiworker reads "
+                   "TF_CONFIG; only the chief writes logs)")
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every,
                    help="epochs between checkpoints (0: none)")
     p.add_argument("--thresholds", type=_number_list, default=i.thresholds,
@@ -181,7 +190,8 @@ def parse_args(argv=None):
     a = build_parser().parse_args(argv)
     return Config(
         data=DataConfig(a.dataset, a.data_dir, a.batch_size, a.validation_split, a.limit),
-        train=TrainConfig(a.epochs, a.lr, a.seed, a.log_dir, a.resume, a.checkpoint_every),
+        train=TrainConfig(a.epochs, a.lr, a.seed, a.log_dir, a.resume, a.checkpoint_every,
+                          a.strategy),
         insight=InsightConfig(a.thresholds, a.ema_decay, a.histogram_freq, a.histogram_bins,
                               a.sign_map_freq, a.update_freq, a.probes, a.probe_examples),
     )

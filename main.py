@@ -54,6 +54,17 @@ def build_probes(every="epoch"):
     ]
 
 
+def distribution_strategy(name):
+    """The tf.distribute strategy for --strategy (the default one for "none")."""
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
 def probe_batch(dataset, n):
     """The first n examples of a batched (x, y) dataset, as numpy arrays."""
     x, y = next(iter(dataset.unbatch().batch(n)))
@@ -75,12 +86,13 @@ def run(config):
     log_dir = config.train.run_dir(config.data.dataset)
     print(f"{config.data.dataset}: {len(x_train)} examples of shape {x_train.shape[1:]}, "
           f"logging to {log_dir}")
-    model = build_model(x_train.shape[1:])
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.train.lr),
-        loss="categorical_crossentropy",
-        metrics=["accuracy", keras.metrics.F1Score(average="macro", name="macro_f1")],
-    )
+    with distribution_strategy(config.train.strategy).scope():
+        model = build_model(x_train.shape[1:])
+        model.compile(
+            optimizer=keras.optimizers.Adam(config.train.lr),
+            loss="categorical_crossentropy",
+            metrics=["accuracy", keras.metrics.F1Score(average="macro", name="macro_f1")],
+        )
     probe_kwargs = {}
     if config.insight.probes:
         probe_kwargs = {"probes": build_probes(),

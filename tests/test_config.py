@@ -21,7 +21,7 @@ def test_flags(tmp_path):
                     "--checkpoint-every", "2", "--thresholds", "1e-6,1e-4", "--ema-decay", "none",
                     "--sign-map-freq", "50", "--update-freq", "epoch", "--limit", "100"])
     assert c.data == DataConfig("fashion-mnist", str(tmp_path), 64, 0.1, 100)
-    assert c.train == TrainConfig(3, 0.01, 0, "x", True, 2)
+    assert c.train == TrainConfig(3, 0.01, 0, "x", True, 2, "none")
     assert c.insight.thresholds == (1e-6, 1e-4) and c.insight.ema_decay is None
     assert c.insight.sign_map_freq == 50 and c.insight.update_freq == "epoch"
 
@@ -44,6 +44,7 @@ def test_flags(tmp_path):
     (["--resume"], "--resume needs --log-dir"),
     (["--checkpoint-every", "-1"], "checkpoint_every"),
     (["--limit", "0"], "limit must be a positive integer"),
+    (["--strategy", "tpu"], "strategy must be one of"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_bad_values_name_what_was_received(argv, match):

@@ -42,7 +42,7 @@ def test_trains_and_writes_every_promised_log(cifar_dir, tmp_path, capsys):
     assert not [p for p in probes if "error" in p]
     assert {p["step"] for p in probes if p["probe"] == "hessian"} == {0, 3}
 
-    assert main.main(argv[:5] + ["2"] + argv[6:] + ["--resume"]) == 0
+    assert main.main(argv[:5] + ["2"] + argv[6:] + ["--resume", "--strategy", "mirrored"]) == 0
     assert [s["step"] for s in read_jsonl(log_dir / "steps.jsonl")] == [1, 2, 3, 4, 5, 6]
     assert [s["epoch"] for s in read_jsonl(log_dir / "steps.jsonl")] == [0, 0, 0, 1, 1, 1]
 
