@@ -11,22 +11,21 @@ Prints and writes to benchmarks/results/hessian.json:
 """
 
 import argparse
-import json
 import os
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from common import write_results  # noqa: E402
 
 from main import build_model  # noqa: E402
 from optinsight.probes import hessian  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hessian.json")
 
 
 def timed(fn, *args, **kwargs):
@@ -99,10 +98,7 @@ def main():
                       ("trace_100_s", lambda: hessian.trace(model, x, y, samples=100))):
         results[label] = timed(fn)[1]
         print(f"{label}: {results[label]:.1f} s", flush=True)
-    results["machine"] = {"cpus": os.cpu_count(), "tensorflow": tf.__version__}
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        json.dump(results, f, indent=2)
+    write_results("hessian", results)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,17 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from common import write_results  # noqa: E402
 
 from main import build_model  # noqa: E402
 from optinsight.probes import ntk  # noqa: E402
 
 N = 256
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ntk.json")
 
 
 def model_and_data(kind):
@@ -44,7 +45,8 @@ def model_and_data(kind):
     return keras.Model(x_in, keras.layers.Dense(10)(h)), rng.random((N, 784), dtype=np.float32)
 
 
-def loop_kernel(model, x):
+def example_gradient(model):
+    """A compiled f(x_i) -> flat gradient of the summed logits of one example."""
     variables = model.trainable_variables
 
     @tf.function
@@ -53,6 +55,11 @@ def loop_kernel(model, x):
             out = tf.reduce_sum(ntk.logits(model, xi))
         return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(out, variables)], 0)
 
+    return gradient
+
+
+def loop_kernel(model, x):
+    gradient = example_gradient(model)
     rows = [gradient(x[i:i + 1]).numpy() for i in range(len(x))]
     J = np.array(rows, dtype=np.float64)
     return J @ J.T
@@ -60,14 +67,7 @@ def loop_kernel(model, x):
 
 def pair_loop_seconds(model, x, pairs=200):
     """Seconds the per-pair loop would take for all n(n+1)/2 pairs, from `pairs` of them."""
-    variables = model.trainable_variables
-
-    @tf.function
-    def gradient(xi):
-        with tf.GradientTape() as tape:
-            out = tf.reduce_sum(ntk.logits(model, xi))
-        return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(out, variables)], 0)
-
+    gradient = example_gradient(model)
     gradient(x[:1])
     rng = np.random.default_rng(0)
     start = time.perf_counter()
@@ -116,10 +116,7 @@ def main():
               f"loop {t_slow:.2f} s, {r['speedup_vs_example_loop']:.1f}x; peak memory "
               f"{r['peak_mib_chunk_none']:.0f} MiB unchunked, "
               f"{r['peak_mib_chunk_32']:.0f} MiB with chunk_size=32", flush=True)
-    results["machine"] = {"cpus": os.cpu_count(), "tensorflow": tf.__version__}
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        json.dump(results, f, indent=2)
+    write_results("ntk", results)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ steps of the MLP. Prints the figures and writes benchmarks/results/overhead.json
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -18,15 +17,16 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from common import write_results  # noqa: E402
 
 import optinsight as oi  # noqa: E402
 from main import build_model  # noqa: E402
 
 TARGETS = {"cnn": 1.10, "mlp": 1.25}
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "overhead.json")
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -120,10 +120,7 @@ def main():
         print(f"memory: {m['rss_mib_after_100_steps']:.0f} MiB after 100 steps, "
               f"{m['rss_mib_after_1000_steps']:.0f} MiB after 1000: growth "
               f"{100 * m['growth']:.1f} % (target < 5 %)")
-    results["machine"] = {"cpus": os.cpu_count(), "keras": keras.__version__}
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        json.dump(results, f, indent=2)
+    write_results("overhead", results)
 
 
 if __name__ == "__main__":

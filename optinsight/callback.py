@@ -24,6 +24,7 @@ from optinsight.dynamics import (
     metric_table,
     table_row_dict,
 )
+from optinsight.logs.background import BackgroundWriter
 from optinsight.logs.jsonlog import JsonlWriter, plain, read_json, truncate_jsonl, write_json_atomic
 from optinsight.logs.tensorboard import TensorBoardWriter
 from optinsight.model import InsightModel, insight_train_step
@@ -212,6 +213,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                     "continue it, or choose another log_dir")
             if self.verbose:
                 print(f"optinsight: logging to {self.log_dir}", file=sys.stderr)
+        self._background = BackgroundWriter()
         self._install(model)
         if self._step == 0 and not self._started:
             self._epoch = 0
@@ -236,6 +238,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._uninstall(self.model)
+        self._background.close()
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
@@ -248,8 +251,10 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         rows = self._tracker.read_rows(self._step)
         for offset, (step, loss, has_prev, stats) in enumerate(rows):
-            self._record_step(step, batch - (len(rows) - 1 - offset), loss, has_prev, stats)
-        if self.histogram_freq:
+            self._step = step
+            self._background.submit(self._write_step, step, self._epoch,
+                                    batch - (len(rows) - 1 - offset), loss, has_prev, stats)
+        if self.histogram_freq and any(row[0] % self.histogram_freq == 0 for row in rows):
             self._record_histograms()
         if isinstance(self.sign_map_freq, int) and self.sign_map_freq \
                 and self._step % self.sign_map_freq == 0:
@@ -258,16 +263,17 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             if probe.every != "epoch" and probe.every and self._step % probe.every == 0:
                 self._run_probe(probe)
 
-    def _record_step(self, step, batch, loss, has_prev, stats):
+    def _write_step(self, step, epoch, batch, loss, has_prev, stats):
+        """Metrics of one step to steps.jsonl, the epoch's history and TensorBoard
+        (on the writer thread, overlapping the next training step)."""
         names = self._tracker.names
         table = metric_table(stats, has_prev, self.thresholds, self.ema_decay)
         model_metrics = table_row_dict(table[-1], self._keys, self._counts)
         model_metrics["train_loss"] = loss
         layers = {name: table_row_dict(table[r], self._keys, self._counts)
                   for r, name in enumerate(names)}
-        self._step = step
         self._writer("steps.jsonl").write({
-            "step": step, "epoch": self._epoch, "batch": batch,
+            "step": step, "epoch": epoch, "batch": batch,
             "model": model_metrics, "layers": layers})
         self._epoch_rows.append((table, loss))
         if self.tensorboard and self.update_freq != "epoch" and step % self.update_freq == 0:
@@ -315,6 +321,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
 
     # ---------------------------------------------------------------- epochs
     def on_epoch_end(self, epoch, logs=None):
+        self._background.flush()
         logs = logs or {}
         n_vars, n_keys = len(self._tracker.names), len(self._keys)
         tables = np.array([t for t, _ in self._epoch_rows]).reshape(-1, n_vars + 1, n_keys)

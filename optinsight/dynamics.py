@@ -237,6 +237,10 @@ class DynamicsTracker(tf.Module):
             return tf.stack([gc, wc]), tf.stack([gr, wr])
 
         self._statistics = tf.function(statistics, jit_compile=jit_compile)
+        # One call for the four row buffers: each separate read costs a dispatch.
+        self._snapshot = tf.function(lambda: (
+            self.row_step.read_value(), self.row_loss.read_value(),
+            self.row_has_prev.read_value(), self.stats.read_value()))
         self._histograms = tf.function(histograms, jit_compile=jit_compile)
 
     def read_weights(self):
@@ -289,12 +293,8 @@ class DynamicsTracker(tf.Module):
 
     def read_rows(self, after_step):
         """Rows recorded after `after_step`: list of (step, loss, has_prev, stats)."""
-        steps = self.row_step.numpy()
+        steps, losses, has_prev, stats = (t.numpy() for t in self._snapshot())
         order = [i for i in np.argsort(steps) if steps[i] > after_step]
-        if not order:
-            return []
-        stats, losses, has_prev = (self.stats.numpy(), self.row_loss.numpy(),
-                                   self.row_has_prev.numpy())
         return [(int(steps[i]), float(losses[i]), bool(has_prev[i]), stats[i])
                 for i in order]
 
