@@ -60,3 +60,25 @@ def test_mirrored_strategy_matches_one_device(tmp_path):
                                rtol=1e-4, atol=1e-6, equal_nan=True)
     assert mirrored.steps["no_zero_e7_grad_retained"].iloc[1:].sum() > 0
     assert (tmp_path / "mirrored" / "histograms.jsonl").exists()
+
+
+def test_a_non_chief_worker_writes_nothing_into_log_dir(tmp_path, monkeypatch):
+    """Under a multi-worker strategy only the chief writes (workers whose strategy
+    says should_checkpoint=False write to a scratch dir). Keras 3's fit does not run
+    under MultiWorkerMirroredStrategy (keras-team/keras#20585), so the worker role is
+    set on the default strategy here."""
+    import keras
+    import tensorflow as tf
+
+    extended = type(tf.distribute.get_strategy().extended)
+    monkeypatch.setattr(extended, "should_checkpoint", property(lambda self: False),
+                        raising=False)
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(32) % 3, 3)
+    x_in = keras.Input((6,))
+    model = keras.Model(x_in, keras.layers.Dense(3, activation="softmax")(x_in))
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+                        callbacks=[oi.OptimizationInsightCallback(tmp_path / "run")])
+    assert len(history.history["loss"]) == 2
+    assert not (tmp_path / "run").exists()
