@@ -200,17 +200,21 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             chief = getattr(model.distribute_strategy.extended, "should_checkpoint", True)
             self._root = prepare_log_dir(self.log_dir) if chief else tempfile.mkdtemp(
                 prefix="optinsight-worker-")
+            if not self.resume and os.path.exists(self._path("steps.jsonl")):
+                raise ValueError(
+                    f"log_dir {self.log_dir!r} already holds a run; pass resume=True to "
+                    "continue it, or choose another log_dir")
             self._tracker = DynamicsTracker(
                 model.trainable_variables, self.thresholds, self.ema_decay,
                 self.histogram_freq, self.histogram_bins,
                 buffer_size=int(getattr(model, "steps_per_execution", 1) or 1),
                 strategy=model.distribute_strategy)
             if self.resume:
-                self._restore()
-            elif os.path.exists(self._path("steps.jsonl")):
-                raise ValueError(
-                    f"log_dir {self.log_dir!r} already holds a run; pass resume=True to "
-                    "continue it, or choose another log_dir")
+                try:
+                    self._restore()
+                except Exception:
+                    self._tracker = None  # nothing half-restored for a retry
+                    raise
             if self.verbose:
                 print(f"optinsight: logging to {self.log_dir}", file=sys.stderr)
         self._background = BackgroundWriter()
