@@ -149,16 +149,17 @@ def sign_map(run, zoom=200):
     if not maps:
         raise MissingData("no gradient sign maps (signs/*.npz; sign_map_freq=0?)")
     names = list(maps[-1][1])
+    labels = [label.split("_")[0] + "_" + str(int(label.split("_")[1])) for label, _, _ in maps]
     fig, axes = plt.subplots(len(names), 2, figsize=(12, 1.1 + 1.0 * len(names)),
                              squeeze=False, gridspec_kw={"width_ratios": [3, 1]})
     for row, name in zip(axes, names):
         codes = np.array([m[1][name] for m in maps if name in m[1]])
         image = codes + 1  # -1, 0, 1, 2 -> 0..3 for the colour map
+        ticks = sorted({0, len(codes) - 1})
         for ax, part in ((row[0], image), (row[1], image[:, :zoom])):
             ax.imshow(part, aspect="auto", cmap=_SIGN_CMAP, vmin=0, vmax=3,
                       interpolation="nearest")
-            ax.set_yticks([0, len(codes) - 1] if len(codes) > 1 else [0])
-            ax.set_ylabel("map", fontsize=7)
+            ax.set_yticks(ticks, [labels[t].replace("_", " ") for t in ticks])
             ax.tick_params(labelsize=7)
         row[0].set_title(f"{name} ({codes.shape[1]} entries)", fontsize=8, loc="left")
         row[1].set_title(f"first {min(zoom, codes.shape[1])}", fontsize=8, loc="left")
@@ -173,8 +174,13 @@ def gradient_histograms(run, kind="gradients"):
     if not histograms:
         raise MissingData("no gradient histograms (histograms.jsonl; histogram_freq=0?)")
     names = [n for n in _kernels(run) if n in histograms[-1][kind]]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    names = [n for n in names if n.endswith("kernel")] or names
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
         steps = [h["step"] for h in histograms]
         for i, h in enumerate(histograms):
             lo, hi = h[kind][name]["range"]
@@ -185,8 +191,9 @@ def gradient_histograms(run, kind="gradients"):
         ax.set(title=name, xlabel=kind[:-1] + " value", yscale="log")
         ax.title.set_fontsize(8)
         ax.tick_params(labelsize=7)
-    axes[0][0].set_ylabel("fraction of entries")
-    fig.suptitle(f"{kind.capitalize()} histograms, steps {steps[0]}…{steps[-1]} "
+    for row in axes:
+        row[0].set_ylabel("fraction of entries", fontsize=8)
+    fig.suptitle(f"{kind.capitalize()} histograms of the kernels, steps {steps[0]}…{steps[-1]} "
                  "(dark early, yellow late)", fontsize=9)
     fig.tight_layout()
     return fig
