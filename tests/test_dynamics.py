@@ -263,6 +263,29 @@ def test_tensorboard_tags_read_back(run):
     assert buckets[0, 0] == pytest.approx(logged["gradients"][run["names"][0]]["range"][0])
 
 
+def test_tensorboard_sign_map_images(run):
+    """Read with TensorBoard's own loader: a PNG per variable, coloured by sign code."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from optinsight.signs import SIGN_COLOURS, sign_map_image
+
+    events = EventAccumulator(str(run["log_dir"] / "tensorboard" / "train"),
+                              size_guidance={"tensors": 0})
+    events.Reload()
+    name = run["names"][0]
+    (event,) = events.Tensors(f"signs/{name}")
+    assert events.SummaryMetadata(f"signs/{name}").plugin_data.plugin_name == "images"
+    width, height, png = event.tensor_proto.string_val
+    image = np.asarray(Image.open(io.BytesIO(png)))
+    codes = sign_codes(np.ravel(run["grads"][-1][0]))
+    np.testing.assert_array_equal(image, sign_map_image(codes))
+    assert (int(width), int(height)) == (image.shape[1], image.shape[0])
+    assert tuple(image.reshape(-1, 3)[0]) == SIGN_COLOURS[int(codes[0])]
+
+
 def test_tracker_counts_nonfinite_and_ignores_them():
     """Crafted gradients with NaN/Inf and values on the band edges, straight to the tracker."""
     w = tf.Variable(tf.zeros([6]))
