@@ -172,6 +172,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._writers = {}
         self._started = False
         self._root = self.log_dir
+        self._histogram_step = 0  # the last histogram step written
 
     # ----------------------------------------------------------------- paths
     def _path(self, *parts):
@@ -295,7 +296,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
 
     def _record_histograms(self):
         step, histograms = self._tracker.read_histograms()
-        if step <= getattr(self, "_histogram_step", 0) or step == 0:
+        if step <= self._histogram_step:
             return
         self._histogram_step = step
         record = {"step": step, "epoch": self._epoch}
@@ -311,9 +312,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
 
     def _record_sign_map(self, label):
         gradients = self._tracker.last_gradients(self.sign_map_max_params or None)
-        codes = {name: sign_codes(g) for name, g in gradients.items()}
-        strides = {name: math.ceil(size / len(codes[name])) if len(codes[name]) else 1
-                   for name, size in zip(self._tracker.names, self._tracker.sizes)}
+        codes = {name: sign_codes(g) for name, (g, _) in gradients.items()}
+        strides = {name: stride for name, (_, stride) in gradients.items()}
         os.makedirs(self._path("signs"), exist_ok=True)
         path = self._path("signs", f"{label}.npz")
         meta = json.dumps({"step": self._step, "epoch": self._epoch, "strides": strides})

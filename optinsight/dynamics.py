@@ -305,12 +305,13 @@ class DynamicsTracker(tf.Module):
             "gradients": (counts[0], ranges[0]), "weights": (counts[1], ranges[1])}
 
     def last_gradients(self, max_params=None):
-        """Last step's gradient per variable as numpy, strided to <= max_params each."""
+        """Last step's gradient per variable, strided to <= max_params entries each:
+        {name: (numpy values, stride)}."""
         out = {}
         offset = 0
         for name, size in zip(self.names, self.sizes):
             stride = 1 if not max_params else max(1, math.ceil(size / max_params))
-            out[name] = self.prev_grad[offset:offset + size:stride].numpy()
+            out[name] = (self.prev_grad[offset:offset + size:stride].numpy(), stride)
             offset += size
         return out
 

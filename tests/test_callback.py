@@ -223,3 +223,19 @@ def test_a_failing_probe_is_reported_not_fatal(tmp_path, capsys):
     assert [r["step"] for r in records] == [0, 1, 2]
     assert records[0]["error"] == "ArithmeticError: no luck"
     assert len(read_jsonl(tmp_path / "steps.jsonl")) == 2
+
+
+def test_sign_maps_are_capped_by_a_fixed_stride(tmp_path):
+    x, y = tiny_data(n=32)
+    model = compiled(tiny_relu_model())
+    cb = oi.OptimizationInsightCallback(tmp_path, sign_map_freq=2, sign_map_max_params=5)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    assert sorted(os.listdir(tmp_path / "signs")) == ["epoch_0000.npz", "step_00000002.npz"]
+    with np.load(tmp_path / "signs" / "epoch_0000.npz") as maps:
+        meta = json.loads(str(maps["_meta"]))
+        for v in model.trainable_variables:
+            size = int(np.prod(v.shape))
+            stride = -(-size // 5)
+            assert meta["strides"][v.path] == stride
+            assert len(maps[v.path]) == len(range(0, size, stride)) <= 5
+            assert set(np.unique(maps[v.path])) <= {-1, 0, 1, 2}
