@@ -278,3 +278,20 @@ def test_probes_in_the_callback(mlp, tmp_path):
     assert summary["neural_collapse"]["step"] == [0, 3]
     ntk = run.probes[run.probes.probe == "ntk"]
     assert ntk["kernel_change"].iloc[0] == 0.0 and ntk["kernel_change"].iloc[-1] > 0
+
+
+def test_collapse_metrics_with_more_features_than_examples():
+    """d > n (a Flatten of conv maps): the SVD route equals the dense pinv formula."""
+    from optinsight.probes.collapse import collapse_metrics
+
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(4), 6)
+    features = rng.normal(size=(24, 300)) + rng.normal(size=(4, 300))[labels] * 3
+    w = rng.normal(size=(4, 300))
+    nc = collapse_metrics(features, labels, w, labels)
+    mu = np.array([features[labels == c].mean(0) for c in range(4)])
+    within = features - mu[labels]
+    sw = within.T @ within / len(features)
+    sb = (mu - features.mean(0)).T @ (mu - features.mean(0)) / 4
+    assert nc["nc1"] == pytest.approx(np.trace(sw @ np.linalg.pinv(sb)) / 4, rel=1e-6)
+    assert nc["nc4"] == pytest.approx(0.0)

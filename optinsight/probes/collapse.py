@@ -33,6 +33,20 @@ def _penultimate_features(model, x, classifier):
     return np.asarray(extractor.predict(np.asarray(x), verbose=0), np.float64).reshape(len(x), -1)
 
 
+def _within_over_between(within, centred):
+    """tr(Σ_W Σ_B⁺) / C without forming d×d matrices (d can be tens of thousands).
+
+    Σ_B = MᵀM / C for the centred means M [C, d] = U S Vᵀ, so Σ_B⁺ = C·V S⁻² Vᵀ and
+    tr(Σ_W Σ_B⁺) = C Σ_k v_kᵀ Σ_W v_k / s_k², with v_kᵀ Σ_W v_k the mean over examples
+    of ((h_i − μ_{y_i})·v_k)². Singular values below 3e-8 of the largest are dropped,
+    as numpy's pinv does for Σ_B (eigenvalues below 1e-15 of the largest).
+    """
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    keep = s > 3e-8 * s.max() if s.size and s.max() > 0 else np.zeros_like(s, bool)
+    spread = ((within @ vt[keep].T) ** 2).mean(axis=0)
+    return float(np.sum(spread / s[keep] ** 2))  # C·Σ_k … / C
+
+
 def collapse_metrics(features, labels, classifier_weights, predictions):
     """The NC quantities from features [n, d], int labels [n], classifier [C, d] and
     the model's predicted classes [n]."""
@@ -42,20 +56,18 @@ def collapse_metrics(features, labels, classifier_weights, predictions):
     global_mean = features.mean(axis=0)
     means = np.array([features[labels == c].mean(axis=0) for c in classes])
     centred = means - global_mean
-    within = np.zeros((features.shape[1], features.shape[1]))
-    for c, mu in zip(classes, means):
-        diff = features[labels == c] - mu
-        within += diff.T @ diff
-    within /= len(features)
-    between = centred.T @ centred / len(classes)
+    within = features - means[np.searchsorted(classes, labels)]  # h_i − μ_{y_i}
+    nc1 = _within_over_between(within, centred)
     norms = np.linalg.norm(centred, axis=1)
     unit = centred / np.where(norms > 0, norms, 1)[:, None]
     cosines = unit @ unit.T
     off = ~np.eye(len(classes), dtype=bool)
     w = np.asarray(classifier_weights, np.float64)[classes]
-    nearest = classes[np.argmin(((features[:, None, :] - means[None]) ** 2).sum(-1), axis=1)]
+    # squared distances to the class means, ‖h‖² − 2h·μ + ‖μ‖², without an [n, C, d] array
+    distances = (features ** 2).sum(1)[:, None] - 2 * features @ means.T + (means ** 2).sum(1)
+    nearest = classes[np.argmin(distances, axis=1)]
     return {
-        "nc1": float(np.trace(within @ np.linalg.pinv(between)) / len(classes)),
+        "nc1": nc1,
         "nc2_equinorm": float(norms.std() / norms.mean()) if norms.mean() > 0 else np.nan,
         "nc2_equiangular": float(np.abs(cosines[off] + 1 / (len(classes) - 1)).mean()),
         "nc3": float(np.linalg.norm(w / np.linalg.norm(w) - centred / np.linalg.norm(centred))
