@@ -156,6 +156,21 @@ def _vanishing(run):
         "normalisation layers or residual connections")]
 
 
+_DEAD_ADVICE = ("Its units never activate: check the bias initialisation, lower the "
+                "learning rate, or use LeakyReLU/GELU")
+
+
+def _latest(run, suffix):
+    """(name, latest value, its step) of each probe quantity `<name><suffix>`."""
+    if run.probes.empty:
+        return
+    for column in [c for c in run.probes.columns if c.endswith(suffix)]:
+        values = run.probes[column].dropna()
+        if len(values):
+            yield (column[: -len(suffix)], values.iloc[-1],
+                   int(run.probes.loc[values.index[-1], "step"]))
+
+
 def _dead(run):
     findings = []
     kernels, sizes = _kernels(run)
@@ -172,21 +187,13 @@ def _dead(run):
                 "dead_layer", "error", name, int(run.steps["step"].iloc[-1]),
                 f"{100 * fraction:.1f} % of its gradients are zero (|g| <= 1e-7) over "
                 "the last steps: the layer no longer learns, and the layers after it "
-                "get no signal through it",
-                "Its units never activate: check the bias initialisation, lower the "
-                "learning rate, or use LeakyReLU/GELU"))
-    if not run.probes.empty:
-        for column in [c for c in run.probes.columns if c.endswith("/zero_fraction")]:
-            values = run.probes[column].dropna()
-            if len(values) and values.iloc[-1] >= DEAD_FRACTION:
-                layer = column[: -len("/zero_fraction")]
-                if not any(f.layer and f.layer.startswith(layer) for f in findings):
-                    findings.append(Finding(
-                        "dead_layer", "error", layer,
-                        int(run.probes.loc[values.index[-1], "step"]),
-                        f"{100 * values.iloc[-1]:.1f} % of its outputs are exactly zero",
-                        "Its units never activate: check the bias initialisation, lower "
-                        "the learning rate, or use LeakyReLU/GELU"))
+                "get no signal through it", _DEAD_ADVICE))
+    for layer, fraction, step in _latest(run, "/zero_fraction"):
+        if fraction >= DEAD_FRACTION and not any(
+                f.layer and f.layer.startswith(layer) for f in findings):
+            findings.append(Finding(
+                "dead_layer", "error", layer, step,
+                f"{100 * fraction:.1f} % of its outputs are exactly zero", _DEAD_ADVICE))
     return findings
 
 
@@ -206,41 +213,26 @@ def _stalled(run):
     return findings
 
 
-def _probe_columns(run, suffix):
-    return [c for c in run.probes.columns if c.endswith(suffix)] if not run.probes.empty \
-        else []
-
-
 def _rank_collapse(run):
-    findings = []
-    for column in _probe_columns(run, "/near_zero_fraction"):
-        values = run.probes[column].dropna()
-        if len(values) and values.iloc[-1] >= RANK_COLLAPSE_FRACTION:
-            name = column[: -len("/near_zero_fraction")]
-            stable = run.probes[f"{name}/stable_rank"].dropna()
-            findings.append(Finding(
-                "rank_collapse", "warning", name,
-                int(run.probes.loc[values.index[-1], "step"]),
-                f"{100 * values.iloc[-1]:.0f} % of its singular directions are near zero "
-                f"(stable rank {stable.iloc[-1]:.3g})",
-                "The layer uses few dimensions: lower weight decay or the learning rate, "
-                "or check for a bottleneck"))
-    return findings
+    return [Finding(
+        "rank_collapse", "warning", name, step,
+        f"{100 * fraction:.0f} % of its singular directions are near zero (stable rank "
+        f"{run.probes[f'{name}/stable_rank'].dropna().iloc[-1]:.3g})",
+        "The layer uses few dimensions: lower weight decay or the learning rate, "
+        "or check for a bottleneck")
+        for name, fraction, step in _latest(run, "/near_zero_fraction")
+        if fraction >= RANK_COLLAPSE_FRACTION]
 
 
 def _saturation(run):
-    findings = []
-    for column in _probe_columns(run, "/saturated_fraction"):
-        values = run.probes[column].dropna()
-        if len(values) and values.iloc[-1] >= SATURATION_FRACTION:
-            findings.append(Finding(
-                "activation_saturation", "warning", column[: -len("/saturated_fraction")],
-                int(run.probes.loc[values.index[-1], "step"]),
-                f"{100 * values.iloc[-1]:.0f} % of its outputs sit in the flat tails of "
-                "its activation, where gradients vanish",
-                "Normalise its inputs (BatchNormalization), lower the initial weight scale, "
-                "or use a non-saturating activation"))
-    return findings
+    return [Finding(
+        "activation_saturation", "warning", layer, step,
+        f"{100 * fraction:.0f} % of its outputs sit in the flat tails of its activation, "
+        "where gradients vanish",
+        "Normalise its inputs (BatchNormalization), lower the initial weight scale, "
+        "or use a non-saturating activation")
+        for layer, fraction, step in _latest(run, "/saturated_fraction")
+        if fraction >= SATURATION_FRACTION]
 
 
 RULES = (_nonfinite, _learning_rate, _exploding, _vanishing, _dead, _stalled,
