@@ -18,7 +18,7 @@ layer's [C, d] classifier (its kernel transposed):
 import keras
 import numpy as np
 
-from optinsight.probes.common import layer_features
+from optinsight.probes.common import class_labels, layer_features
 
 
 def _last_dense(model):
@@ -80,9 +80,7 @@ def neural_collapse(model, x, y, layer=None):
     """{"nc1", "nc2_equinorm", "nc2_equiangular", "nc3", "nc4"} on (x, y); y integer
     labels or one-hot. `layer`: a layer name whose outputs are the features
     (default: the input of the last Dense layer)."""
-    labels = np.asarray(y)
-    labels = labels.argmax(axis=1) if labels.ndim == 2 and labels.shape[1] > 1 \
-        else labels.reshape(-1).astype(int)
+    labels = class_labels(y)
     if len(labels) != len(x):
         raise ValueError(f"x has {len(x)} examples but y has {len(labels)}")
     classifier = _last_dense(model)

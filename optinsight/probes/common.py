@@ -87,6 +87,12 @@ def batches(x, y=None):
     return out
 
 
+def class_labels(y):
+    """Integer class labels [n] from integer labels or one-hot rows."""
+    y = np.asarray(y)
+    return y.argmax(axis=1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1).astype(int)
+
+
 def flatten(tensors):
     """Per-variable tensors -> one float64 numpy vector."""
     return np.concatenate([np.asarray(t, dtype=np.float64).ravel() for t in tensors])

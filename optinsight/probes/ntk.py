@@ -17,7 +17,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from optinsight.probes.common import in_chunks, per_example_jacobian, resolve_variables
+from optinsight.probes.common import (
+    class_labels,
+    in_chunks,
+    per_example_jacobian,
+    resolve_variables,
+)
 
 MODES = ("sum_logits", "trace", "full")
 
@@ -80,11 +85,6 @@ def kernel(model, x1, x2=None, mode="sum_logits", variables=None, chunk_size=Non
     return np.einsum("iap,jbp->ijab", j1, j2)
 
 
-def _labels(y):
-    y = np.asarray(y)
-    return y.argmax(axis=1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1).astype(int)
-
-
 def _similarity(K, labels):
     same = labels[:, None] == labels[None, :]
     off_diagonal = ~np.eye(len(labels), dtype=bool)
@@ -102,7 +102,7 @@ def class_similarity(model, x, y, mode="sum_logits", variables=None, chunk_size=
     """
     if mode == "full":
         raise ValueError("class_similarity needs a scalar kernel: mode 'sum_logits' or 'trace'")
-    labels = _labels(y)
+    labels = class_labels(y)
     if len(labels) != len(x):
         raise ValueError(f"x has {len(x)} examples but y has {len(labels)}")
     return _similarity(kernel(model, x, mode=mode, variables=variables,
@@ -111,7 +111,7 @@ def class_similarity(model, x, y, mode="sum_logits", variables=None, chunk_size=
 
 def alignment(K, y):
     """Kernel–target alignment ⟨K, YYᵀ⟩_F / (‖K‖_F ‖YYᵀ‖_F), Y one-hot (uncentred), in [-1, 1]."""
-    labels = _labels(y)
+    labels = class_labels(y)
     K = np.asarray(K, dtype=np.float64)
     if K.shape != (len(labels), len(labels)):
         raise ValueError(f"K has shape {K.shape}; y has {len(labels)} labels")
@@ -149,7 +149,7 @@ class NTKProbe:
         x, y = np.asarray(x)[: self.n], np.asarray(y)[: self.n]
         K = kernel(model, x, mode=self.mode, chunk_size=self.chunk_size)
         try:
-            out = _similarity(K, _labels(y))
+            out = _similarity(K, class_labels(y))
         except ValueError:  # a batch without two classes or a repeated class
             out = {"same": np.nan, "different": np.nan, "ratio": np.nan}
         out.update(alignment=alignment(K, y), trace=float(np.trace(K)))

@@ -36,6 +36,19 @@ def _probe(run, name, *columns):
     return rows
 
 
+def _arrays(run, probe, missing):
+    """[(step, {name: array})] of `probe`'s evaluations; MissingData(missing) if none."""
+    evaluations = run.probe_arrays(probe)
+    if not evaluations:
+        raise MissingData(missing)
+    return evaluations
+
+
+def _ramp(i, n):
+    """Colour i of n, dark (early) to yellow (late)."""
+    return plt.cm.viridis(i / max(1, n - 1))
+
+
 def _epoch_ticks(ax, steps):
     """Thin vertical lines where epochs start."""
     starts = steps.loc[steps["batch"] == 0, "step"].iloc[1:]
@@ -186,7 +199,7 @@ def gradient_histograms(run, kind="gradients"):
             lo, hi = h[kind][name]["range"]
             counts = np.asarray(h[kind][name]["counts"], dtype=float)
             edges = np.linspace(lo, hi, len(counts) + 1)
-            colour = plt.cm.viridis(i / max(1, len(histograms) - 1))
+            colour = _ramp(i, len(histograms))
             ax.plot((edges[:-1] + edges[1:]) / 2, counts / counts.sum(), color=colour, lw=0.7)
         ax.set(title=name, xlabel=kind[:-1] + " value", yscale="log")
         ax.title.set_fontsize(8)
@@ -200,9 +213,8 @@ def gradient_histograms(run, kind="gradients"):
 
 
 def activations_over_time(run):
-    evaluations = run.probe_arrays("activations")
-    if not evaluations:
-        raise MissingData("no 'activations' probe in this run (ActivationProbe)")
+    evaluations = _arrays(run, "activations",
+                          "no 'activations' probe in this run (ActivationProbe)")
     layers = [k[len("hist/"):] for k in evaluations[-1][1] if k.startswith("hist/")]
     fig, axes = plt.subplots(1, len(layers), figsize=(3.0 * len(layers), 3.2), squeeze=False)
     for ax, layer in zip(axes[0], layers):
@@ -235,12 +247,13 @@ def sharpness(run):
 
 
 def hessian_density(run):
-    evaluations = [(s, a) for s, a in run.probe_arrays("hessian") if "density" in a]
+    missing = "the 'hessian' probe recorded no density (density=True)"
+    evaluations = [(s, a) for s, a in _arrays(run, "hessian", missing) if "density" in a]
     if not evaluations:
-        raise MissingData("the 'hessian' probe recorded no density (density=True)")
+        raise MissingData(missing)
     fig, ax = plt.subplots(figsize=(11, 3.4))
     for i, (step, arrays) in enumerate(evaluations):
-        colour = plt.cm.viridis(i / max(1, len(evaluations) - 1))
+        colour = _ramp(i, len(evaluations))
         ax.plot(arrays["density_grid"], arrays["density"], color=colour, lw=0.9,
                 label=f"step {step}" if i in (0, len(evaluations) - 1) else None)
     ax.set(xlabel="eigenvalue", ylabel="density", yscale="log",
@@ -266,9 +279,8 @@ def ntk(run):
 
 
 def weight_spectra(run):
-    evaluations = run.probe_arrays("weight_spectrum")
-    if not evaluations:
-        raise MissingData("no 'weight_spectrum' probe in this run (WeightSpectrumProbe)")
+    evaluations = _arrays(run, "weight_spectrum",
+                          "no 'weight_spectrum' probe in this run (WeightSpectrumProbe)")
     step, arrays = evaluations[-1]
     fig, ax = plt.subplots(figsize=(11, 3.6))
     for key, values in arrays.items():
