@@ -10,7 +10,12 @@ import datetime
 import os
 
 from data_loader import DATASETS
-from optinsight.callback import validate_ema_decay, validate_freq, validate_thresholds
+from optinsight.callback import (
+    validate_ema_decay,
+    validate_freq,
+    validate_thresholds,
+    validate_update_freq,
+)
 
 
 def _positive_int(name, value):
@@ -95,9 +100,7 @@ class InsightConfig:
         validate_freq("histogram_freq", self.histogram_freq)
         _positive_int("histogram_bins", self.histogram_bins)
         validate_freq("sign_map_freq", self.sign_map_freq, ("epoch",))
-        update = validate_freq("update_freq", self.update_freq, ("batch", "epoch"))
-        if update == 0:
-            raise ValueError("update_freq must be 'batch', 'epoch' or a positive integer, got 0")
+        validate_update_freq(self.update_freq)
         _positive_int("probe_examples", self.probe_examples)
 
     def callback_kwargs(self):

@@ -70,6 +70,14 @@ def validate_freq(name, value, allowed_words=()):
     return int(value)
 
 
+def validate_update_freq(update_freq):
+    """"batch" (as 1), "epoch", or a positive integer; else ValueError."""
+    value = validate_freq("update_freq", update_freq, ("batch", "epoch"))
+    if value == 0:
+        raise ValueError("update_freq must be 'batch', 'epoch' or a positive integer, got 0")
+    return 1 if value == "batch" else value
+
+
 def prepare_log_dir(log_dir):
     """Create `log_dir` if missing and check it is a writable directory."""
     log_dir = os.fspath(log_dir)
@@ -142,11 +150,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             raise ValueError(f"histogram_bins must be at least 1, got {histogram_bins!r}")
         self.sign_map_freq = validate_freq("sign_map_freq", sign_map_freq, ("epoch",))
         self.sign_map_max_params = validate_freq("sign_map_max_params", sign_map_max_params)
-        update_freq = validate_freq("update_freq", update_freq, ("batch", "epoch"))
-        self.update_freq = 1 if update_freq == "batch" else update_freq
-        if self.update_freq == 0:
-            raise ValueError("update_freq must be 'batch', 'epoch' or a positive integer, "
-                             "got 0")
+        self.update_freq = validate_update_freq(update_freq)
         self.probes = tuple(probes)
         for probe in self.probes:
             if not (hasattr(probe, "name") and hasattr(probe, "every") and callable(probe)):
