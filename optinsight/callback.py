@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 
 import keras
 import numpy as np
@@ -32,6 +33,11 @@ from optinsight.signs import sign_codes, sign_map_image
 
 SCHEMA_VERSION = 1
 EPOCH_KEYS = ("train_mean_loss", "val_mean_loss", "train_mean_acc", "val_mean_acc")
+#: The tracker's rows are read (and their log lines written) once this many steps
+#: have accumulated or this many seconds have passed, whichever comes first: one
+#: device read and one hand-over to the writer thread per burst instead of per step.
+READ_EVERY_STEPS = 32
+READ_EVERY_SECONDS = 1.0
 _ACCURACY_NAMES = ("accuracy", "acc", "categorical_accuracy", "sparse_categorical_accuracy",
                    "binary_accuracy")
 
@@ -166,7 +172,9 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._reported = set()  # (code, layer) of findings already printed
         self.verbose = verbose
         self._tracker = None
-        self._step = 0
+        self._step = 0  # steps trained
+        self._written = 0  # steps whose rows were read from the tracker
+        self._epoch_start = 0  # self._step when the current epoch began
         self._epoch = 0
         self._keys = metric_names(self.thresholds, self.ema_decay)
         self._counts = count_keys(self.thresholds, self.ema_decay)
@@ -212,7 +220,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             self._tracker = DynamicsTracker(
                 model.trainable_variables, self.thresholds, self.ema_decay,
                 self.histogram_freq, self.histogram_bins,
-                buffer_size=int(getattr(model, "steps_per_execution", 1) or 1),
+                buffer_size=READ_EVERY_STEPS + int(getattr(model, "steps_per_execution", 1) or 1),
                 strategy=model.distribute_strategy)
             if self.resume:
                 try:
@@ -223,6 +231,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             if self.verbose:
                 print(f"optinsight: logging to {self.log_dir}", file=sys.stderr)
         self._background = BackgroundWriter()
+        self._next_read = time.monotonic() + READ_EVERY_SECONDS
         self._install(model)
         if self._step == 0 and not self._started:
             self._epoch = 0
@@ -247,6 +256,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._uninstall(self.model)
+        self._read_rows()
         self._background.close()
         for writer in self._writers.values():
             writer.close()
@@ -255,22 +265,38 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
     # --------------------------------------------------------------- batches
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._epoch_start = self._step
         self._epoch_rows = []  # (metric table, loss) per step
 
     def on_train_batch_end(self, batch, logs=None):
-        rows = self._tracker.read_rows(self._step)
-        for offset, (step, loss, has_prev, stats) in enumerate(rows):
-            self._step = step
-            self._background.submit(self._write_step, step, self._epoch,
-                                    batch - (len(rows) - 1 - offset), loss, has_prev, stats)
-        if self.histogram_freq and any(row[0] % self.histogram_freq == 0 for row in rows):
+        # `batch` is the last batch of the call (several with steps_per_execution).
+        previous, self._step = self._step, self._epoch_start + batch + 1
+        if self._step - self._written >= READ_EVERY_STEPS \
+                or time.monotonic() >= self._next_read:
+            self._read_rows()
+
+        def reached(every):  # a multiple of `every` among the steps just trained
+            return every and self._step // every > previous // every
+
+        if reached(self.histogram_freq):
             self._record_histograms()
-        if isinstance(self.sign_map_freq, int) and self.sign_map_freq \
-                and self._step % self.sign_map_freq == 0:
+        if isinstance(self.sign_map_freq, int) and reached(self.sign_map_freq):
             self._record_sign_map(f"step_{self._step:08d}")
         for probe in self.probes:
-            if probe.every != "epoch" and probe.every and self._step % probe.every == 0:
+            if probe.every != "epoch" and reached(probe.every):
                 self._run_probe(probe)
+
+    def _read_rows(self):
+        """Hand the tracker's rows after the last read to the writer thread."""
+        self._next_read = time.monotonic() + READ_EVERY_SECONDS
+        rows = self._tracker.read_rows(self._written)
+        if rows:
+            self._written = rows[-1][0]
+            self._background.submit(self._write_steps, rows, self._epoch, self._epoch_start)
+
+    def _write_steps(self, rows, epoch, epoch_start):
+        for step, loss, has_prev, stats in rows:
+            self._write_step(step, epoch, step - epoch_start - 1, loss, has_prev, stats)
 
     def _write_step(self, step, epoch, batch, loss, has_prev, stats):
         """Metrics of one step to steps.jsonl, the epoch's history and TensorBoard
@@ -329,6 +355,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
 
     # ---------------------------------------------------------------- epochs
     def on_epoch_end(self, epoch, logs=None):
+        self._read_rows()
         self._background.flush()
         logs = logs or {}
         n_vars, n_keys = len(self._tracker.names), len(self._keys)
@@ -462,7 +489,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         model.load_weights(self._path("checkpoint", state["weights"]))
         with np.load(self._path("checkpoint", state["insight"])) as saved:
             self._tracker.load_state(dict(saved))
-        self._step = int(state["step"])
+        self._step = self._written = int(state["step"])
         epochs = int(state["epoch"])
         model._initial_epoch = epochs  # as keras.callbacks.BackupAndRestore does
         for name in ("steps.jsonl", "probes.jsonl", "histograms.jsonl"):

@@ -42,74 +42,104 @@ def _flatten(tensors):
     return tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
 
 
-_FIELD_BITS = 21  # bits of one packed count; a chunk holds fewer than 2**21 elements
-_PACK = 3  # counts packed into one int64 sum
-
-
-def _chunks(bounds):
-    """(variable index, start, stop) pieces of the flat vector, each < 2**_FIELD_BITS long."""
-    size = (1 << _FIELD_BITS) - 1
-    return [(v, i, min(i + size, b)) for v, (a, b) in enumerate(bounds)
-            for i in range(a, b, size)]
-
-
-def _per_variable(values_per_chunk, chunks, n_vars, combine=tf.add_n):
-    parts = [[] for _ in range(n_vars)]
-    for (v, _, _), value in zip(chunks, values_per_chunk):
-        parts[v].append(value)
-    return tf.stack([p[0] if len(p) == 1 else combine(p) for p in parts])
+_LANES = 4  # histogram copies: neighbouring entries count into different bins
+_MAX_GROUP_BINS = 1 << 14  # bins per variable of one joint histogram
 
 
 def _segment_sum(x, bounds):
     """Sums of x[a:b] for each (a, b) in bounds: [n_vars]. Contiguous slices fuse into
     vectorised loops under XLA, where a scatter-based segment sum is serial."""
-    chunks = _chunks(bounds)
-    return _per_variable([tf.reduce_sum(x[a:b]) for _, a, b in chunks], chunks, len(bounds))
+    return tf.stack([tf.reduce_sum(x[a:b]) for a, b in bounds])
 
 
 def _segment_max(x, bounds):
-    chunks = _chunks(bounds)
-    return _per_variable([tf.reduce_max(x[a:b]) for _, a, b in chunks], chunks, len(bounds),
-                         combine=lambda p: tf.reduce_max(tf.stack(p)))
+    return tf.stack([tf.reduce_max(x[a:b]) for a, b in bounds])
 
 
-def _count(masks, bounds):
-    """Number of True entries of each boolean mask per variable: list of float64 [n_vars].
+def _levels(x, thresholds):
+    """Zero-band level of each entry (int32): the index of the smallest threshold with
+    |x| <= threshold, or len(thresholds) when there is none (also for NaN)."""
+    a = tf.abs(x)
+    return tf.add_n([tf.cast(~(a <= th), tf.int32) for th in thresholds])
 
-    Counting is the bulk of the per-step work, so three masks share one pass: each
-    element contributes m0 + m1·2**21 + m2·2**42 to an int64 sum, and per chunk of
-    fewer than 2**21 elements no field can carry into the next.
+
+def _family_code(prev_g, g, dw, thresholds):
+    """Per entry: (level of g_{t-1}, level of g_t, turn), coded as one int32 < (T+1)²·4.
+
+    turn is 0 when g_{t-1} and g_t do not have opposite signs, else 1, 2 or 3 for
+    sign((w_t - w_{t-1})·(g_t - g_{t-1})) = +1 (a minimum), -1 (a maximum) or 0.
     """
-    chunks = _chunks(bounds)
-    field = (1 << _FIELD_BITS) - 1
-    counts = []
-    for i in range(0, len(masks), _PACK):
-        group = masks[i:i + _PACK]
-        packed = tf.add_n([tf.cast(m, tf.int64) * (1 << (_FIELD_BITS * j))
-                           for j, m in enumerate(group)])
-        sums = [tf.reduce_sum(packed[a:b]) for _, a, b in chunks]
-        for j in range(len(group)):
-            fields = [tf.bitwise.bitwise_and(tf.bitwise.right_shift(s, _FIELD_BITS * j), field)
-                      for s in sums]
-            counts.append(tf.cast(_per_variable(fields, chunks, len(bounds)), tf.float64))
-    return counts
-
-
-def _band_masks(prev_g, g, dw, threshold):
-    """The count masks of BAND_STATS (first six) and |dw| over retained entries."""
-    zero_prev = tf.abs(prev_g) <= threshold
-    zero_now = tf.abs(g) <= threshold
-    retained = zero_prev & zero_now
-    flipped = retained & (tf.sign(prev_g) * tf.sign(g) < 0)
+    levels = len(thresholds) + 1
+    flipped = tf.sign(prev_g) * tf.sign(g) < 0
     turn = tf.sign(dw) * tf.sign(g - prev_g)
-    abs_dw = tf.where(retained & tf.math.is_finite(dw), tf.abs(dw), 0.0)
-    masks = [zero_prev, zero_now, retained, flipped, flipped & (turn > 0), flipped & (turn < 0)]
-    return masks, abs_dw
+    turn = tf.where(flipped, tf.where(turn > 0, 1, tf.where(turn < 0, 2, 3)), 0)
+    return (_levels(prev_g, thresholds) * levels + _levels(g, thresholds)) * 4 + turn
 
 
-def _step_statistics(g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, *, bounds,
-                     thresholds, ema_decay):
-    """One step's statistics matrix [n_vars, n_stats] and the new moving averages."""
+def _histograms_of_codes(codes, segments, n_vars):
+    """Per-variable counts of each value of each code, from as few scatters as fit.
+
+    Args:
+        codes: list of (int32 [n] values, number of values).
+        segments: int32 [n], the variable of each entry.
+    Returns:
+        one int32 [n_vars, number of values] per code. Codes are combined into joint
+        histograms of at most _MAX_GROUP_BINS bins per variable (one scatter pass
+        each); every entry goes to one of _LANES copies of its bin by position, so a
+        long run of one value (a dead layer) does not serialise the increments.
+    """
+    groups = [[]]
+    for code in codes:
+        size = _LANES * math.prod(s for _, s in groups[-1]) * code[1]
+        if groups[-1] and size > _MAX_GROUP_BINS:
+            groups.append([])
+        groups[-1].append(code)
+    lane = tf.math.floormod(tf.range(tf.shape(segments)[0], dtype=tf.int32), _LANES)
+    out = []
+    for group in groups:
+        sizes = [s for _, s in group]
+        joint = group[0][0]
+        for values, size in group[1:]:
+            joint = joint * size + values
+        bins = math.prod(sizes)
+        counts = tf.raw_ops.DenseBincount(
+            input=(segments * bins + joint) * _LANES + lane, size=n_vars * bins * _LANES,
+            weights=tf.zeros([0], tf.int32))
+        counts = tf.reshape(tf.reduce_sum(tf.reshape(counts, [n_vars, bins, _LANES]), 2),
+                            [n_vars] + sizes)
+        for axis in range(len(sizes)):
+            others = [a + 1 for a in range(len(sizes)) if a != axis]
+            out.append(tf.reduce_sum(counts, others) if others else counts)
+    return out
+
+
+def _band_counts(histogram, n_thresholds):
+    """The six count columns of BAND_STATS per threshold from a family's histogram.
+
+    histogram: int32 [n_vars, (T+1)²·4] over `_family_code` values. Returns, per
+    threshold k, a list of six float64 [n_vars]: grad1, grad2, retained, flipped,
+    min, max (an entry is in the band of threshold k when its level is <= k).
+    """
+    levels = n_thresholds + 1
+    h = tf.cast(tf.reshape(histogram, [-1, levels, levels, 4]), tf.float64)
+    prev_level = tf.math.cumsum(tf.reduce_sum(h, [2, 3]), axis=1)
+    level = tf.math.cumsum(tf.reduce_sum(h, [1, 3]), axis=1)
+    both = tf.math.cumsum(tf.math.cumsum(h, axis=1), axis=2)  # [n_vars, k, k, turn]
+    columns = []
+    for k in range(n_thresholds):
+        retained = both[:, k, k, :]
+        columns.append([prev_level[:, k], level[:, k], tf.reduce_sum(retained, 1),
+                        tf.reduce_sum(retained[:, 1:], 1), retained[:, 1], retained[:, 2]])
+    return columns
+
+
+def _step_statistics(g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, segments, *,
+                     bounds, thresholds, ema_decay):
+    """One step's statistics matrix [n_vars, n_stats] and the new moving averages.
+
+    The counts come from one joint histogram of per-entry codes (a single pass over
+    the parameters); sums and maxima from contiguous per-variable reductions.
+    """
     finite_g = tf.math.is_finite(g)
     dw = w - w_prev
     # (prev gradient, gradient, weight change) of each family: raw, then averaged.
@@ -130,18 +160,22 @@ def _step_statistics(g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, *, bou
         x = tf.where(tf.math.is_finite(x), x, 0.0)
         return tf.cast(_segment_sum(x * x, bounds), tf.float64)
 
-    masks, abs_dws = [~finite_g], []
-    for family in families:
-        for threshold in thresholds:
-            band_masks, abs_dw = _band_masks(*family, threshold)
-            masks += band_masks
-            abs_dws.append(abs_dw)
-    counts = _count(masks, bounds)
-    columns = [sq_sum(g), sq_sum(w), sq_sum(w_prev), sq_sum(dw), counts[0]]
-    for block, abs_dw in enumerate(abs_dws):
-        columns += counts[1 + 6 * block: 7 + 6 * block]
-        columns += [tf.cast(_segment_sum(abs_dw, bounds), tf.float64),
-                    tf.cast(_segment_max(abs_dw, bounds), tf.float64)]
+    n_vars, n_thresholds = len(bounds), len(thresholds)
+    family_codes = (len(thresholds) + 1) ** 2 * 4
+    nonfinite, *family_histograms = _histograms_of_codes(
+        [(tf.cast(~finite_g, tf.int32), 2)]
+        + [(_family_code(*family, thresholds), family_codes) for family in families],
+        segments, n_vars)
+    columns = [sq_sum(g), sq_sum(w), sq_sum(w_prev), sq_sum(dw),
+               tf.cast(nonfinite[:, 1], tf.float64)]
+    for (prev, now, change), histogram in zip(families, family_histograms):
+        retained_level = tf.maximum(_levels(prev, thresholds), _levels(now, thresholds))
+        abs_change = tf.where(tf.math.is_finite(change), tf.abs(change), 0.0)
+        for k, counts in enumerate(_band_counts(histogram, n_thresholds)):
+            abs_dw = tf.where(retained_level <= k, abs_change, 0.0)
+            columns += counts
+            columns += [tf.cast(_segment_sum(abs_dw, bounds), tf.float64),
+                        tf.cast(_segment_max(abs_dw, bounds), tf.float64)]
     return tf.stack(columns, axis=1), new_ema_g, new_ema_w_offset
 
 
@@ -226,10 +260,10 @@ class DynamicsTracker(tf.Module):
         offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         bounds = tuple(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
 
-        def statistics(g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev):
+        def statistics(g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, segments):
             return _step_statistics(
-                g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, bounds=bounds,
-                thresholds=self.thresholds, ema_decay=self.ema_decay)
+                g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, segments,
+                bounds=bounds, thresholds=self.thresholds, ema_decay=self.ema_decay)
 
         def histograms(g, w):
             gc, gr = _histograms(g, self._segments, n_vars, bins)
@@ -267,7 +301,8 @@ class DynamicsTracker(tf.Module):
         has_prev = self.has_prev.read_value()
         stats, new_ema_g, new_ema_w_offset = self._statistics(
             g, weights_before, w, self.prev_grad.read_value(),
-            self.ema_grad.read_value(), self.ema_weight_offset.read_value(), has_prev)
+            self.ema_grad.read_value(), self.ema_weight_offset.read_value(), has_prev,
+            self._segments)
         step = self.step.read_value() + 1
         self.step.assign(step)
         row = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)

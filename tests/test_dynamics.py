@@ -316,3 +316,49 @@ def test_tracker_counts_nonfinite_and_ignores_them():
     ema = tracker.ema_grad.numpy()
     assert ema[4] == pytest.approx(0.5e-6) and ema[5] == 5.0  # Inf leaves the average as it was
     assert model["no_zero_e5_grad2_05avg"] == 5
+
+
+@pytest.mark.parametrize("thresholds", [(1e-5,), (1e-7, 1e-6, 1e-5)])
+def test_tracker_matches_numpy_for_one_and_three_thresholds(thresholds):
+    """Other threshold counts change how the per-entry codes are histogrammed (three
+    thresholds need two histograms); with ema_decay=0 the averages are the raw values,
+    so both families must equal the raw reference exactly."""
+    rng = np.random.default_rng(len(thresholds))
+    shapes = [(40, 30), (30,), (7,)]
+    variables = [tf.Variable(rng.normal(size=s).astype(np.float32), name=f"v{i}")
+                 for i, s in enumerate(shapes)]
+    tracker = DynamicsTracker(variables, thresholds=thresholds, ema_decay=0.0)
+    levels = [0.0, 5e-8, -5e-8, 5e-7, -5e-7, 5e-6, -5e-6, 1e-3, -1e-3]
+
+    @tf.function
+    def step(grads, new_weights):
+        before = tracker.read_weights()
+        for v, w in zip(variables, new_weights):
+            v.assign(w)
+        tracker.update(grads, before, tf.constant(0.0))
+
+    weights, grads = [[v.numpy() for v in variables]], []
+    for t in range(4):
+        g = [rng.choice(levels, size=s).astype(np.float32) for s in shapes]
+        g[2][:] = 0.0  # a dead variable: one code for every entry
+        w = [a + rng.choice([-1e-3, 0.0, 1e-3], size=a.shape).astype(np.float32)
+             for a in weights[-1]]
+        step(g, w)
+        grads.append(g)
+        weights.append(w)
+        ((_, _, has_prev, stats),) = tracker.read_rows(t)
+        model, layers = summarize(stats, has_prev, tracker.names, thresholds, 0.0)
+        if t == 0:
+            continue
+        every = range(len(shapes))
+        for metrics, select in [(layers[n], [i]) for i, n in enumerate(tracker.names)] \
+                + [(model, every)]:
+            cat = lambda arrays: np.concatenate([arrays[i].ravel() for i in select])  # noqa: E731
+            for th in thresholds:
+                want = reference_band(cat(grads[t - 1]), cat(g), cat(weights[t]), cat(w), th)
+                if select is every:  # no count trivially zero
+                    assert min(want["retained"], want["flipped"], want["min"], want["max"]) > 0
+                for suffix in ("", "_0avg"):
+                    for short, key in key_names(threshold_tag(th), suffix).items():
+                        assert metrics[key] == pytest.approx(want[short], rel=1e-6), \
+                            (t, select, key)

@@ -1,7 +1,7 @@
 """A writer thread: per-step log writing overlapped with the next training step.
 
 Work is done in submission order on one daemon thread. The queue holds at most
-`max_pending` items, so logs trail training by at most that many steps, and memory
+`max_pending` items, so logs trail training by at most that many hand-overs, and memory
 stays bounded. An exception in the thread is raised again in the caller at its next
 `submit` or `flush`.
 """
