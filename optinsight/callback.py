@@ -2,8 +2,9 @@
 
 The callback computes nothing itself: it installs the insight train step
 (`model.insight_train_step`) with a `DynamicsTracker` on the model being fitted,
-reads the tracker's few hundred scalars after each batch, and hands them to the
-writers (`logs.jsonlog`, `logs.tensorboard`) on the schedule its arguments set.
+reads the tracker's few hundred scalars per batch in bursts (READ_EVERY_STEPS /
+READ_EVERY_SECONDS), and hands them to the writers (`logs.jsonlog`,
+`logs.tensorboard`) on the schedule its arguments set.
 """
 
 import functools
@@ -220,7 +221,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             self._tracker = DynamicsTracker(
                 model.trainable_variables, self.thresholds, self.ema_decay,
                 self.histogram_freq, self.histogram_bins,
-                buffer_size=READ_EVERY_STEPS + int(getattr(model, "steps_per_execution", 1) or 1),
+                buffer_size=READ_EVERY_STEPS + self._steps_per_call(model),
                 strategy=model.distribute_strategy)
             if self.resume:
                 try:
@@ -268,9 +269,16 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._epoch_start = self._step
         self._epoch_rows = []  # (metric table, loss) per step
 
+    @staticmethod
+    def _steps_per_call(model):
+        return int(getattr(model, "steps_per_execution", 1) or 1)
+
     def on_train_batch_end(self, batch, logs=None):
-        # `batch` is the last batch of the call (several with steps_per_execution).
-        previous, self._step = self._step, self._epoch_start + batch + 1
+        previous = self._step
+        if self._steps_per_call(self.model) == 1:
+            self._step = self._epoch_start + batch + 1
+        else:  # an epoch's last call may run fewer steps than `batch` counts
+            self._step = int(self._tracker.step.numpy())
         if self._step - self._written >= READ_EVERY_STEPS \
                 or time.monotonic() >= self._next_read:
             self._read_rows()

@@ -163,15 +163,27 @@ def test_nonfinite_values_are_written_as_counted_nulls(tmp_path):
     assert writer.null_count == 2
 
 
-def test_steps_per_execution_keeps_every_step(tmp_path):
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_every_step_is_logged_once_in_order(tmp_path, steps_per_execution):
+    """Epochs of 100 batches: rows are read in bursts mid-epoch (the ring buffer wraps
+    around several times) and at epoch end, with several steps per call."""
     model = tiny_relu_model()
-    model.compile(optimizer="adam", loss="categorical_crossentropy", steps_per_execution=3)
-    x, y = tiny_data(n=96)
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0,
-              callbacks=[oi.OptimizationInsightCallback(tmp_path)])
+    model.compile(optimizer="adam", loss="categorical_crossentropy",
+                  steps_per_execution=steps_per_execution)
+    x, y = tiny_data(n=400)
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0,
+              callbacks=[oi.OptimizationInsightCallback(tmp_path, histogram_freq=7)])
     steps = read_jsonl(tmp_path / "steps.jsonl")
-    assert [s["step"] for s in steps] == list(range(1, 7))
-    assert [s["batch"] for s in steps] == list(range(6))
+    assert [s["step"] for s in steps] == list(range(1, 201))
+    assert [s["batch"] for s in steps] == list(range(100)) * 2
+    assert [s["epoch"] for s in steps] == [0] * 100 + [1] * 100
+    # Each row belongs to its own step: zero-band counts carry over from one step to the next.
+    for before, after in zip(steps, steps[1:]):
+        for name, layer in after["layers"].items():
+            assert layer["no_zero_e5_grad1"] == before["layers"][name]["no_zero_e5_grad2"]
+    assert sum(s["model"]["no_zero_e5_grad2"] for s in steps) > 0
+    histograms = read_jsonl(tmp_path / "histograms.jsonl")
+    assert [h["step"] for h in histograms] == list(range(7, 201, 7))
 
 
 def test_probes_are_scheduled_and_logged(tmp_path):

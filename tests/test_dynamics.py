@@ -353,9 +353,11 @@ def test_tracker_matches_numpy_for_one_and_three_thresholds(thresholds):
         every = range(len(shapes))
         for metrics, select in [(layers[n], [i]) for i, n in enumerate(tracker.names)] \
                 + [(model, every)]:
-            cat = lambda arrays: np.concatenate([arrays[i].ravel() for i in select])  # noqa: E731
+            g_prev, g_now, w_prev, w_now = (
+                np.concatenate([arrays[i].ravel() for i in select])
+                for arrays in (grads[t - 1], g, weights[t], w))
             for th in thresholds:
-                want = reference_band(cat(grads[t - 1]), cat(g), cat(weights[t]), cat(w), th)
+                want = reference_band(g_prev, g_now, w_prev, w_now, th)
                 if select is every:  # no count trivially zero
                     assert min(want["retained"], want["flipped"], want["min"], want["max"]) > 0
                 for suffix in ("", "_0avg"):
