@@ -63,17 +63,16 @@ def _levels(x, thresholds):
     return tf.add_n([tf.cast(~(a <= th), tf.int32) for th in thresholds])
 
 
-def _family_code(prev_g, g, dw, thresholds):
-    """Per entry: (level of g_{t-1}, level of g_t, turn), coded as one int32 < (T+1)²·4.
+def _family_code(prev_g, g, dw, prev_level, level, n_levels):
+    """Per entry: (level of g_{t-1}, level of g_t, turn), coded as one int32 < levels²·4.
 
     turn is 0 when g_{t-1} and g_t do not have opposite signs, else 1, 2 or 3 for
     sign((w_t - w_{t-1})·(g_t - g_{t-1})) = +1 (a minimum), -1 (a maximum) or 0.
     """
-    levels = len(thresholds) + 1
     flipped = tf.sign(prev_g) * tf.sign(g) < 0
     turn = tf.sign(dw) * tf.sign(g - prev_g)
     turn = tf.where(flipped, tf.where(turn > 0, 1, tf.where(turn < 0, 2, 3)), 0)
-    return (_levels(prev_g, thresholds) * levels + _levels(g, thresholds)) * 4 + turn
+    return (prev_level * n_levels + level) * 4 + turn
 
 
 def _histograms_of_codes(codes, segments, n_vars):
@@ -161,15 +160,18 @@ def _step_statistics(g, w_prev, w, prev_g, ema_g, ema_w_offset, has_prev, segmen
         return tf.cast(_segment_sum(x * x, bounds), tf.float64)
 
     n_vars, n_thresholds = len(bounds), len(thresholds)
-    family_codes = (len(thresholds) + 1) ** 2 * 4
+    n_levels = n_thresholds + 1
+    levels = [(_levels(prev, thresholds), _levels(now, thresholds)) for prev, now, _ in families]
     nonfinite, *family_histograms = _histograms_of_codes(
         [(tf.cast(~finite_g, tf.int32), 2)]
-        + [(_family_code(*family, thresholds), family_codes) for family in families],
+        + [(_family_code(*family, *family_levels, n_levels), n_levels ** 2 * 4)
+           for family, family_levels in zip(families, levels)],
         segments, n_vars)
     columns = [sq_sum(g), sq_sum(w), sq_sum(w_prev), sq_sum(dw),
                tf.cast(nonfinite[:, 1], tf.float64)]
-    for (prev, now, change), histogram in zip(families, family_histograms):
-        retained_level = tf.maximum(_levels(prev, thresholds), _levels(now, thresholds))
+    for (_, _, change), (prev_level, level), histogram in zip(families, levels,
+                                                              family_histograms):
+        retained_level = tf.maximum(prev_level, level)
         abs_change = tf.where(tf.math.is_finite(change), tf.abs(change), 0.0)
         for k, counts in enumerate(_band_counts(histogram, n_thresholds)):
             abs_dw = tf.where(retained_level <= k, abs_change, 0.0)
@@ -209,8 +211,8 @@ class DynamicsTracker(tf.Module):
         ema_decay: moving-average decay d in [0, 1), or None for no "avg" family.
         histogram_freq: steps between gradient/weight histograms; 0 disables.
         histogram_bins: bins per histogram.
-        buffer_size: rows of the statistics ring buffer (the model's
-            steps_per_execution, so that no step is overwritten before it is read).
+        buffer_size: rows of the statistics ring buffer: at least the steps that
+            run between two `read_rows` calls, so that none is overwritten unread.
         jit_compile: compile the elementwise reductions with XLA (fuses the
             O(parameters) passes into a few kernels).
         strategy: the tf.distribute strategy the model trains under (None: the
