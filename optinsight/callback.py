@@ -222,6 +222,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                 model.trainable_variables, self.thresholds, self.ema_decay,
                 self.histogram_freq, self.histogram_bins,
                 buffer_size=READ_EVERY_STEPS + self._steps_per_call(model),
+                # A custom op cannot run inside an XLA-compiled train step.
+                kernel="xla" if getattr(model, "jit_compile", False) else "auto",
                 strategy=model.distribute_strategy)
             if self.resume:
                 try:

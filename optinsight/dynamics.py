@@ -4,8 +4,10 @@
 gradient, the moving averages of gradient and weights, and a small ring buffer of
 per-step sufficient statistics, all as non-trainable `tf.Variable`s. Inside the
 compiled train step, `DynamicsTracker.update` reduces a step's gradients and weights
-(all trainable variables flattened into one float32 vector, O(parameters) work, no
-host transfer) to a `[n_vars, n_stats]` float64 matrix. On the host,
+(O(parameters) work, no host transfer) to a `[n_vars, n_stats]` float64 matrix: on
+the CPU with the fused kernel of `optinsight.native` (one pass over the parameters),
+elsewhere with `_step_statistics` under XLA (all trainable variables flattened into
+one float32 vector). On the host,
 `summarize` turns one such matrix into the named metrics of DESIGN section 3, per
 variable and for the whole model. Nothing of size O(parameters) leaves the device
 per step, and memory is constant in the number of steps.
@@ -16,6 +18,8 @@ import math
 
 import numpy as np
 import tensorflow as tf
+
+from optinsight import native
 
 #: Statistics kept per variable regardless of threshold (columns 0..4 of a row).
 GLOBAL_STATS = ("grad_sq", "weight_sq", "prev_weight_sq", "wdiff_sq", "nonfinite")
@@ -39,7 +43,7 @@ def ema_suffix(ema_decay):
 
 
 def _flatten(tensors):
-    return tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
+    return tf.concat([tf.reshape(t, [-1]) for t in tensors], 0)
 
 
 _LANES = 4  # histogram copies: neighbouring entries count into different bins
@@ -202,6 +206,19 @@ def _histograms(values, segments, n_vars, bins):
     return tf.reshape(counts, [n_vars, bins]), tf.stack([lo, hi], axis=1)
 
 
+def _choose_kernel(kernel):
+    """The native op module for `kernel` ("auto", "native" or "xla"), or None for XLA."""
+    if kernel not in ("auto", "native", "xla"):
+        raise ValueError(f"kernel must be 'auto', 'native' or 'xla', got {kernel!r}")
+    if kernel == "xla" or (kernel == "auto" and tf.config.list_logical_devices("GPU")):
+        return None
+    module = native.load()
+    if module is None and kernel == "native":
+        raise RuntimeError("the native statistics kernel is not available "
+                           "(see the message above, or OPTINSIGHT_NATIVE=0 is set)")
+    return module
+
+
 class DynamicsTracker(tf.Module):
     """Device-side state and per-step statistics for a list of trainable variables.
 
@@ -213,8 +230,9 @@ class DynamicsTracker(tf.Module):
         histogram_bins: bins per histogram.
         buffer_size: rows of the statistics ring buffer: at least the steps that
             run between two `read_rows` calls, so that none is overwritten unread.
-        jit_compile: compile the elementwise reductions with XLA (fuses the
-            O(parameters) passes into a few kernels).
+        kernel: "native" (the fused CPU kernel), "xla" (`_step_statistics`, compiled
+            with XLA) or "auto": native when it is available and TensorFlow sees no
+            GPU, else xla.
         strategy: the tf.distribute strategy the model trains under (None: the
             default). State is then mirrored and written by the first replica, from
             the cross-replica sum of the gradients (what the optimizer applies).
@@ -222,7 +240,7 @@ class DynamicsTracker(tf.Module):
 
     def __init__(self, variables, thresholds=(1e-7, 1e-5), ema_decay=0.9,
                  histogram_freq=0, histogram_bins=1000, buffer_size=1,
-                 jit_compile=True, strategy=None):
+                 kernel="auto", strategy=None):
         super().__init__(name="dynamics_tracker")
         self.names = tuple(getattr(v, "path", None) or v.name for v in variables)
         self.sizes = tuple(int(np.prod(v.shape)) for v in variables)
@@ -232,6 +250,7 @@ class DynamicsTracker(tf.Module):
         self.histogram_bins = int(histogram_bins)
         self.buffer_size = int(buffer_size)
         self._variables = tuple(variables)
+        self._native = _choose_kernel(kernel)
         n_vars, n_params = len(self.sizes), sum(self.sizes)
         self._segments = tf.constant(np.repeat(np.arange(n_vars), self.sizes), tf.int32)
         families = 1 if self.ema_decay is None else 2
@@ -272,16 +291,16 @@ class DynamicsTracker(tf.Module):
             wc, wr = _histograms(w, self._segments, n_vars, bins)
             return tf.stack([gc, wc]), tf.stack([gr, wr])
 
-        self._statistics = tf.function(statistics, jit_compile=jit_compile)
+        self._statistics = tf.function(statistics, jit_compile=True)
         # One call for the four row buffers: each separate read costs a dispatch.
         self._snapshot = tf.function(lambda: (
             self.row_step.read_value(), self.row_loss.read_value(),
             self.row_has_prev.read_value(), self.stats.read_value()))
-        self._histograms = tf.function(histograms, jit_compile=jit_compile)
+        self._histograms = tf.function(histograms, jit_compile=True)
 
     def read_weights(self):
-        """Current values of the tracked variables, flattened (float32 [n_params])."""
-        return _flatten([tf.convert_to_tensor(v) for v in self._variables])
+        """Current values of the tracked variables: float32 tensors, one per variable."""
+        return [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self._variables]
 
     def update(self, grads, weights_before, loss):
         """Record one step. Call inside the train step after the optimizer update.
@@ -291,20 +310,26 @@ class DynamicsTracker(tf.Module):
             weights_before: `read_weights()` taken before the optimizer update.
             loss: the batch's scalar loss.
         """
-        g = _flatten([tf.zeros(v.shape) if gr is None else tf.convert_to_tensor(gr)
-                      for gr, v in zip(grads, self._variables)])
+        grads = [tf.zeros(v.shape) if gr is None else tf.cast(gr, tf.float32)
+                 for gr, v in zip(grads, self._variables)]
         replica = tf.distribute.get_replica_context()
         if replica is not None and replica.num_replicas_in_sync > 1:
             # Each replica holds its shard's gradient of loss / replicas; the optimizer
             # applies their sum, and the batch loss is the replicas' mean.
-            g = replica.all_reduce(tf.distribute.ReduceOp.SUM, g)
+            grads = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads)
             loss = replica.all_reduce(tf.distribute.ReduceOp.MEAN, loss)
-        w = self.read_weights()
+        weights = self.read_weights()
         has_prev = self.has_prev.read_value()
-        stats, new_ema_g, new_ema_w_offset = self._statistics(
-            g, weights_before, w, self.prev_grad.read_value(),
-            self.ema_grad.read_value(), self.ema_weight_offset.read_value(), has_prev,
-            self._segments)
+        state = (self.prev_grad.read_value(), self.ema_grad.read_value(),
+                 self.ema_weight_offset.read_value(), has_prev)
+        if self._native is not None:
+            ema = [] if self.ema_decay is None else [self.ema_decay, 1.0 - self.ema_decay]
+            stats, g, new_ema_g, new_ema_w_offset = self._native.insight_step_statistics(
+                grads, weights_before, weights, *state, thresholds=self.thresholds, ema=ema)
+        else:
+            g = _flatten(grads)
+            stats, new_ema_g, new_ema_w_offset = self._statistics(
+                g, _flatten(weights_before), _flatten(weights), *state, self._segments)
         step = self.step.read_value() + 1
         self.step.assign(step)
         row = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)
@@ -321,7 +346,8 @@ class DynamicsTracker(tf.Module):
             # assignment to mirrored state may not sit inside control flow.
             counts, ranges, hist_step = tf.cond(
                 tf.equal(tf.math.floormod(step, self.histogram_freq), 0),
-                lambda: (*self._histograms(g, w), step),
+                lambda: (*self._histograms(self.prev_grad.read_value(), _flatten(weights)),
+                         step),
                 lambda: (self.hist_counts.read_value(), self.hist_ranges.read_value(),
                          self.hist_step.read_value()))
             self.hist_counts.assign(counts)

@@ -186,6 +186,23 @@ def test_every_step_is_logged_once_in_order(tmp_path, steps_per_execution):
     assert [h["step"] for h in histograms] == list(range(7, 201, 7))
 
 
+def test_xla_compiled_train_step(tmp_path):
+    """With jit_compile=True the train step runs under XLA, where the native kernel
+    cannot: the tracker uses its XLA version, and the figures match a non-XLA run."""
+    x, y = tiny_data(n=48)
+    runs = {}
+    for jit in (False, True):
+        model = tiny_relu_model()
+        model.compile(optimizer="adam", loss="categorical_crossentropy", jit_compile=jit)
+        model.fit(x, y, batch_size=12, epochs=1, verbose=0, shuffle=False,
+                  callbacks=[oi.OptimizationInsightCallback(tmp_path / str(jit))])
+        runs[jit] = read_jsonl(tmp_path / str(jit) / "steps.jsonl")
+    assert [s["step"] for s in runs[True]] == [1, 2, 3, 4]
+    for plain, xla in zip(runs[False], runs[True]):
+        assert xla["model"]["grad_norm"] == pytest.approx(plain["model"]["grad_norm"], rel=1e-4)
+        assert xla["model"]["wdiff"] == pytest.approx(plain["model"]["wdiff"], rel=1e-4)
+
+
 def test_probes_are_scheduled_and_logged(tmp_path):
     class MeanOutput:
         name = "mean_output"

@@ -22,6 +22,7 @@ THRESHOLDS = (1e-7, 1e-5)
 DECAY = 0.9
 BATCH = 12
 STEPS = 8
+KERNELS = ["native", "xla"]  # the fused CPU kernel and the XLA version
 
 
 class WeightRecorder(keras.callbacks.Callback):
@@ -77,9 +78,18 @@ def key_names(tag, suffix):
     }
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("run")
+@pytest.fixture(scope="module", params=KERNELS)
+def run(tmp_path_factory, request):
+    """A short run with the callback, on the kernel the fit's tracker chooses ("auto")
+    with the native one available or switched off."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OPTINSIGHT_NATIVE", "1" if request.param == "native" else "0")
+        recorded = record_run(tmp_path_factory.mktemp("run"))
+    assert recorded["kernel"] == request.param
+    return recorded
+
+
+def record_run(log_dir):
     x, y = tiny_data(n=BATCH * STEPS)
     model = tiny_relu_model(oi.InsightModel)
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="categorical_crossentropy")
@@ -94,7 +104,8 @@ def run(tmp_path_factory):
     records = [json.loads(line) for line in open(log_dir / "steps.jsonl")]
     names = [v.path for v in model.trainable_variables]
     return {"log_dir": log_dir, "weights": weights, "grads": grads, "records": records,
-            "names": names, "model": model}
+            "names": names, "model": model,
+            "kernel": "xla" if cb._tracker._native is None else "native"}
 
 
 def moving_averages(run):
@@ -286,10 +297,11 @@ def test_tensorboard_sign_map_images(run):
     assert tuple(image.reshape(-1, 3)[0]) == SIGN_COLOURS[int(codes[0])]
 
 
-def test_tracker_counts_nonfinite_and_ignores_them():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_tracker_counts_nonfinite_and_ignores_them(kernel):
     """Crafted gradients with NaN/Inf and values on the band edges, straight to the tracker."""
     w = tf.Variable(tf.zeros([6]))
-    tracker = DynamicsTracker([w], thresholds=(1e-5,), ema_decay=0.5, jit_compile=True)
+    tracker = DynamicsTracker([w], thresholds=(1e-5,), ema_decay=0.5, kernel=kernel)
     g1 = np.array([0.0, 1e-5, -3e-6, 2e-6, np.nan, 5.0], np.float32)
     g2 = np.array([0.0, 2e-6, 4e-6, -1e-6, 1e-6, np.inf], np.float32)
 
@@ -318,8 +330,9 @@ def test_tracker_counts_nonfinite_and_ignores_them():
     assert model["no_zero_e5_grad2_05avg"] == 5
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("thresholds", [(1e-5,), (1e-7, 1e-6, 1e-5)])
-def test_tracker_matches_numpy_for_one_and_three_thresholds(thresholds):
+def test_tracker_matches_numpy_for_one_and_three_thresholds(thresholds, kernel):
     """Other threshold counts change how the per-entry codes are histogrammed (three
     thresholds need two histograms); with ema_decay=0 the averages are the raw values,
     so both families must equal the raw reference exactly."""
@@ -327,7 +340,7 @@ def test_tracker_matches_numpy_for_one_and_three_thresholds(thresholds):
     shapes = [(40, 30), (30,), (7,)]
     variables = [tf.Variable(rng.normal(size=s).astype(np.float32), name=f"v{i}")
                  for i, s in enumerate(shapes)]
-    tracker = DynamicsTracker(variables, thresholds=thresholds, ema_decay=0.0)
+    tracker = DynamicsTracker(variables, thresholds=thresholds, ema_decay=0.0, kernel=kernel)
     levels = [0.0, 5e-8, -5e-8, 5e-7, -5e-7, 5e-6, -5e-6, 1e-3, -1e-3]
 
     @tf.function

@@ -1,0 +1,85 @@
+"""The fused CPU kernel of the per-step statistics, built on first use.
+
+`step_statistics.cc` defines the TensorFlow op `InsightStepStatistics`. `load()`
+compiles it with the system C++ compiler against the installed TensorFlow (about
+half a minute, once per TensorFlow version and machine type) into the user's cache
+directory and returns the loaded op module, or None when it cannot be built or is
+switched off with OPTINSIGHT_NATIVE=0; the tracker then uses its XLA version.
+"""
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import tensorflow as tf
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "step_statistics.cc")
+CXX_FLAGS = ["-shared", "-fPIC", "-O3", "-march=native", "-fopenmp-simd",
+             "-ffp-contract=off"]
+
+
+def _cpu_signature():
+    """Model and flags of this CPU (the library is built with -march=native)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def library_path():
+    """Where the compiled library for this TensorFlow, source and CPU lives."""
+    key = hashlib.sha256()
+    for part in (open(SOURCE, "rb").read(), tf.__version__.encode(), tf.__file__.encode(),
+                 " ".join(CXX_FLAGS).encode(), _cpu_signature().encode()):
+        key.update(part)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "optinsight", f"step_statistics-{key.hexdigest()[:16]}.so")
+
+
+def build(path):
+    """Compile the kernel into `path` (atomically); raises RuntimeError on failure."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (install g++)")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    command = [compiler, SOURCE, "-o", tmp, *CXX_FLAGS, *tf.sysconfig.get_compile_flags(),
+               *tf.sysconfig.get_link_flags()]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load():
+    """The op module with `insight_step_statistics`, or None (see module docstring)."""
+    if os.environ.get("OPTINSIGHT_NATIVE", "1") == "0":
+        return None
+    return _library()
+
+
+@functools.cache
+def _library():
+    path = library_path()
+    try:
+        if not os.path.exists(path):
+            print("optinsight: compiling the fused statistics kernel (once)...",
+                  file=sys.stderr, flush=True)
+            build(path)
+        return tf.load_op_library(path)
+    except (RuntimeError, OSError, tf.errors.NotFoundError) as error:
+        print(f"optinsight: fused statistics kernel unavailable, using XLA: "
+              f"{str(error).splitlines()[0]}", file=sys.stderr)
+        return None

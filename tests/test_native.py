@@ -1,0 +1,36 @@
+"""Building and choosing the fused statistics kernel (its numbers are checked against
+numpy in test_dynamics.py, once per kernel)."""
+
+import keras
+import pytest
+
+from optinsight import native
+from optinsight.dynamics import DynamicsTracker
+
+
+def test_kernel_is_built_and_loaded():
+    module = native.load()
+    assert module is not None and hasattr(module, "insight_step_statistics")
+
+
+def test_failed_build_falls_back_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(native, "library_path", lambda: str(tmp_path / "k.so"))
+    monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+    native._library.cache_clear()
+    try:
+        assert native.load() is None
+    finally:
+        native._library.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("optinsight: fused statistics kernel unavailable, using XLA:")
+    assert not list(tmp_path.iterdir())  # no half-written library left behind
+
+
+def test_switched_off_or_unknown_kernel(monkeypatch):
+    variables = [keras.Variable([1.0, 2.0])]
+    monkeypatch.setenv("OPTINSIGHT_NATIVE", "0")
+    assert DynamicsTracker(variables, kernel="auto")._native is None
+    with pytest.raises(RuntimeError, match="native statistics kernel is not available"):
+        DynamicsTracker(variables, kernel="native")
+    with pytest.raises(ValueError, match="kernel must be 'auto', 'native' or 'xla', got 'gpu'"):
+        DynamicsTracker(variables, kernel="gpu")
