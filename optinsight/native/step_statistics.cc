@@ -76,14 +76,10 @@ inline bool finite(float x) { return std::fabs(x) <= FLT_MAX; }  // false for Na
 // costs a few vector operations per entry.
 void AddFamily(const float* prev, const float* now, const float* change, int n,
                const std::vector<float>& thresholds, double* acc) {
-  int32_t prev_level[kChunk], level[kChunk];
   uint32_t kept_counts[kChunk];  // fields: retained (1), flipped, minimum, maximum
   float abs_change[kChunk];
 #pragma omp simd
   for (int i = 0; i < n; ++i) {
-    // Level: the number of thresholds the magnitude exceeds (all of them for NaN).
-    prev_level[i] = 0;
-    level[i] = 0;
     const float diff = now[i] - prev[i];
     // Bitwise operators: no branches, so the loop vectorises.
     const uint32_t up = (change[i] > 0) & (diff > 0), down = (change[i] < 0) & (diff < 0);
@@ -94,20 +90,15 @@ void AddFamily(const float* prev, const float* now, const float* change, int n,
                      (flipped & across) << 24;
     abs_change[i] = finite(change[i]) ? std::fabs(change[i]) : 0.0f;
   }
-  for (const float threshold : thresholds) {
-#pragma omp simd
-    for (int i = 0; i < n; ++i) {
-      prev_level[i] += !(std::fabs(prev[i]) <= threshold);
-      level[i] += !(std::fabs(now[i]) <= threshold);
-    }
-  }
   for (size_t k = 0; k < thresholds.size(); ++k) {
-    const int32_t band = static_cast<int32_t>(k);
+    const float threshold = thresholds[k];
     uint32_t zeros = 0, kept = 0;  // zeros: grad1 | grad2 << 16
     float change_sum = 0.0f, change_max = 0.0f;
 #pragma omp simd reduction(+ : zeros, kept, change_sum) reduction(max : change_max)
     for (int i = 0; i < n; ++i) {
-      const uint32_t in_prev = prev_level[i] <= band, in_now = level[i] <= band;
+      // In the zero band: |x| <= threshold (false for NaN).
+      const uint32_t in_prev = std::fabs(prev[i]) <= threshold;
+      const uint32_t in_now = std::fabs(now[i]) <= threshold;
       zeros += in_prev | in_now << 16;
       const bool retained = in_prev & in_now;
       kept += retained ? kept_counts[i] : 0u;
