@@ -4,9 +4,11 @@ Two models: the reference CNN on CIFAR-10-shaped data at batch 256 and a 3-layer
 MLP at batch 128. Plain and insight runs alternate in one process (same data,
 same number of steps each round); the figure is the median step time of each,
 and their ratio. Memory: resident set size after 100 and after 1,000 insight
-steps of the MLP. Prints the figures and writes benchmarks/results/overhead.json.
+steps of the MLP. Prints the figures and writes benchmarks/results/overhead.json
+(with --xla, which times the tracker's XLA version instead of the fused CPU kernel:
+overhead_xla.json).
 
-    python benchmarks/overhead.py [--rounds 5] [--steps 40]
+    python benchmarks/overhead.py [--rounds 5] [--steps 40] [--xla]
 """
 
 import argparse
@@ -106,7 +108,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--xla", action="store_true",
+                        help="time the XLA version of the statistics (OPTINSIGHT_NATIVE=0)")
     args = parser.parse_args()
+    if args.xla:
+        os.environ["OPTINSIGHT_NATIVE"] = "0"
     results = {}
     with tempfile.TemporaryDirectory() as log_root:
         for kind, batch in (("cnn", 256), ("mlp", 128)):
@@ -120,7 +126,8 @@ def main():
         print(f"memory: {m['rss_mib_after_100_steps']:.0f} MiB after 100 steps, "
               f"{m['rss_mib_after_1000_steps']:.0f} MiB after 1000: growth "
               f"{100 * m['growth']:.1f} % (target < 5 %)")
-    write_results("overhead", results)
+    results["kernel"] = "xla" if args.xla else "native"
+    write_results("overhead_xla" if args.xla else "overhead", results)
 
 
 if __name__ == "__main__":

@@ -310,7 +310,8 @@ class DynamicsTracker(tf.Module):
             weights_before: `read_weights()` taken before the optimizer update.
             loss: the batch's scalar loss.
         """
-        grads = [tf.zeros(v.shape) if gr is None else tf.cast(gr, tf.float32)
+        grads = [tf.zeros(v.shape) if gr is None  # dense, also from IndexedSlices
+                 else tf.cast(tf.convert_to_tensor(gr), tf.float32)
                  for gr, v in zip(grads, self._variables)]
         replica = tf.distribute.get_replica_context()
         if replica is not None and replica.num_replicas_in_sync > 1:
@@ -320,16 +321,22 @@ class DynamicsTracker(tf.Module):
             loss = replica.all_reduce(tf.distribute.ReduceOp.MEAN, loss)
         weights = self.read_weights()
         has_prev = self.has_prev.read_value()
-        state = (self.prev_grad.read_value(), self.ema_grad.read_value(),
-                 self.ema_weight_offset.read_value(), has_prev)
         if self._native is not None:
+            # Updates prev_grad and the moving averages in place (each replica its own
+            # copy, from the same all-reduced gradients).
             ema = [] if self.ema_decay is None else [self.ema_decay, 1.0 - self.ema_decay]
-            stats, g, new_ema_g, new_ema_w_offset = self._native.insight_step_statistics(
-                grads, weights_before, weights, *state, thresholds=self.thresholds, ema=ema)
+            stats = self._native.insight_step_statistics(
+                grads, weights_before, weights, self.prev_grad.handle, self.ema_grad.handle,
+                self.ema_weight_offset.handle, has_prev, thresholds=self.thresholds, ema=ema)
         else:
             g = _flatten(grads)
             stats, new_ema_g, new_ema_w_offset = self._statistics(
-                g, _flatten(weights_before), _flatten(weights), *state, self._segments)
+                g, _flatten(weights_before), _flatten(weights), self.prev_grad.read_value(),
+                self.ema_grad.read_value(), self.ema_weight_offset.read_value(), has_prev,
+                self._segments)
+            self.prev_grad.assign(g)
+            self.ema_grad.assign(new_ema_g)
+            self.ema_weight_offset.assign(new_ema_w_offset)
         step = self.step.read_value() + 1
         self.step.assign(step)
         row = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)
@@ -337,9 +344,6 @@ class DynamicsTracker(tf.Module):
                               (self.row_loss, tf.cast(loss, tf.float64)),
                               (self.row_has_prev, has_prev)):
             buffer.assign(tf.tensor_scatter_nd_update(buffer, [[row]], [value]))
-        self.prev_grad.assign(g)
-        self.ema_grad.assign(new_ema_g)
-        self.ema_weight_offset.assign(new_ema_w_offset)
         self.has_prev.assign(True)
         if self.histogram_freq > 0:
             # Computed only on histogram steps; assigned outside the branch, since an

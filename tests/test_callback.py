@@ -203,6 +203,22 @@ def test_xla_compiled_train_step(tmp_path):
         assert xla["model"]["wdiff"] == pytest.approx(plain["model"]["wdiff"], rel=1e-4)
 
 
+def test_sparse_embedding_gradients(tmp_path):
+    """An Embedding's gradient arrives as IndexedSlices; rows no example uses have an
+    exact-zero gradient, so they are all in the zero band."""
+    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(50, 4),
+                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    ids = np.array([[1, 2, 3], [2, 3, 4], [7, 8, 9], [1, 1, 1]], np.int32)
+    model.fit(ids, np.ones((4, 2), np.float32), batch_size=2, epochs=1, verbose=0,
+              shuffle=False, callbacks=[oi.OptimizationInsightCallback(tmp_path)])
+    steps = read_jsonl(tmp_path / "steps.jsonl")
+    name = model.layers[0].embeddings.path
+    for step, batch in zip(steps, (ids[:2], ids[2:])):
+        unused_rows = 50 - len(np.unique(batch))
+        assert step["layers"][name]["no_zero_e7_grad2"] == 4 * unused_rows
+
+
 def test_probes_are_scheduled_and_logged(tmp_path):
     class MeanOutput:
         name = "mean_output"

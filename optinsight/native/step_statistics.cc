@@ -1,6 +1,8 @@
 // InsightStepStatistics: one pass over a step's gradients and weights that yields the
 // statistics matrix of optinsight.dynamics._step_statistics (same columns, same
-// definitions) and the next state (flat gradient, moving averages).
+// definitions) and updates the tracker's state variables in place: the previous
+// gradient becomes this step's, and the moving averages advance. In place, because a
+// fresh O(parameters) output per step costs more than the arithmetic (new pages).
 //
 // The XLA version makes one loop per reduction over all parameters; this kernel reads
 // every parameter once, in blocks spread over TensorFlow's CPU worker threads.
@@ -15,6 +17,8 @@
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/util/work_sharder.h"
 
@@ -25,6 +29,7 @@ using ::tensorflow::OpInputList;
 using ::tensorflow::OpKernel;
 using ::tensorflow::OpKernelConstruction;
 using ::tensorflow::OpKernelContext;
+using ::tensorflow::Var;
 using ::tensorflow::Status;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
@@ -40,14 +45,12 @@ REGISTER_OP("InsightStepStatistics")
     .Input("grads: N * float")
     .Input("weights_before: N * float")
     .Input("weights: N * float")
-    .Input("prev_grad: float")
-    .Input("ema_grad: float")
-    .Input("ema_weight_offset: float")
+    .Input("prev_grad: resource")          // float [P], set to the flat gradient
+    .Input("ema_grad: resource")           // float [P] or [0], advanced
+    .Input("ema_weight_offset: resource")  // float [P] or [0], advanced
     .Input("has_prev: bool")
     .Output("stats: double")
-    .Output("grad: float")
-    .Output("new_ema_grad: float")
-    .Output("new_ema_weight_offset: float")
+    .SetIsStateful()
     .Attr("N: int >= 1")
     .Attr("thresholds: list(float)")
     .Attr("ema: list(float)")  // [] or [d, 1 - d] (1 - d rounded from double, as in TF)
@@ -59,9 +62,6 @@ REGISTER_OP("InsightStepStatistics")
       TF_RETURN_IF_ERROR(c->GetAttr("ema", &ema));
       const int families = ema.empty() ? 1 : 2;
       c->set_output(0, c->Matrix(n, kGlobalStats + families * thresholds.size() * kBandStats));
-      c->set_output(1, c->input(3 * n));
-      c->set_output(2, c->input(3 * n + 1));
-      c->set_output(3, c->input(3 * n + 2));
       return Status();
     });
 
@@ -131,12 +131,9 @@ class InsightStepStatisticsOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->input_list("grads", &grads));
     OP_REQUIRES_OK(ctx, ctx->input_list("weights_before", &before));
     OP_REQUIRES_OK(ctx, ctx->input_list("weights", &after));
-    const Tensor& prev_grad = ctx->input(3 * grads.size());
-    const Tensor& ema_grad = ctx->input(3 * grads.size() + 1);
-    const Tensor& ema_offset = ctx->input(3 * grads.size() + 2);
-    const bool has_prev = ctx->input(3 * grads.size() + 3).scalar<bool>()();
-    const bool ema = !ema_.empty();
     const int n_vars = grads.size();
+    const bool has_prev = ctx->input(3 * n_vars + 3).scalar<bool>()();
+    const bool ema = !ema_.empty();
     const int n_bands = thresholds_.size() * kBandStats;
     const int n_stats = kGlobalStats + (ema ? 2 : 1) * n_bands;
 
@@ -154,21 +151,35 @@ class InsightStepStatisticsOp : public OpKernel {
       }
       total += size;
     }
-    OP_REQUIRES(ctx, prev_grad.NumElements() == total,
-                errors::InvalidArgument("prev_grad has ", prev_grad.NumElements(),
-                                        " entries, the variables ", total));
-    const int64_t ema_size = ema ? total : 0;
-    OP_REQUIRES(ctx, ema_grad.NumElements() == ema_size &&
-                         ema_offset.NumElements() == ema_size,
-                errors::InvalidArgument("moving-average state must have ", ema_size,
-                                        " entries"));
+
+    // The state variables, locked (always in this order) for the whole update.
+    ::tensorflow::core::RefCountPtr<Var> state[3];
+    std::vector<::tensorflow::mutex_lock> locks;
+    float* data[3];
+    for (int k = 0; k < 3; ++k) {
+      OP_REQUIRES_OK(ctx, ::tensorflow::LookupResource(
+                              ctx, ::tensorflow::HandleFromInput(ctx, 3 * n_vars + k),
+                              &state[k]));
+      locks.emplace_back(*state[k]->mu());
+      Tensor* tensor = state[k]->tensor();
+      const int64_t size = (k == 0 || ema) ? total : 0;
+      OP_REQUIRES(ctx, tensor->dtype() == ::tensorflow::DT_FLOAT &&
+                           tensor->NumElements() == size,
+                  errors::InvalidArgument("state variable ", k, " must be float32 with ",
+                                          size, " entries"));
+      if (state[k]->copy_on_read_mode.load() || !tensor->RefCountIsOne()) {
+        // A read of the old value is still alive: update a copy (copy-on-write).
+        Tensor copy;
+        OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_FLOAT, tensor->shape(),
+                                               &copy));
+        std::copy_n(tensor->flat<float>().data(), size, copy.flat<float>().data());
+        *tensor = copy;
+      }
+      data[k] = tensor->flat<float>().data();
+    }
 
     Tensor* stats = nullptr;
-    Tensor *grad_out = nullptr, *ema_grad_out = nullptr, *ema_offset_out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n_vars, n_stats}), &stats));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, prev_grad.shape(), &grad_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, ema_grad.shape(), &ema_grad_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, ema_offset.shape(), &ema_offset_out));
 
     std::vector<double> partial(blocks.size() * n_stats, 0.0);
     auto run = [&](int64_t begin, int64_t end) {
@@ -177,23 +188,19 @@ class InsightStepStatisticsOp : public OpKernel {
         const float* g = grads[block.var].flat<float>().data() + block.first;
         const float* w0 = before[block.var].flat<float>().data() + block.first;
         const float* w1 = after[block.var].flat<float>().data() + block.first;
-        const float* pg = prev_grad.flat<float>().data() + block.offset;
-        float* g_out = grad_out->flat<float>().data() + block.offset;
-        const float* eg = ema ? ema_grad.flat<float>().data() + block.offset : nullptr;
-        const float* eo = ema ? ema_offset.flat<float>().data() + block.offset : nullptr;
-        float* eg_out = ema ? ema_grad_out->flat<float>().data() + block.offset : nullptr;
-        float* eo_out = ema ? ema_offset_out->flat<float>().data() + block.offset : nullptr;
+        float* pg = data[0] + block.offset;
+        float* eg = ema ? data[1] + block.offset : nullptr;
+        float* eo = ema ? data[2] + block.offset : nullptr;
         double* acc = partial.data() + b * n_stats;
         for (int64_t c = 0; c < block.size; c += kChunk) {
           const int n = static_cast<int>(std::min<int64_t>(kChunk, block.size - c));
-          float dw[kChunk], ema_change[kChunk];
+          float dw[kChunk], new_ema[kChunk], ema_change[kChunk];
           float grad_sq = 0, weight_sq = 0, prev_weight_sq = 0, wdiff_sq = 0;
           int32_t nonfinite = 0;
 #pragma omp simd reduction(+ : grad_sq, weight_sq, prev_weight_sq, wdiff_sq, nonfinite)
           for (int i = 0; i < n; ++i) {
             const float gi = g[c + i], before_i = w0[c + i], after_i = w1[c + i];
             dw[i] = after_i - before_i;
-            g_out[c + i] = gi;
             nonfinite += !finite(gi);
             grad_sq += finite(gi) ? gi * gi : 0.0f;
             weight_sq += finite(after_i) ? after_i * after_i : 0.0f;
@@ -206,6 +213,7 @@ class InsightStepStatisticsOp : public OpKernel {
           acc[3] += wdiff_sq;
           acc[4] += nonfinite;
           AddFamily(pg + c, g + c, dw, n, thresholds_, acc + kGlobalStats);
+          std::copy_n(g + c, n, pg + c);
           if (!ema) continue;
           // Moving averages (see _step_statistics): a non-finite gradient entry keeps
           // the average; the weight average is kept as its offset from the weights.
@@ -215,13 +223,14 @@ class InsightStepStatisticsOp : public OpKernel {
             const float gi = g[c + i];
             const float kept = has_prev ? eg[c + i] : 0.0f;
             const float g_finite = finite(gi) ? gi : kept;
-            eg_out[c + i] = has_prev ? d * eg[c + i] + complement * g_finite : g_finite;
+            new_ema[i] = has_prev ? d * eg[c + i] + complement * g_finite : g_finite;
             const float old_offset = has_prev ? eo[c + i] : 0.0f;
             ema_change[i] = complement * (dw[i] - old_offset);
-            eo_out[c + i] = d * (old_offset - dw[i]);
+            eo[c + i] = d * (old_offset - dw[i]);
           }
-          AddFamily(eg + c, eg_out + c, ema_change, n, thresholds_,
+          AddFamily(eg + c, new_ema, ema_change, n, thresholds_,
                     acc + kGlobalStats + n_bands);
+          std::copy_n(new_ema, n, eg + c);
         }
       }
     };
