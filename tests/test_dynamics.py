@@ -331,13 +331,21 @@ def test_tracker_counts_nonfinite_and_ignores_them(kernel):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("thresholds", [(1e-5,), (1e-7, 1e-6, 1e-5)])
-def test_tracker_matches_numpy_for_one_and_three_thresholds(thresholds, kernel):
+@pytest.mark.parametrize("thresholds, shapes, near_zero", [
+    ((1e-5,), [(40, 30), (30,), (7,)], 1.0),
+    ((1e-7, 1e-6, 1e-5), [(40, 30), (30,), (7,)], 1.0),
+    # Several of the native kernel's parallel blocks, most of its chunks without any
+    # entry near zero (it skips their retained-entry statistics).
+    ((1e-7, 1e-6, 1e-5), [(350, 200), (30,), (7,)], 0.005),
+])
+def test_tracker_matches_numpy(thresholds, shapes, near_zero, kernel):
     """Other threshold counts change how the per-entry codes are histogrammed (three
     thresholds need two histograms); with ema_decay=0 the averages are the raw values,
-    so both families must equal the raw reference exactly."""
-    rng = np.random.default_rng(len(thresholds))
-    shapes = [(40, 30), (30,), (7,)]
+    so both families must equal the raw reference exactly. `near_zero`: the fraction
+    of the first variable's entries whose gradients come from the small levels (the
+    same entries every step); the others are +-1e-3."""
+    rng = np.random.default_rng(len(thresholds) + len(shapes[0]))
+    near = rng.random(shapes[0]) < near_zero
     variables = [tf.Variable(rng.normal(size=s).astype(np.float32), name=f"v{i}")
                  for i, s in enumerate(shapes)]
     tracker = DynamicsTracker(variables, thresholds=thresholds, ema_decay=0.0, kernel=kernel)
@@ -353,6 +361,7 @@ def test_tracker_matches_numpy_for_one_and_three_thresholds(thresholds, kernel):
     weights, grads = [[v.numpy() for v in variables]], []
     for t in range(4):
         g = [rng.choice(levels, size=s).astype(np.float32) for s in shapes]
+        g[0] = np.where(near, g[0], rng.choice([-1e-3, 1e-3], size=shapes[0]))
         g[2][:] = 0.0  # a dead variable: one code for every entry
         w = [a + rng.choice([-1e-3, 0.0, 1e-3], size=a.shape).astype(np.float32)
              for a in weights[-1]]

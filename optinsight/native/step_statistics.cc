@@ -13,6 +13,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -69,49 +70,86 @@ namespace {
 
 inline bool finite(float x) { return std::fabs(x) <= FLT_MAX; }  // false for NaN, inf
 
-// Adds one family's band statistics over n <= kChunk entries to
-// acc[k * kBandStats + column]. prev, now: the gradient (or its average) at t-1 and
-// t; change: the weight change. Counts that are added together are packed into one
-// integer, a field per count (8 bits suffice for kChunk entries), so that each band
-// costs a few vector operations per entry.
-void AddFamily(const float* prev, const float* now, const float* change, int n,
-               const std::vector<float>& thresholds, double* acc) {
-  uint32_t kept_counts[kChunk];  // fields: retained (1), flipped, minimum, maximum
-  float abs_change[kChunk];
-#pragma omp simd
+// Adds the statistics of two bands, a and b, over n <= kChunk entries to acc_a and
+// acc_b (kBandStats columns each). prev, now: the gradient (or its average) at t-1
+// and t; change: the weight change. kCounts: add the zero-band counts (grad1, grad2,
+// retained); kRetained: add the statistics of retained entries (flipped, minimum,
+// maximum, weight change). Returns the entries retained in either band. Counts that
+// are added together are packed into one integer, a field per count (8 bits suffice
+// for kChunk entries); bitwise operators instead of branches let the loop vectorise.
+template <bool kCounts, bool kRetained>
+uint32_t AddBandPair(const float* prev, const float* now, const float* change, int n,
+                     float threshold_a, float threshold_b, double* acc_a, double* acc_b) {
+  uint32_t counts_a = 0, counts_b = 0, kept_a = 0, kept_b = 0;
+  float sum_a = 0.0f, sum_b = 0.0f, max_a = 0.0f, max_b = 0.0f;
+#pragma omp simd reduction(+ : counts_a, counts_b, kept_a, kept_b, sum_a, sum_b) \
+    reduction(max : max_a, max_b)
   for (int i = 0; i < n; ++i) {
-    const float diff = now[i] - prev[i];
-    // Bitwise operators: no branches, so the loop vectorises.
-    const uint32_t up = (change[i] > 0) & (diff > 0), down = (change[i] < 0) & (diff < 0);
-    const uint32_t across = ((change[i] > 0) & (diff < 0)) | ((change[i] < 0) & (diff > 0));
-    const uint32_t flipped = ((prev[i] < 0) & (now[i] > 0)) | ((prev[i] > 0) & (now[i] < 0));
-    // A flip is a minimum when the weight moved along the gradient's change.
-    kept_counts[i] = 1u | flipped << 8 | (flipped & (up | down)) << 16 |
-                     (flipped & across) << 24;
-    abs_change[i] = finite(change[i]) ? std::fabs(change[i]) : 0.0f;
-  }
-  for (size_t k = 0; k < thresholds.size(); ++k) {
-    const float threshold = thresholds[k];
-    uint32_t zeros = 0, kept = 0;  // zeros: grad1 | grad2 << 16
-    float change_sum = 0.0f, change_max = 0.0f;
-#pragma omp simd reduction(+ : zeros, kept, change_sum) reduction(max : change_max)
-    for (int i = 0; i < n; ++i) {
-      // In the zero band: |x| <= threshold (false for NaN).
-      const uint32_t in_prev = std::fabs(prev[i]) <= threshold;
-      const uint32_t in_now = std::fabs(now[i]) <= threshold;
-      zeros += in_prev | in_now << 16;
-      const bool retained = in_prev & in_now;
-      kept += retained ? kept_counts[i] : 0u;
-      const float c = retained ? abs_change[i] : 0.0f;
-      change_sum += c;
-      change_max = std::max(change_max, c);
+    // In a zero band: |x| <= threshold (false for NaN).
+    const float abs_prev = std::fabs(prev[i]), abs_now = std::fabs(now[i]);
+    const uint32_t prev_a = abs_prev <= threshold_a, now_a = abs_now <= threshold_a;
+    const uint32_t prev_b = abs_prev <= threshold_b, now_b = abs_now <= threshold_b;
+    const uint32_t retained_a = prev_a & now_a, retained_b = prev_b & now_b;
+    counts_a += prev_a | now_a << 8 | retained_a << 16;  // fields: grad1, grad2, retained
+    counts_b += prev_b | now_b << 8 | retained_b << 16;
+    if constexpr (kRetained) {
+      const float diff = now[i] - prev[i];
+      const uint32_t up = (change[i] > 0) & (diff > 0), down = (change[i] < 0) & (diff < 0);
+      const uint32_t across =
+          ((change[i] > 0) & (diff < 0)) | ((change[i] < 0) & (diff > 0));
+      const uint32_t flipped =
+          ((prev[i] < 0) & (now[i] > 0)) | ((prev[i] > 0) & (now[i] < 0));
+      // A flip is a minimum when the weight moved along the gradient's change.
+      const uint32_t outcome =  // fields: flipped, minimum, maximum
+          flipped | (flipped & (up | down)) << 8 | (flipped & across) << 16;
+      const float abs_change = finite(change[i]) ? std::fabs(change[i]) : 0.0f;
+      kept_a += retained_a ? outcome : 0u;
+      kept_b += retained_b ? outcome : 0u;
+      const float change_a = retained_a ? abs_change : 0.0f;
+      const float change_b = retained_b ? abs_change : 0.0f;
+      sum_a += change_a;
+      sum_b += change_b;
+      max_a = std::max(max_a, change_a);
+      max_b = std::max(max_b, change_b);
     }
-    double* a = acc + k * kBandStats;
-    a[0] += zeros & 0xffffu;
-    a[1] += zeros >> 16;
-    for (int field = 0; field < 4; ++field) a[2 + field] += (kept >> (8 * field)) & 0xffu;
-    a[6] += change_sum;
-    a[7] = std::max(a[7], static_cast<double>(change_max));
+  }
+  for (auto [acc, counts, kept, sum, max] : {std::tuple(acc_a, counts_a, kept_a, sum_a, max_a),
+                                            std::tuple(acc_b, counts_b, kept_b, sum_b, max_b)}) {
+    if constexpr (kCounts) {
+      for (int field = 0; field < 3; ++field) acc[field] += (counts >> (8 * field)) & 0xffu;
+    }
+    if constexpr (kRetained) {
+      for (int field = 0; field < 3; ++field) acc[3 + field] += (kept >> (8 * field)) & 0xffu;
+      acc[6] += sum;
+      acc[7] = std::max(acc[7], static_cast<double>(max));
+    }
+  }
+  return (counts_a >> 16) + (counts_b >> 16);
+}
+
+// Adds one family's band statistics over n <= kChunk entries to
+// acc[k * kBandStats + column], two bands per pass. The statistics of retained
+// entries are computed only for chunks that have any: in most chunks of a network
+// without dead units there are none, and then a pass only counts. had_retained: whether
+// the family's previous chunk had retained entries (then this one is assumed to have
+// them too, saving a counting pass); updated.
+void AddFamily(const float* prev, const float* now, const float* change, int n,
+               const std::vector<float>& thresholds, bool& had_retained, double* acc) {
+  double unused[kBandStats] = {};  // band b of a pass with an odd band out
+  for (size_t k = 0; k < thresholds.size(); k += 2) {
+    const bool pair = k + 1 < thresholds.size();
+    const float threshold_b = thresholds[pair ? k + 1 : k];
+    double* acc_a = acc + k * kBandStats;
+    double* acc_b = pair ? acc + (k + 1) * kBandStats : unused;
+    if (had_retained) {
+      had_retained = AddBandPair<true, true>(prev, now, change, n, thresholds[k],
+                                             threshold_b, acc_a, acc_b) > 0;
+    } else if (AddBandPair<true, false>(prev, now, change, n, thresholds[k], threshold_b,
+                                        acc_a, acc_b) > 0) {
+      AddBandPair<false, true>(prev, now, change, n, thresholds[k], threshold_b, acc_a,
+                               acc_b);
+      had_retained = true;
+    }
   }
 }
 
@@ -160,6 +198,10 @@ class InsightStepStatisticsOp : public OpKernel {
       OP_REQUIRES_OK(ctx, ::tensorflow::LookupResource(
                               ctx, ::tensorflow::HandleFromInput(ctx, 3 * n_vars + k),
                               &state[k]));
+      for (int j = 0; j < k; ++j) {  // a second lock of one mutex would never return
+        OP_REQUIRES(ctx, state[j].get() != state[k].get(),
+                    errors::InvalidArgument("the three state variables must be distinct"));
+      }
       locks.emplace_back(*state[k]->mu());
       Tensor* tensor = state[k]->tensor();
       const int64_t size = (k == 0 || ema) ? total : 0;
@@ -192,6 +234,7 @@ class InsightStepStatisticsOp : public OpKernel {
         float* eg = ema ? data[1] + block.offset : nullptr;
         float* eo = ema ? data[2] + block.offset : nullptr;
         double* acc = partial.data() + b * n_stats;
+        bool raw_had_retained = true, avg_had_retained = true;  // see AddFamily
         for (int64_t c = 0; c < block.size; c += kChunk) {
           const int n = static_cast<int>(std::min<int64_t>(kChunk, block.size - c));
           float dw[kChunk], new_ema[kChunk], ema_change[kChunk];
@@ -212,7 +255,7 @@ class InsightStepStatisticsOp : public OpKernel {
           acc[2] += prev_weight_sq;
           acc[3] += wdiff_sq;
           acc[4] += nonfinite;
-          AddFamily(pg + c, g + c, dw, n, thresholds_, acc + kGlobalStats);
+          AddFamily(pg + c, g + c, dw, n, thresholds_, raw_had_retained, acc + kGlobalStats);
           std::copy_n(g + c, n, pg + c);
           if (!ema) continue;
           // Moving averages (see _step_statistics): a non-finite gradient entry keeps
@@ -228,7 +271,7 @@ class InsightStepStatisticsOp : public OpKernel {
             ema_change[i] = complement * (dw[i] - old_offset);
             eo[c + i] = d * (old_offset - dw[i]);
           }
-          AddFamily(eg + c, new_ema, ema_change, n, thresholds_,
+          AddFamily(eg + c, new_ema, ema_change, n, thresholds_, avg_had_retained,
                     acc + kGlobalStats + n_bands);
           std::copy_n(new_ema, n, eg + c);
         }
