@@ -17,8 +17,9 @@ import time
 
 import keras
 import numpy as np
+import pandas as pd
 
-from optinsight.diagnose import diagnose
+from optinsight.diagnose import diagnose_run
 from optinsight.dynamics import (
     DynamicsTracker,
     count_keys,
@@ -28,6 +29,7 @@ from optinsight.dynamics import (
 )
 from optinsight.logs.background import BackgroundWriter
 from optinsight.logs.jsonlog import JsonlWriter, plain, read_json, truncate_jsonl, write_json_atomic
+from optinsight.logs.reader import Run, epoch_frame, probes_frame
 from optinsight.logs.tensorboard import TensorBoardWriter
 from optinsight.model import InsightModel, insight_train_step
 from optinsight.signs import sign_codes, sign_map_image
@@ -179,7 +181,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._epoch = 0
         self._keys = metric_names(self.thresholds, self.ema_decay)
         self._counts = count_keys(self.thresholds, self.ema_decay)
-        self._history = {"model": [], "layers": []}  # per epoch: float arrays
+        # Per epoch: its number, and its steps' numbers, model and layer metrics (arrays).
+        self._history = {"epoch": [], "step": [], "model": [], "layers": []}
         self._epoch_wise = {k: [] for k in EPOCH_KEYS}
         self._probe_history = {}
         self._writers = {}
@@ -269,7 +272,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._epoch_start = self._step
-        self._epoch_rows = []  # (metric table, loss) per step
+        self._epoch_rows = []  # (step, metric table, loss) per step
 
     @staticmethod
     def _steps_per_call(model):
@@ -320,7 +323,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._writer("steps.jsonl").write({
             "step": step, "epoch": epoch, "batch": batch,
             "model": model_metrics, "layers": layers})
-        self._epoch_rows.append((table, loss))
+        self._epoch_rows.append((step, table, loss))
         if self.tensorboard and self.update_freq != "epoch" and step % self.update_freq == 0:
             self._tb.scalars(self._tb_scalars(model_metrics, layers), step)
 
@@ -369,8 +372,10 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._background.flush()
         logs = logs or {}
         n_vars, n_keys = len(self._tracker.names), len(self._keys)
-        tables = np.array([t for t, _ in self._epoch_rows]).reshape(-1, n_vars + 1, n_keys)
-        losses = np.array([loss for _, loss in self._epoch_rows], dtype=np.float64)
+        tables = np.array([t for _, t, _ in self._epoch_rows]).reshape(-1, n_vars + 1, n_keys)
+        losses = np.array([loss for _, _, loss in self._epoch_rows], dtype=np.float64)
+        self._history["epoch"].append(epoch)
+        self._history["step"].append(np.array([s for s, _, _ in self._epoch_rows], np.int64))
         self._history["model"].append(np.column_stack([tables[:, -1, :], losses]))
         self._history["layers"].append(tables[:, :-1, :])
         values = {"train_mean_loss": logs.get("loss"), "val_mean_loss": logs.get("val_loss"),
@@ -391,18 +396,37 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                                 for k, m in zip(self._model_keys, means)})
             self._tb.scalars(scalars, self._step)
             self._tb.flush()
-        write_json_atomic(self._path("insight.json"), self.summary())
+        document = self.summary()
+        write_json_atomic(self._path("insight.json"), document)
         if self.checkpoint_freq and (epoch + 1) % self.checkpoint_freq == 0:
             self._save_checkpoint(epoch + 1)
         if self.diagnosis:
-            self._print_new_findings()
+            self._print_new_findings(document)
 
-    def _print_new_findings(self):
-        for finding in diagnose(self._root):
+    def _print_new_findings(self, document):
+        for finding in diagnose_run(self._run_so_far(document)):
             key = (finding.code, finding.layer)
             if finding.severity != "info" and key not in self._reported:
                 self._reported.add(key)
                 print(f"optinsight: {finding}", file=sys.stderr)
+
+    def _run_so_far(self, document):
+        """The run as `read_log` loads it, its steps from memory (`document`: `summary()`)
+        rather than re-read from a log that grows with every step."""
+        names, history = self._tracker.names, self._history
+        columns = {
+            "step": np.concatenate(history["step"]),
+            "epoch": np.concatenate([np.full(len(steps), epoch) for epoch, steps
+                                     in zip(history["epoch"], history["step"])]),
+            "batch": np.concatenate([np.arange(len(a)) for a in history["step"]]),
+        }
+        model, layers = np.concatenate(history["model"]), np.concatenate(history["layers"])
+        columns.update(zip(self._model_keys, model.T))
+        for v, name in enumerate(names):
+            columns.update({f"{name}/{k}": layers[:, v, i] for i, k in enumerate(self._keys)})
+        return Run(steps=pd.DataFrame(columns), epochs=epoch_frame(document, "insight.json"),
+                   summary=document, probes=probes_frame(self._path("probes.jsonl")),
+                   log_dir=self._root)
 
     def summary(self):
         """The insight.json document (DESIGN.md section 4) of what is recorded so far."""
@@ -513,6 +537,12 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         def array(lists):
             return np.array([np.nan if v is None else v for v in lists], dtype=np.float64)
 
+        self._history["epoch"] = list(range(epochs))
+        last_step = self._step  # restored epochs hold steps ..., last_step, contiguous
+        for e in reversed(range(epochs)):
+            rows = len(document["batch_wise"][self._model_keys[0]][e])
+            self._history["step"].insert(0, np.arange(last_step - rows + 1, last_step + 1))
+            last_step -= rows
         for e in range(epochs):
             self._history["model"].append(np.stack(
                 [array(document["batch_wise"][k][e]) for k in self._model_keys], axis=1))

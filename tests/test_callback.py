@@ -5,6 +5,7 @@ import os
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import tiny_data, tiny_relu_model
 
@@ -105,12 +106,16 @@ def test_resume_continues_steps_epochs_and_state(tmp_path):
         cb = oi.OptimizationInsightCallback(log_dir, resume=resume, histogram_freq=2,
                                             histogram_bins=8)
         model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0, callbacks=[cb])
-        return model
+        return model, cb
 
-    whole = fit(tmp_path / "whole", 4)
+    whole, _ = fit(tmp_path / "whole", 4)
     fit(tmp_path / "split", 2)
-    resumed = fit(tmp_path / "split", 4, resume=True)
+    resumed, cb = fit(tmp_path / "split", 4, resume=True)
     a, b = oi.read_log(tmp_path / "whole"), oi.read_log(tmp_path / "split")
+    # What the epoch-end diagnosis sees, from memory, is what read_log reads back.
+    in_memory = cb._run_so_far(cb.summary())
+    pd.testing.assert_frame_equal(in_memory.steps, b.steps, check_dtype=False)
+    pd.testing.assert_frame_equal(in_memory.epochs, b.epochs)
     assert b.steps["step"].tolist() == list(range(1, 13))
     assert b.steps["epoch"].tolist() == a.steps["epoch"].tolist()
     numeric = a.steps.select_dtypes("number").columns

@@ -109,7 +109,14 @@ def _probe_row(record, path, index):
     return row
 
 
-def _epoch_frame(summary, path):
+def probes_frame(path):
+    """The probe evaluations in the probes.jsonl file `path` (see `Run.probes`)."""
+    return pd.DataFrame([_probe_row(r, path, i) for i, r in enumerate(read_jsonl(path))])
+
+
+def epoch_frame(summary, path):
+    """The epoch_wise lists of an insight.json document as a frame (one row per epoch);
+    ValueError naming `path` if they are malformed."""
     epoch_wise = summary.get("epoch_wise", {})
     columns = epoch_wise.values() if isinstance(epoch_wise, dict) else None
     if columns is None or not all(isinstance(c, list) and all(_is_number(v) for v in c)
@@ -144,7 +151,5 @@ def read_log(log_dir):
                           for i, r in enumerate(read_jsonl(steps_path))])
     if not steps.empty:
         steps = steps.astype(float).astype({k: int for k in ("step", "epoch", "batch")})
-    probes = pd.DataFrame([_probe_row(r, probes_path, i)
-                           for i, r in enumerate(read_jsonl(probes_path))])
-    return Run(steps=steps, epochs=_epoch_frame(summary, summary_path), summary=summary,
-               probes=probes, log_dir=log_dir)
+    return Run(steps=steps, epochs=epoch_frame(summary, summary_path), summary=summary,
+               probes=probes_frame(probes_path), log_dir=log_dir)
