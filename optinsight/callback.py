@@ -308,24 +308,27 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             self._background.submit(self._write_steps, rows, self._epoch, self._epoch_start)
 
     def _write_steps(self, rows, epoch, epoch_start):
-        for step, loss, has_prev, stats in rows:
-            self._write_step(step, epoch, step - epoch_start - 1, loss, has_prev, stats)
-
-    def _write_step(self, step, epoch, batch, loss, has_prev, stats):
-        """Metrics of one step to steps.jsonl, the epoch's history and TensorBoard
-        (on the writer thread, overlapping the next training step)."""
+        """Metrics of a burst of steps [(step, loss, has_prev, stats)] to steps.jsonl,
+        the epoch's history and TensorBoard (on the writer thread, overlapping
+        training)."""
         names = self._tracker.names
-        table = metric_table(stats, has_prev, self.thresholds, self.ema_decay)
-        model_metrics = table_row_dict(table[-1], self._keys, self._counts)
-        model_metrics["train_loss"] = loss
-        layers = {name: table_row_dict(table[r], self._keys, self._counts)
-                  for r, name in enumerate(names)}
-        self._writer("steps.jsonl").write({
-            "step": step, "epoch": epoch, "batch": batch,
-            "model": model_metrics, "layers": layers})
-        self._epoch_rows.append((step, table, loss))
-        if self.tensorboard and self.update_freq != "epoch" and step % self.update_freq == 0:
-            self._tb.scalars(self._tb_scalars(model_metrics, layers), step)
+        tables = metric_table(np.stack([stats for *_, stats in rows]),
+                              [has_prev for _, _, has_prev, _ in rows],
+                              self.thresholds, self.ema_decay)
+        scalars = []
+        for (step, loss, _, _), table in zip(rows, tables):
+            model_metrics = table_row_dict(table[-1], self._keys, self._counts)
+            model_metrics["train_loss"] = loss
+            layers = {name: table_row_dict(table[r], self._keys, self._counts)
+                      for r, name in enumerate(names)}
+            self._writer("steps.jsonl").write({
+                "step": step, "epoch": epoch, "batch": step - epoch_start - 1,
+                "model": model_metrics, "layers": layers})
+            self._epoch_rows.append((step, table, loss))
+            if self.tensorboard and self.update_freq != "epoch" and step % self.update_freq == 0:
+                scalars.append((self._tb_scalars(model_metrics, layers), step))
+        if scalars:
+            self._tb.scalars_at(scalars)
 
     @property
     def _model_keys(self):

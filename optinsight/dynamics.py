@@ -447,56 +447,59 @@ def count_keys(thresholds, ema_decay):
 
 
 def metric_table(stats, has_prev, thresholds, ema_decay):
-    """Metrics of one step from its statistics matrix, as a table.
+    """Metrics of steps from their statistics matrices, as tables.
 
     Args:
-        stats: float64 [n_vars, n_stats] from `DynamicsTracker`.
-        has_prev: whether a previous step exists (False on a run's first step:
-            metrics that need g_{t-1} are undefined).
+        stats: float64 [..., n_vars, n_stats] from `DynamicsTracker` (any leading
+            dimensions, e.g. one per step).
+        has_prev: bool [...]: whether a previous step exists (False on a run's first
+            step: metrics that need g_{t-1} are undefined).
     Returns:
-        float64 [n_vars + 1, n_keys]: a row per variable, then the whole model
+        float64 [..., n_vars + 1, n_keys]: a row per variable, then the whole model
         (sums of counts and squares, maxima of maxima, fractions and norms
         recomputed); columns in `metric_names` order; NaN where undefined.
     """
     stats = np.asarray(stats, dtype=np.float64)
     n_global = len(GLOBAL_STATS)
-    total = stats.sum(axis=0)
-    maxima = [n_global + i for i in range(stats.shape[1] - n_global)
+    total = stats.sum(axis=-2)
+    maxima = [n_global + i for i in range(stats.shape[-1] - n_global)
               if (i % len(BAND_STATS)) == BAND_STATS.index("wdiff_max")]
-    total[maxima] = stats[:, maxima].max(axis=0)
-    rows = np.vstack([stats, total[None, :]])
-    grad_sq, weight_sq, prev_sq, wdiff_sq, nonfinite = (rows[:, i] for i in range(n_global))
-    nan = np.full(len(rows), np.nan)
-    columns = {  # key: values, None where a first step leaves them undefined
+    total[..., maxima] = stats[..., maxima].max(axis=-2)
+    rows = np.concatenate([stats, total[..., None, :]], axis=-2)
+    grad_sq, weight_sq, prev_sq, wdiff_sq, nonfinite = (rows[..., i] for i in range(n_global))
+    first = np.asarray(has_prev, bool)[..., None]  # False: all but grad2 need step t-1
+
+    def defined(values):
+        return np.where(first, values, np.nan)
+
+    columns = {  # key: values [..., n_vars + 1]
         "grad_norm": np.sqrt(grad_sq),
         "weight_norm": np.sqrt(weight_sq),
         "wdiff": np.sqrt(wdiff_sq),
         # undefined for a variable whose previous weights are all zero
         "update_ratio": np.where(
-            prev_sq > 0, np.sqrt(wdiff_sq) / np.sqrt(np.where(prev_sq > 0, prev_sq, 1)), nan),
+            prev_sq > 0, np.sqrt(wdiff_sq) / np.sqrt(np.where(prev_sq > 0, prev_sq, 1)), np.nan),
         "nonfinite_grads": nonfinite,
     }
     block = n_global
     for suffix in [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)]):
         for threshold in thresholds:
-            s = {name: rows[:, block + i] for i, name in enumerate(BAND_STATS)}
+            s = {name: rows[..., block + i] for i, name in enumerate(BAND_STATS)}
             block += len(BAND_STATS)
             keys = _keys(threshold_tag(threshold), suffix)
             released = s["grad1"] - s["retained"]
-            first = has_prev  # False: everything but grad2 needs the previous step
-            columns[keys["grad1"]] = s["grad1"] if first else nan
+            columns[keys["grad1"]] = defined(s["grad1"])
             columns[keys["grad2"]] = s["grad2"]
-            columns[keys["retained"]] = s["retained"] if first else nan
-            columns[keys["released"]] = released if first else nan
-            columns[keys["fraction_released"]] = _ratio(released, s["grad1"]) if first else nan
-            columns[keys["flipped"]] = s["flipped"] if first else nan
-            columns[keys["fraction_flipped"]] = (
-                _ratio(s["flipped"], s["retained"]) if first else nan)
-            columns[keys["min"]] = s["min"] if first else nan
-            columns[keys["max"]] = s["max"] if first else nan
-            columns[keys["wdiff_mean"]] = _ratio(s["wdiff_sum"], s["retained"]) if first else nan
-            columns[keys["wdiff_max"]] = s["wdiff_max"] if first else nan
-    table = np.stack([columns[k] for k in metric_names(thresholds, ema_decay)], axis=1)
+            columns[keys["retained"]] = defined(s["retained"])
+            columns[keys["released"]] = defined(released)
+            columns[keys["fraction_released"]] = defined(_ratio(released, s["grad1"]))
+            columns[keys["flipped"]] = defined(s["flipped"])
+            columns[keys["fraction_flipped"]] = defined(_ratio(s["flipped"], s["retained"]))
+            columns[keys["min"]] = defined(s["min"])
+            columns[keys["max"]] = defined(s["max"])
+            columns[keys["wdiff_mean"]] = defined(_ratio(s["wdiff_sum"], s["retained"]))
+            columns[keys["wdiff_max"]] = defined(s["wdiff_max"])
+    table = np.stack([columns[k] for k in metric_names(thresholds, ema_decay)], axis=-1)
     table[~np.isfinite(table)] = np.nan
     return table
 

@@ -1,7 +1,7 @@
 """TensorBoard event files of a run, written with tf.summary.
 
-Scalars of one step go out as one Summary protocol buffer (a single op per step,
-however many tags), histograms from the counts computed in the train step, and
+Scalars of one step go out as one Summary protocol buffer (however many tags), those
+of many steps in one call; histograms from the counts computed in the train step, and
 sign maps as images. The writer is opened on first use and flushed/closed by its
 owner. Tags follow DESIGN.md section 4.
 """
@@ -20,21 +20,38 @@ class TensorBoardWriter:
     def __init__(self, directory):
         self.directory = directory
         self._writer = None
+        self._write_summaries = None
 
     def _get(self):
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.directory)
+
+            @tf.function(input_signature=(tf.TensorSpec([None], tf.string),
+                                          tf.TensorSpec([None], tf.int64)))
+            def write_summaries(summaries, steps):  # traced with this writer as default
+                for i in tf.range(tf.size(steps)):
+                    tf.summary.experimental.write_raw_pb(summaries[i], step=steps[i])
+
+            with self._writer.as_default():
+                self._write_summaries = write_summaries.get_concrete_function()
         return self._writer
 
     def scalars(self, values, step):
         """Write {tag: number or None} at `step`; None and non-finite are skipped."""
-        summary = summary_pb2.Summary()
-        for tag, value in values.items():
-            if value is not None and math.isfinite(value):
-                summary.value.add(tag=tag, simple_value=float(value))
-        with self._get().as_default():
-            tf.summary.experimental.write_raw_pb(
-                summary.SerializeToString(), step=int(step))
+        self.scalars_at([(values, step)])
+
+    def scalars_at(self, records):
+        """Write [({tag: number or None}, step), ...] (see `scalars`) in one call."""
+        summaries = []
+        for values, _ in records:
+            summary = summary_pb2.Summary()
+            for tag, value in values.items():
+                if value is not None and math.isfinite(value):
+                    summary.value.add(tag=tag, simple_value=float(value))
+            summaries.append(summary.SerializeToString())
+        self._get()
+        self._write_summaries(tf.constant(summaries, tf.string),
+                              tf.constant([int(step) for _, step in records], tf.int64))
 
     def histogram(self, tag, counts, lo, hi, step):
         """Write a histogram of `counts` over equal bins spanning [lo, hi]."""
@@ -58,4 +75,4 @@ class TensorBoardWriter:
     def close(self):
         if self._writer is not None:
             self._writer.close()
-            self._writer = None
+            self._writer = self._write_summaries = None
