@@ -2,7 +2,9 @@
 numpy in test_dynamics.py, once per kernel)."""
 
 import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from optinsight import native
 from optinsight.dynamics import DynamicsTracker
@@ -34,3 +36,23 @@ def test_switched_off_or_unknown_kernel(monkeypatch):
         DynamicsTracker(variables, kernel="native")
     with pytest.raises(ValueError, match="kernel must be 'auto', 'native' or 'xla', got 'gpu'"):
         DynamicsTracker(variables, kernel="gpu")
+
+
+def test_state_read_before_the_update_keeps_its_value():
+    """The kernel updates the previous gradient in place, unless a read of it is still
+    alive: that read must keep the old value (copy-on-write, as TensorFlow's own
+    in-place variable updates do)."""
+    variable = tf.Variable(np.arange(6, dtype=np.float32).reshape(2, 3))
+    tracker = DynamicsTracker([variable], kernel="native")
+
+    @tf.function
+    def step(gradient):
+        read_before = tracker.prev_grad.read_value()
+        tracker.update([gradient], tracker.read_weights(), tf.constant(0.0))
+        return read_before, tracker.prev_grad.read_value()
+
+    first, second = np.full((2, 3), 0.5, np.float32), np.full((2, 3), -2.0, np.float32)
+    step(first)
+    before, after = step(second)
+    np.testing.assert_array_equal(before.numpy(), first.ravel())
+    np.testing.assert_array_equal(after.numpy(), second.ravel())
