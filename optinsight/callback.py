@@ -28,7 +28,14 @@ from optinsight.dynamics import (
     table_row_dict,
 )
 from optinsight.logs.background import BackgroundWriter
-from optinsight.logs.jsonlog import JsonlWriter, plain, read_json, truncate_jsonl, write_json_atomic
+from optinsight.logs.jsonlog import (
+    JsonFragment,
+    JsonlWriter,
+    plain,
+    read_json,
+    truncate_jsonl,
+    write_json_atomic,
+)
 from optinsight.logs.reader import Run, epoch_frame, probes_frame
 from optinsight.logs.tensorboard import TensorBoardWriter
 from optinsight.model import InsightModel, insight_train_step
@@ -183,6 +190,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._counts = count_keys(self.thresholds, self.ema_decay)
         # Per epoch: its number, and its steps' numbers, model and layer metrics (arrays).
         self._history = {"epoch": [], "step": [], "model": [], "layers": []}
+        # Per finished epoch: its batch-wise lists in insight.json, encoded once.
+        self._batch_wise_json = []
         self._epoch_wise = {k: [] for k in EPOCH_KEYS}
         self._probe_history = {}
         self._writers = {}
@@ -432,16 +441,19 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                    log_dir=self._root)
 
     def summary(self):
-        """The insight.json document (DESIGN.md section 4) of what is recorded so far."""
+        """The insight.json document (DESIGN.md section 4) of what is recorded so far;
+        each epoch's batch-wise lists are `JsonFragment`s, encoded once."""
         counter = [0]
-
-        def per_epoch(arrays, index):
-            return [a[(slice(None),) + index].tolist() for a in arrays]
-
-        batch_wise = {k: per_epoch(self._history["model"], (i,))
+        for e in range(len(self._batch_wise_json), len(self._history["model"])):
+            model, layers = self._history["model"][e], self._history["layers"][e]
+            self._batch_wise_json.append((
+                [JsonFragment(column.tolist()) for column in model.T],
+                [[JsonFragment(layers[:, v, i].tolist()) for i in range(len(self._keys))]
+                 for v in range(len(self._tracker.names))]))
+        batch_wise = {k: [model[i] for model, _ in self._batch_wise_json]
                       for i, k in enumerate(self._model_keys)}
         layers = {
-            name: {"batch_wise": {k: per_epoch(self._history["layers"], (v, i))
+            name: {"batch_wise": {k: [layers[v][i] for _, layers in self._batch_wise_json]
                                   for i, k in enumerate(self._keys)},
                    "epoch_wise": {}}
             for v, name in enumerate(self._tracker.names)}

@@ -116,6 +116,21 @@ def test_resume_continues_steps_epochs_and_state(tmp_path):
     in_memory = cb._run_so_far(cb.summary())
     pd.testing.assert_frame_equal(in_memory.steps, b.steps, check_dtype=False)
     pd.testing.assert_frame_equal(in_memory.epochs, b.epochs)
+    # insight.json (its finished epochs encoded once, across the resume) holds every
+    # step's metrics, epoch by epoch, as steps.jsonl does, and counts its NaN written
+    # as null.
+    document = json.load(open(tmp_path / "split" / "insight.json"))
+    records = read_jsonl(tmp_path / "split" / "steps.jsonl")
+    by_epoch = [[r for r in records if r["epoch"] == e] for e in range(4)]
+    nulls = 0
+    for key, lists in document["batch_wise"].items():
+        assert lists == [[r["model"][key] for r in rs] for rs in by_epoch], key
+        nulls += sum(v is None for values in lists for v in values)
+    for name, layer in document["layers"].items():
+        for key, lists in layer["batch_wise"].items():
+            assert lists == [[r["layers"][name][key] for r in rs] for rs in by_epoch], key
+            nulls += sum(v is None for values in lists for v in values)
+    assert nulls > 0 and document["meta"]["null_values"] == nulls  # val_* absent: None
     assert b.steps["step"].tolist() == list(range(1, 13))
     assert b.steps["epoch"].tolist() == a.steps["epoch"].tolist()
     numeric = a.steps.select_dtypes("number").columns

@@ -3,8 +3,10 @@
 JSON Lines files (`steps.jsonl`, `probes.jsonl`, `histograms.jsonl`) get one object
 per line, flushed as written, so a killed process leaves every finished line intact;
 a torn last line is ignored by `read_jsonl`. `insight.json` is rewritten through a
-temporary file and a rename, so it is always a complete document. Non-finite floats
-are written as null (JSON has no NaN) and counted.
+temporary file and a rename, so it is always a complete document; the parts of it
+that no longer change are encoded once (`JsonFragment`), so that rewriting it costs
+little more than writing the file. Non-finite floats are written as null (JSON has no
+NaN) and counted.
 """
 
 import json
@@ -14,8 +16,31 @@ import os
 import numpy as np
 
 
+def _dumps(value):
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+class JsonFragment:
+    """A value encoded as JSON text once, to be written into documents as is.
+
+    Attributes:
+        text: the JSON text (NaN/Inf written as null).
+        nulls: how many NaN/Inf it held.
+    """
+
+    def __init__(self, value):
+        counter = [0]
+        self.text = _dumps(plain(value, counter))
+        self.nulls = counter[0]
+
+
 def plain(value, counter=None):
-    """`value` as plain JSON types; NaN/Inf become None, counted in `counter[0]`."""
+    """`value` as plain JSON types; NaN/Inf become None, counted in `counter[0]`
+    (`JsonFragment`s are kept, their nulls counted)."""
+    if isinstance(value, JsonFragment):
+        if counter is not None:
+            counter[0] += value.nulls
+        return value
     if isinstance(value, dict):
         return {str(k): plain(v, counter) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -35,11 +60,24 @@ def plain(value, counter=None):
     return value
 
 
+def _encode(value):
+    """JSON text of plain JSON types and `JsonFragment`s."""
+    if isinstance(value, JsonFragment):
+        return value.text
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_dumps(k)}:{_encode(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list) and any(isinstance(v, (JsonFragment, dict, list))
+                                       for v in value):
+        return "[" + ",".join(_encode(v) for v in value) + "]"
+    return _dumps(value)
+
+
 def write_json_atomic(path, document):
-    """Write `document` (plain JSON types) to `path` via a temp file and rename."""
+    """Write `document` (plain JSON types and `JsonFragment`s) to `path` via a temp
+    file and rename."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(document, f, allow_nan=False, separators=(",", ":"))
+        f.write(_encode(document))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -84,7 +122,7 @@ def truncate_jsonl(path, last_step):
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for record in kept:
-            f.write(json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n")
+            f.write(_dumps(record) + "\n")
     os.replace(tmp, path)
 
 
@@ -100,10 +138,10 @@ class JsonlWriter:
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8")
         try:  # the common case: already plain and finite
-            line = json.dumps(record, allow_nan=False, separators=(",", ":"))
+            line = _dumps(record)
         except (TypeError, ValueError):
             counter = [0]
-            line = json.dumps(plain(record, counter), allow_nan=False, separators=(",", ":"))
+            line = _dumps(plain(record, counter))
             self.null_count += counter[0]
         self._file.write(line + "\n")
         self._file.flush()
