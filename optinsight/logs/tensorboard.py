@@ -2,11 +2,13 @@
 
 Scalars of one step go out as one Summary protocol buffer (however many tags), those
 of many steps in one call; histograms from the counts computed in the train step, and
-sign maps as images. The writer is opened on first use and flushed/closed by its
-owner. Tags follow DESIGN.md section 4.
+sign maps as images. The writer is opened on first use, by whichever thread writes
+first (the callback's writer thread or the training thread), and flushed/closed by
+its owner. Tags follow DESIGN.md section 4.
 """
 
 import math
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -21,20 +23,23 @@ class TensorBoardWriter:
         self.directory = directory
         self._writer = None
         self._write_summaries = None
+        self._lock = threading.Lock()  # one opening, seen whole by every thread
 
     def _get(self):
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.directory)
+        with self._lock:
+            if self._writer is None:
+                writer = tf.summary.create_file_writer(self.directory)
 
-            @tf.function(input_signature=(tf.TensorSpec([None], tf.string),
-                                          tf.TensorSpec([None], tf.int64)))
-            def write_summaries(summaries, steps):  # traced with this writer as default
-                for i in tf.range(tf.size(steps)):
-                    tf.summary.experimental.write_raw_pb(summaries[i], step=steps[i])
+                @tf.function(input_signature=(tf.TensorSpec([None], tf.string),
+                                              tf.TensorSpec([None], tf.int64)))
+                def write_summaries(summaries, steps):  # traced with `writer` as default
+                    for i in tf.range(tf.size(steps)):
+                        tf.summary.experimental.write_raw_pb(summaries[i], step=steps[i])
 
-            with self._writer.as_default():
-                self._write_summaries = write_summaries.get_concrete_function()
-        return self._writer
+                with writer.as_default():
+                    self._write_summaries = write_summaries.get_concrete_function()
+                self._writer = writer
+            return self._writer
 
     def scalars(self, values, step):
         """Write {tag: number or None} at `step`; None and non-finite are skipped."""
@@ -73,6 +78,7 @@ class TensorBoardWriter:
             self._writer.flush()
 
     def close(self):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = self._write_summaries = None
+        with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = self._write_summaries = None

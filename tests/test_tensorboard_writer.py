@@ -1,0 +1,48 @@
+"""The TensorBoard writer: scalars of many steps in one call, read back; opened safely
+by two threads at once (the callback's writer thread and the training thread)."""
+
+import math
+import threading
+
+import numpy as np
+from tbparse import SummaryReader
+
+from optinsight.logs.tensorboard import TensorBoardWriter
+
+
+def test_scalars_of_many_steps_read_back(tmp_path):
+    writer = TensorBoardWriter(str(tmp_path))
+    writer.scalars_at([({"a": 1.5, "b": None}, 3), ({"a": math.nan, "b": 2.0}, 4)])
+    writer.scalars({"a": -1.0}, 7)
+    writer.close()
+    scalars = SummaryReader(str(tmp_path)).scalars
+    got = sorted(zip(scalars.tag, scalars.step, scalars.value))
+    assert got == [("a", 3, 1.5), ("a", 7, -1.0), ("b", 4, 2.0)]  # None, NaN left out
+
+
+def open_from_two_threads(writer):
+    """Histogram from one thread and scalars from another, started together, on a
+    writer neither has opened; the exceptions they raised."""
+    start, errors = threading.Barrier(2), []
+
+    def use(write):
+        start.wait()
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=use, args=(write,)) for write in (
+        lambda: writer.histogram("h", np.ones(4), 0.0, 1.0, 1),
+        lambda: writer.scalars({"s": 1.0}, 1))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    writer.close()
+    return errors
+
+
+def test_first_use_from_two_threads_at_once(tmp_path):
+    for attempt in range(6):  # whichever thread wins, the other sees a whole writer
+        assert open_from_two_threads(TensorBoardWriter(str(tmp_path / str(attempt)))) == []
