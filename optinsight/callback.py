@@ -203,16 +203,16 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
     def _path(self, *parts):
         return os.path.join(self._root, *parts)
 
+    # Writers open their files on first write; setdefault (atomic) makes the training
+    # thread and the writer thread share one writer per file.
     def _writer(self, name):
-        if name not in self._writers:
-            self._writers[name] = JsonlWriter(self._path(name))
-        return self._writers[name]
+        return self._writers.get(name) or self._writers.setdefault(
+            name, JsonlWriter(self._path(name)))
 
     @property
     def _tb(self):
-        if "tensorboard" not in self._writers:
-            self._writers["tensorboard"] = TensorBoardWriter(self._path("tensorboard", "train"))
-        return self._writers["tensorboard"]
+        return self._writers.get("tensorboard") or self._writers.setdefault(
+            "tensorboard", TensorBoardWriter(self._path("tensorboard", "train")))
 
     # ------------------------------------------------------------- lifecycle
     def on_train_begin(self, logs=None):
