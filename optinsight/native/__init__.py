@@ -2,7 +2,7 @@
 
 `step_statistics.cc` defines the TensorFlow op `InsightStepStatistics`. `load()`
 compiles it with the system C++ compiler against the installed TensorFlow (about
-half a minute, once per TensorFlow version and machine type) into the user's cache
+ten seconds, once per TensorFlow version and machine type) into the user's cache
 directory and returns the loaded op module, or None when it cannot be built or is
 switched off with OPTINSIGHT_NATIVE=0; the tracker then uses its XLA version.
 """
