@@ -13,7 +13,6 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
-#include <tuple>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -40,7 +39,7 @@ namespace shape_inference = ::tensorflow::shape_inference;
 constexpr int kGlobalStats = 5;  // grad_sq, weight_sq, prev_weight_sq, wdiff_sq, nonfinite
 constexpr int kBandStats = 8;    // grad1, grad2, retained, flipped, min, max, wdiff sum, max
 constexpr int64_t kBlock = 1 << 15;  // entries per unit of parallel work
-constexpr int kChunk = 240;         // entries per vectorised inner loop (< 256)
+constexpr int kChunk = 240;         // entries per vectorised inner loop
 
 REGISTER_OP("InsightStepStatistics")
     .Input("grads: N * float")
@@ -74,57 +73,55 @@ inline bool finite(float x) { return std::fabs(x) <= FLT_MAX; }  // false for Na
 // acc_b (kBandStats columns each). prev, now: the gradient (or its average) at t-1
 // and t; change: the weight change. kCounts: add the zero-band counts (grad1, grad2,
 // retained); kRetained: add the statistics of retained entries (flipped, minimum,
-// maximum, weight change). Returns the entries retained in either band. Counts that
-// are added together are packed into one integer, a field per count (8 bits suffice
-// for kChunk entries); bitwise operators instead of branches let the loop vectorise.
+// maximum, weight change). Returns the entries retained in either band. Bitwise
+// operators instead of branches let the loop vectorise.
 template <bool kCounts, bool kRetained>
 uint32_t AddBandPair(const float* prev, const float* now, const float* change, int n,
                      float threshold_a, float threshold_b, double* acc_a, double* acc_b) {
-  uint32_t counts_a = 0, counts_b = 0, kept_a = 0, kept_b = 0;
+  // Counts of band a and b: in the band at t-1 (grad1), at t (grad2), at both
+  // (retained); retained and flipped, flipped at a minimum, at a maximum.
+  uint32_t g1a = 0, g2a = 0, ra = 0, fa = 0, mina = 0, maxa = 0;
+  uint32_t g1b = 0, g2b = 0, rb = 0, fb = 0, minb = 0, maxb = 0;
   float sum_a = 0.0f, sum_b = 0.0f, max_a = 0.0f, max_b = 0.0f;
-#pragma omp simd reduction(+ : counts_a, counts_b, kept_a, kept_b, sum_a, sum_b) \
-    reduction(max : max_a, max_b)
+#pragma omp simd reduction(+ : g1a, g2a, ra, fa, mina, maxa, g1b, g2b, rb, fb, minb, maxb) \
+    reduction(+ : sum_a, sum_b) reduction(max : max_a, max_b)
   for (int i = 0; i < n; ++i) {
     // In a zero band: |x| <= threshold (false for NaN).
     const float abs_prev = std::fabs(prev[i]), abs_now = std::fabs(now[i]);
-    const uint32_t prev_a = abs_prev <= threshold_a, now_a = abs_now <= threshold_a;
-    const uint32_t prev_b = abs_prev <= threshold_b, now_b = abs_now <= threshold_b;
-    const uint32_t retained_a = prev_a & now_a, retained_b = prev_b & now_b;
-    counts_a += prev_a | now_a << 8 | retained_a << 16;  // fields: grad1, grad2, retained
-    counts_b += prev_b | now_b << 8 | retained_b << 16;
+    const bool pa = abs_prev <= threshold_a, na = abs_now <= threshold_a;
+    const bool pb = abs_prev <= threshold_b, nb = abs_now <= threshold_b;
+    const bool reta = pa & na, retb = pb & nb;
+    g1a += pa, g2a += na, ra += reta;
+    g1b += pb, g2b += nb, rb += retb;
     if constexpr (kRetained) {
       const float diff = now[i] - prev[i];
-      const uint32_t up = (change[i] > 0) & (diff > 0), down = (change[i] < 0) & (diff < 0);
-      const uint32_t across =
-          ((change[i] > 0) & (diff < 0)) | ((change[i] < 0) & (diff > 0));
-      const uint32_t flipped =
-          ((prev[i] < 0) & (now[i] > 0)) | ((prev[i] > 0) & (now[i] < 0));
       // A flip is a minimum when the weight moved along the gradient's change.
-      const uint32_t outcome =  // fields: flipped, minimum, maximum
-          flipped | (flipped & (up | down)) << 8 | (flipped & across) << 16;
+      const bool same = ((change[i] > 0) & (diff > 0)) | ((change[i] < 0) & (diff < 0));
+      const bool across = ((change[i] > 0) & (diff < 0)) | ((change[i] < 0) & (diff > 0));
+      const bool flipped = ((prev[i] < 0) & (now[i] > 0)) | ((prev[i] > 0) & (now[i] < 0));
       const float abs_change = finite(change[i]) ? std::fabs(change[i]) : 0.0f;
-      kept_a += retained_a ? outcome : 0u;
-      kept_b += retained_b ? outcome : 0u;
-      const float change_a = retained_a ? abs_change : 0.0f;
-      const float change_b = retained_b ? abs_change : 0.0f;
+      const bool fla = reta & flipped, flb = retb & flipped;
+      fa += fla, mina += fla & same, maxa += fla & across;
+      fb += flb, minb += flb & same, maxb += flb & across;
+      const float change_a = reta ? abs_change : 0.0f;
+      const float change_b = retb ? abs_change : 0.0f;
       sum_a += change_a;
       sum_b += change_b;
       max_a = std::max(max_a, change_a);
       max_b = std::max(max_b, change_b);
     }
   }
-  for (auto [acc, counts, kept, sum, max] : {std::tuple(acc_a, counts_a, kept_a, sum_a, max_a),
-                                            std::tuple(acc_b, counts_b, kept_b, sum_b, max_b)}) {
-    if constexpr (kCounts) {
-      for (int field = 0; field < 3; ++field) acc[field] += (counts >> (8 * field)) & 0xffu;
-    }
-    if constexpr (kRetained) {
-      for (int field = 0; field < 3; ++field) acc[3 + field] += (kept >> (8 * field)) & 0xffu;
-      acc[6] += sum;
-      acc[7] = std::max(acc[7], static_cast<double>(max));
-    }
+  if constexpr (kCounts) {
+    acc_a[0] += g1a, acc_a[1] += g2a, acc_a[2] += ra;
+    acc_b[0] += g1b, acc_b[1] += g2b, acc_b[2] += rb;
   }
-  return (counts_a >> 16) + (counts_b >> 16);
+  if constexpr (kRetained) {
+    acc_a[3] += fa, acc_a[4] += mina, acc_a[5] += maxa, acc_a[6] += sum_a;
+    acc_b[3] += fb, acc_b[4] += minb, acc_b[5] += maxb, acc_b[6] += sum_b;
+    acc_a[7] = std::max(acc_a[7], static_cast<double>(max_a));
+    acc_b[7] = std::max(acc_b[7], static_cast<double>(max_b));
+  }
+  return ra + rb;
 }
 
 // Adds one family's band statistics over n <= kChunk entries to
