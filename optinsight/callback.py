@@ -3,8 +3,9 @@
 The callback computes nothing itself: it installs the insight train step
 (`model.insight_train_step`) with a `DynamicsTracker` on the model being fitted,
 reads the tracker's few hundred scalars per batch in bursts (READ_EVERY_STEPS /
-READ_EVERY_SECONDS), and hands them to the writers (`logs.jsonlog`,
-`logs.tensorboard`) on the schedule its arguments set.
+READ_EVERY_SECONDS), and hands them to the writers (`logs.step_log`, `logs.jsonlog`,
+`logs.tensorboard`) on the writer thread, on the schedule its arguments set. Every
+write goes through a `WriteGuard`: a failing file never stops training.
 """
 
 import functools
@@ -19,15 +20,10 @@ import keras
 import numpy as np
 import pandas as pd
 
-from optinsight.diagnose import diagnose_run
-from optinsight.dynamics import (
-    DynamicsTracker,
-    count_keys,
-    metric_names,
-    metric_table,
-    table_row_dict,
-)
+from optinsight.diagnose import VARIABLE_KEYS, diagnose_run
+from optinsight.dynamics import DynamicsTracker, metric_names
 from optinsight.logs.background import BackgroundWriter
+from optinsight.logs.guard import WriteGuard
 from optinsight.logs.jsonlog import (
     JsonFragment,
     JsonlWriter,
@@ -36,12 +32,14 @@ from optinsight.logs.jsonlog import (
     truncate_jsonl,
     write_json_atomic,
 )
-from optinsight.logs.reader import Run, epoch_frame, probes_frame
+from optinsight.logs.reader import ArrayFrames, Run, epoch_frame, probes_frame
+from optinsight.logs.step_log import StepLog, histogram_table
+from optinsight.logs.store import PartWriter, iter_batches, truncate_parts
 from optinsight.logs.tensorboard import TensorBoardWriter
 from optinsight.model import InsightModel, insight_train_step
 from optinsight.signs import sign_codes, sign_map_image
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EPOCH_KEYS = ("train_mean_loss", "val_mean_loss", "train_mean_acc", "val_mean_acc")
 #: The tracker's rows are read (and their log lines written) once this many steps
 #: have accumulated or this many seconds have passed, whichever comes first: one
@@ -136,7 +134,11 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             fresh run (step 0), so changes are measured from initialisation.
         probe_data: the (x, y) batch probes run on; needed when `probes` is set.
         tensorboard: also write TensorBoard event files.
-        update_freq: "batch", "epoch", or batches between TensorBoard scalars.
+        update_freq: "batch", "epoch", or batches between whole-model TensorBoard
+            scalars.
+        variable_update_freq: batches between per-variable TensorBoard scalars
+            (`insight/<variable>/<key>`, the values of that batch), "epoch" (epoch
+            means) or 0 (none). Every value is in `layers/` whatever this is.
         resume: continue the run in `log_dir` from its last checkpoint: model
             weights, optimizer and insight state are restored and steps and
             epochs keep counting; logs written after the checkpoint are dropped
@@ -152,8 +154,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
     def __init__(self, log_dir, thresholds=(1e-7, 1e-5), ema_decay=0.9,
                  histogram_freq=30, histogram_bins=1000, sign_map_freq="epoch",
                  sign_map_max_params=65536, probes=(), probe_data=None, tensorboard=True,
-                 update_freq="batch", resume=False, checkpoint_freq=1, diagnosis=True,
-                 verbose=0):
+                 update_freq="batch", variable_update_freq=200, resume=False,
+                 checkpoint_freq=1, diagnosis=True, verbose=0):
         super().__init__()
         if not isinstance(log_dir, (str, os.PathLike)):
             raise ValueError(f"log_dir must be a path, got {log_dir!r}")
@@ -167,6 +169,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self.sign_map_freq = validate_freq("sign_map_freq", sign_map_freq, ("epoch",))
         self.sign_map_max_params = validate_freq("sign_map_max_params", sign_map_max_params)
         self.update_freq = validate_update_freq(update_freq)
+        self.variable_update_freq = validate_freq("variable_update_freq",
+                                                  variable_update_freq, ("epoch",))
         self.probes = tuple(probes)
         for probe in self.probes:
             if not (hasattr(probe, "name") and hasattr(probe, "every") and callable(probe)):
@@ -187,16 +191,18 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._epoch_start = 0  # self._step when the current epoch began
         self._epoch = 0
         self._keys = metric_names(self.thresholds, self.ema_decay)
-        self._counts = count_keys(self.thresholds, self.ema_decay)
-        # Per epoch: its number, and its steps' numbers, model and layer metrics (arrays).
-        self._history = {"epoch": [], "step": [], "model": [], "layers": []}
-        # Per finished epoch: its batch-wise lists in insight.json, encoded once.
+        # Per finished epoch: its number, its steps' numbers, whole-model rows [s, keys]
+        # and per-variable means [n_vars, keys].
+        self._history = {"epoch": [], "step": [], "model": [], "layer_means": []}
+        # Per finished epoch: its lists in insight.json, encoded once.
         self._batch_wise_json = []
         self._epoch_wise = {k: [] for k in EPOCH_KEYS}
         self._probe_history = {}
         self._writers = {}
         self._started = False
         self._root = self.log_dir
+        self._guard = WriteGuard(self._root)
+        self._step_log = None
         self._histogram_step = 0  # the last histogram step written
 
     # ----------------------------------------------------------------- paths
@@ -214,6 +220,15 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         return self._writers.get("tensorboard") or self._writers.setdefault(
             "tensorboard", TensorBoardWriter(self._path("tensorboard", "train")))
 
+    @property
+    def _histogram_store(self):
+        return self._writers.get("histograms") or self._writers.setdefault(
+            "histograms", PartWriter(self._path("histograms"), flush_rows=1))
+
+    def _write(self, name, write, *args):
+        """write(*args) through the guard (`name`: the file or folder it writes)."""
+        return self._guard.run(name, write, *args)
+
     # ------------------------------------------------------------- lifecycle
     def on_train_begin(self, logs=None):
         model = self.model
@@ -226,6 +241,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             chief = getattr(model.distribute_strategy.extended, "should_checkpoint", True)
             self._root = prepare_log_dir(self.log_dir) if chief else tempfile.mkdtemp(
                 prefix="optinsight-worker-")
+            self._guard = WriteGuard(self._root)
             if not self.resume and os.path.exists(self._path("steps.jsonl")):
                 raise ValueError(
                     f"log_dir {self.log_dir!r} already holds a run; pass resume=True to "
@@ -237,6 +253,11 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                 # A custom op cannot run inside an XLA-compiled train step.
                 kernel="xla" if getattr(model, "jit_compile", False) else "auto",
                 strategy=model.distribute_strategy)
+            self._step_log = StepLog(
+                self._root, self._tracker.names, self.thresholds, self.ema_decay,
+                self._tb if self.tensorboard else None, self.update_freq,
+                self.variable_update_freq, VARIABLE_KEYS, self._guard,
+                self._writer("steps.jsonl"))
             if self.resume:
                 try:
                     self._restore()
@@ -273,15 +294,15 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._uninstall(self.model)
         self._read_rows()
         self._background.close()
-        for writer in self._writers.values():
-            writer.close()
+        self._step_log.close()
+        for name, writer in self._writers.items():
+            self._write(name, writer.close)
         self._writers.clear()
 
     # --------------------------------------------------------------- batches
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._epoch_start = self._step
-        self._epoch_rows = []  # (step, metric table, loss) per step
 
     @staticmethod
     def _steps_per_call(model):
@@ -314,82 +335,63 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         rows = self._tracker.read_rows(self._written)
         if rows:
             self._written = rows[-1][0]
-            self._background.submit(self._write_steps, rows, self._epoch, self._epoch_start)
-
-    def _write_steps(self, rows, epoch, epoch_start):
-        """Metrics of a burst of steps [(step, loss, has_prev, stats)] to steps.jsonl,
-        the epoch's history and TensorBoard (on the writer thread, overlapping
-        training)."""
-        names = self._tracker.names
-        tables = metric_table(np.stack([stats for *_, stats in rows]),
-                              [has_prev for _, _, has_prev, _ in rows],
-                              self.thresholds, self.ema_decay)
-        scalars = []
-        for (step, loss, _, _), table in zip(rows, tables):
-            model_metrics = table_row_dict(table[-1], self._keys, self._counts)
-            model_metrics["train_loss"] = loss
-            layers = {name: table_row_dict(table[r], self._keys, self._counts)
-                      for r, name in enumerate(names)}
-            self._writer("steps.jsonl").write({
-                "step": step, "epoch": epoch, "batch": step - epoch_start - 1,
-                "model": model_metrics, "layers": layers})
-            self._epoch_rows.append((step, table, loss))
-            if self.tensorboard and self.update_freq != "epoch" and step % self.update_freq == 0:
-                scalars.append((self._tb_scalars(model_metrics, layers), step))
-        if scalars:
-            self._tb.scalars_at(scalars)
+            self._background.submit(self._step_log.write, rows, self._epoch,
+                                    self._epoch_start)
 
     @property
     def _model_keys(self):
-        return self._keys + ["train_loss"]
-
-    def _tb_scalars(self, model_metrics, layers):
-        values = {f"insight/{k}": v for k, v in model_metrics.items()}
-        for name, metrics in layers.items():
-            values.update({f"insight/{name}/{k}": v for k, v in metrics.items()})
-        return values
+        return self._step_log.model_keys
 
     def _record_histograms(self):
         step, histograms = self._tracker.read_histograms()
         if step <= self._histogram_step:
             return
         self._histogram_step = step
-        record = {"step": step, "epoch": self._epoch}
-        for kind, (counts, ranges) in histograms.items():
-            record[kind] = {
-                name: {"range": ranges[i].tolist(), "counts": counts[i].tolist()}
-                for i, name in enumerate(self._tracker.names)}
-            if self.tensorboard:
-                for i, name in enumerate(self._tracker.names):
-                    self._tb.histogram(f"{kind}/{name}", counts[i], ranges[i, 0],
-                                       ranges[i, 1], step)
-        self._writer("histograms.jsonl").write(record)
+        self._background.submit(self._write_histograms, step, self._epoch, histograms)
+
+    def _write_histograms(self, step, epoch, histograms):
+        """A histogram step to histograms/ and TensorBoard (on the writer thread)."""
+        names = self._tracker.names
+        self._write("histograms/", self._histogram_store.write,
+                    histogram_table(step, epoch, histograms, names), epoch)
+        if self.tensorboard:
+            self._write("tensorboard/", self._tb.histograms, {
+                f"{kind}/{name}": (counts[i], ranges[i, 0], ranges[i, 1])
+                for kind, (counts, ranges) in histograms.items()
+                for i, name in enumerate(names)}, step)
 
     def _record_sign_map(self, label):
         gradients = self._tracker.last_gradients(self.sign_map_max_params or None)
         codes = {name: sign_codes(g) for name, (g, _) in gradients.items()}
         strides = {name: stride for name, (_, stride) in gradients.items()}
-        os.makedirs(self._path("signs"), exist_ok=True)
         path = self._path("signs", f"{label}.npz")
         meta = json.dumps({"step": self._step, "epoch": self._epoch, "strides": strides})
-        np.savez_compressed(f"{path}.tmp.npz", _meta=np.array(meta), **codes)
-        os.replace(f"{path}.tmp.npz", path)
+
+        def save():
+            os.makedirs(self._path("signs"), exist_ok=True)
+            try:
+                np.savez_compressed(f"{path}.tmp.npz", _meta=np.array(meta), **codes)
+                os.replace(f"{path}.tmp.npz", path)
+            finally:
+                if os.path.exists(f"{path}.tmp.npz"):
+                    os.remove(f"{path}.tmp.npz")
+
+        self._write("signs/", save)
         if self.tensorboard:
             for name, c in codes.items():
-                self._tb.image(f"signs/{name}", sign_map_image(c), self._step)
+                self._write("tensorboard/", self._tb.image, f"signs/{name}",
+                            sign_map_image(c), self._step)
 
     # ---------------------------------------------------------------- epochs
     def on_epoch_end(self, epoch, logs=None):
         self._read_rows()
         self._background.flush()
         logs = logs or {}
-        n_vars, n_keys = len(self._tracker.names), len(self._keys)
-        tables = np.array([t for _, t, _ in self._epoch_rows]).reshape(-1, n_vars + 1, n_keys)
-        losses = np.array([loss for _, _, loss in self._epoch_rows], dtype=np.float64)
+        steps, model, layer_means = self._step_log.end_epoch(self._step)
         self._history["epoch"].append(epoch)
-        self._history["step"].append(np.array([s for s, _, _ in self._epoch_rows], np.int64))
-        self._history["model"].append(np.column_stack([tables[:, -1, :], losses]))
-        self._history["layers"].append(tables[:, :-1, :])
+        self._history["step"].append(steps)
+        self._history["model"].append(model)
+        self._history["layer_means"].append(layer_means)
         values = {"train_mean_loss": logs.get("loss"), "val_mean_loss": logs.get("val_loss"),
                   "train_mean_acc": _accuracy(logs), "val_mean_acc": _accuracy(logs, "val_")}
         for key, value in values.items():
@@ -401,17 +403,12 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                 self._run_probe(probe)
         if self.tensorboard:
             scalars = {f"insight/epoch/{k}": v[-1] for k, v in self._epoch_wise.items()}
-            if self.update_freq == "epoch":
-                means = np.nanmean(self._history["model"][-1], axis=0) \
-                    if self._epoch_rows else []
-                scalars.update({f"insight/{k}": float(m)
-                                for k, m in zip(self._model_keys, means)})
-            self._tb.scalars(scalars, self._step)
-            self._tb.flush()
+            self._write("tensorboard/", self._tb.scalars, scalars, self._step)
+            self._write("tensorboard/", self._tb.flush)
         document = self.summary()
-        write_json_atomic(self._path("insight.json"), document)
+        self._write("insight.json", write_json_atomic, self._path("insight.json"), document)
         if self.checkpoint_freq and (epoch + 1) % self.checkpoint_freq == 0:
-            self._save_checkpoint(epoch + 1)
+            self._write("checkpoint/", self._save_checkpoint, epoch + 1)
         if self.diagnosis:
             self._print_new_findings(document)
 
@@ -423,39 +420,39 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                 print(f"optinsight: {finding}", file=sys.stderr)
 
     def _run_so_far(self, document):
-        """The run as `read_log` loads it, its steps from memory (`document`: `summary()`)
-        rather than re-read from a log that grows with every step."""
-        names, history = self._tracker.names, self._history
+        """The run as `read_log` loads it, from memory (`document`: `summary()`) rather
+        than re-read from logs that grow with every step: every step's whole-model
+        metrics, and per variable the keys the diagnosis reads at up to 4,096 evenly
+        spaced steps (`ThinnedHistory`)."""
+        history = self._history
         columns = {
             "step": np.concatenate(history["step"]),
             "epoch": np.concatenate([np.full(len(steps), epoch) for epoch, steps
                                      in zip(history["epoch"], history["step"])]),
             "batch": np.concatenate([np.arange(len(a)) for a in history["step"]]),
         }
-        model, layers = np.concatenate(history["model"]), np.concatenate(history["layers"])
-        columns.update(zip(self._model_keys, model.T))
-        for v, name in enumerate(names):
-            columns.update({f"{name}/{k}": layers[:, v, i] for i, k in enumerate(self._keys)})
+        columns.update(zip(self._model_keys, np.concatenate(history["model"]).T))
+        thinned = self._step_log.history
         return Run(steps=pd.DataFrame(columns), epochs=epoch_frame(document, "insight.json"),
                    summary=document, probes=probes_frame(self._path("probes.jsonl")),
-                   log_dir=self._root)
+                   log_dir=self._root, variable_data=ArrayFrames(
+                       thinned.steps, self._tracker.names, thinned.keys, thinned.values))
 
     def summary(self):
-        """The insight.json document (DESIGN.md section 4) of what is recorded so far;
-        each epoch's batch-wise lists are `JsonFragment`s, encoded once."""
+        """The insight.json document (docs/logs.md) of what is recorded so far; each
+        finished epoch's lists are `JsonFragment`s, encoded once."""
         counter = [0]
         for e in range(len(self._batch_wise_json), len(self._history["model"])):
-            model, layers = self._history["model"][e], self._history["layers"][e]
+            model, means = self._history["model"][e], self._history["layer_means"][e]
             self._batch_wise_json.append((
                 [JsonFragment(column.tolist()) for column in model.T],
-                [[JsonFragment(layers[:, v, i].tolist()) for i in range(len(self._keys))]
+                [[JsonFragment(means[v, i]) for i in range(len(self._keys))]
                  for v in range(len(self._tracker.names))]))
         batch_wise = {k: [model[i] for model, _ in self._batch_wise_json]
                       for i, k in enumerate(self._model_keys)}
         layers = {
-            name: {"batch_wise": {k: [layers[v][i] for _, layers in self._batch_wise_json]
-                                  for i, k in enumerate(self._keys)},
-                   "epoch_wise": {}}
+            name: {"epoch_wise": {k: [means[v][i] for _, means in self._batch_wise_json]
+                                  for i, k in enumerate(self._keys)}}
             for v, name in enumerate(self._tracker.names)}
         document = {
             "schema_version": SCHEMA_VERSION,
@@ -466,6 +463,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                 "steps": self._step, "epochs": len(self._history["model"]),
                 "histogram_freq": self.histogram_freq, "histogram_bins": self.histogram_bins,
                 "sign_map_freq": self.sign_map_freq,
+                "update_freq": self.update_freq,
+                "variable_update_freq": self.variable_update_freq,
             },
             "batch_wise": batch_wise,
             "epoch_wise": dict(self._epoch_wise),
@@ -486,7 +485,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             message = f"{type(e).__name__}: {e}".splitlines()[0]
             print(f"optinsight: probe {probe.name!r} failed at step {self._step}: {message}",
                   file=sys.stderr)
-            self._writer("probes.jsonl").write({**record, "error": message})
+            self._write("probes.jsonl", self._writer("probes.jsonl").write,
+                        {**record, "error": message})
             return
         scalars, arrays = {}, {}
         for key, value in result.items():
@@ -496,18 +496,23 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                 arrays[key] = np.asarray(value)
         record["values"] = scalars
         if arrays:
-            os.makedirs(self._path("probes"), exist_ok=True)
             name = f"{probe.name}_{self._step:08d}.npz"
-            np.savez_compressed(self._path("probes", name), **arrays)
-            record["arrays"] = f"probes/{name}"
-        self._writer("probes.jsonl").write(record)
+
+            def save():
+                os.makedirs(self._path("probes"), exist_ok=True)
+                np.savez_compressed(self._path("probes", name), **arrays)
+                return True
+
+            if self._write("probes/", save):
+                record["arrays"] = f"probes/{name}"
+        self._write("probes.jsonl", self._writer("probes.jsonl").write, record)
         history = self._probe_history.setdefault(probe.name, {"step": []})
         history["step"].append(self._step)
         for key, value in scalars.items():
             history.setdefault(key, []).append(value)
         if self.tensorboard:
-            self._tb.scalars({f"probes/{probe.name}/{k}": v for k, v in scalars.items()},
-                             self._step)
+            self._write("tensorboard/", self._tb.scalars,
+                        {f"probes/{probe.name}/{k}": v for k, v in scalars.items()}, self._step)
 
     # ------------------------------------------------------ checkpoint/resume
     def _save_checkpoint(self, epochs_done):
@@ -541,11 +546,23 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._step = self._written = int(state["step"])
         epochs = int(state["epoch"])
         model._initial_epoch = epochs  # as keras.callbacks.BackupAndRestore does
-        for name in ("steps.jsonl", "probes.jsonl", "histograms.jsonl"):
+        for name in ("steps.jsonl", "probes.jsonl"):
             truncate_jsonl(self._path(name), self._step)
+        for name in ("layers", "histograms"):
+            truncate_parts(self._path(name), self._step)
         self._histogram_step = self._step
         if os.path.exists(self._path("insight.json")):
             self._load_history(read_json(self._path("insight.json")), epochs)
+        self._load_thinned_history()
+
+    def _load_thinned_history(self):
+        """Refill the diagnosis' thinned per-variable history from layers/."""
+        history, n_vars = self._step_log.history, len(self._tracker.names)
+        for batch in iter_batches(self._path("layers"), ["step", *history.keys]):
+            values = np.stack([batch[k].to_numpy(zero_copy_only=False).astype(np.float32)
+                               for k in history.keys], axis=-1)
+            history.append(batch["step"].to_numpy()[::n_vars],
+                           values.reshape(-1, n_vars, len(history.keys)))
 
     def _load_history(self, document, epochs):
         """Reload the first `epochs` epochs of a previous insight.json."""
@@ -561,10 +578,9 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         for e in range(epochs):
             self._history["model"].append(np.stack(
                 [array(document["batch_wise"][k][e]) for k in self._model_keys], axis=1))
-            self._history["layers"].append(np.stack([
-                np.stack([array(document["layers"][n]["batch_wise"][k][e])
-                          for k in self._keys], axis=1)
-                for n in self._tracker.names], axis=1))
+            self._history["layer_means"].append(np.array([
+                array([document["layers"][n]["epoch_wise"][k][e] for k in self._keys])
+                for n in self._tracker.names]))
         self._epoch_wise = {k: document["epoch_wise"][k][:epochs] for k in EPOCH_KEYS}
         self._probe_history = {}
         for name, history in document.get("probes", {}).items():

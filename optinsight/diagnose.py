@@ -10,6 +10,7 @@ import dataclasses
 import math
 
 import numpy as np
+import pandas as pd
 
 from optinsight.logs.reader import read_log
 
@@ -43,6 +44,8 @@ RANK_COLLAPSE_FRACTION = 0.5
 SATURATION_FRACTION = 0.5
 
 SEVERITIES = ("info", "warning", "error")
+#: The per-variable keys the rules read (the callback keeps these in memory).
+VARIABLE_KEYS = ("grad_norm", "update_ratio", "nonfinite_grads", "no_zero_e7_grad2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,8 @@ def _kernels(run):
     meta = run.summary.get("meta", {})
     names, sizes = meta.get("variables", []), meta.get("variable_sizes", [])
     shapes = dict(zip(names, sizes))
-    return [n for n in names if n.endswith("kernel") and f"{n}/grad_norm" in run.steps], shapes
+    recorded = set(run.variables)
+    return [n for n in names if n.endswith("kernel") and n in recorded], shapes
 
 
 def _nonfinite(run):
@@ -86,9 +90,10 @@ def _nonfinite(run):
     if bad.empty:
         return []
     first = bad.iloc[0]
-    layer_counts = {c[: -len("/nonfinite_grads")]: first[c] for c in steps.columns
-                    if c.endswith("/nonfinite_grads") and first[c] > 0}
-    worst = max(layer_counts, key=layer_counts.get) if layer_counts else None
+    per_variable = run.key("nonfinite_grads").drop(columns="step").sum() if run.variables \
+        else pd.Series(dtype=float)
+    per_variable = per_variable[per_variable > 0]
+    worst = per_variable.idxmax() if len(per_variable) else None
     return [Finding(
         "nonfinite", "error", worst, int(first["step"]),
         f"{len(bad)} of {len(steps)} steps had NaN/Inf gradients or loss "
@@ -136,16 +141,17 @@ def _exploding(run):
         "(BatchNormalization/LayerNormalization) and initialise with variance scaling")]
 
 
-def _rms(run, name, size):
-    return _late(run.steps[f"{name}/grad_norm"]).median() / math.sqrt(size)
+def _rms(norms, name, size):
+    return _late(norms[name]).median() / math.sqrt(size)
 
 
 def _vanishing(run):
     kernels, sizes = _kernels(run)
     if len(kernels) < 2:
         return []
-    first, last = _rms(run, kernels[0], sizes[kernels[0]]), _rms(run, kernels[-1],
-                                                                sizes[kernels[-1]])
+    norms = run.key("grad_norm")
+    first = _rms(norms, kernels[0], sizes[kernels[0]])
+    last = _rms(norms, kernels[-1], sizes[kernels[-1]])
     if not (last > 0) or first / last >= VANISHING_RATIO:
         return []
     return [Finding(
@@ -175,11 +181,12 @@ def _dead(run):
     findings = []
     kernels, sizes = _kernels(run)
     previous_dead = False
-    for name in kernels:
-        column = f"{name}/no_zero_e7_grad2"
-        if column not in run.steps:
-            continue
-        fraction = _late(run.steps[column]).median() / sizes[name]
+    try:
+        zeros = run.key("no_zero_e7_grad2") if kernels else None
+    except KeyError:  # thresholds without 1e-7
+        zeros = None
+    for name in kernels if zeros is not None else ():
+        fraction = _late(zeros[name]).median() / sizes[name]
         dead, follows_dead = fraction >= DEAD_FRACTION, previous_dead
         previous_dead = dead
         if dead and not follows_dead:  # a kernel after a dead one only gets no input
@@ -199,7 +206,10 @@ def _dead(run):
 
 def _stalled(run):
     kernels, _ = _kernels(run)
-    ratios = {n: _late(run.steps[f"{n}/update_ratio"]).median() for n in kernels}
+    if not kernels:
+        return []
+    update_ratios = run.key("update_ratio")
+    ratios = {n: _late(update_ratios[n]).median() for n in kernels}
     ratios = {n: r for n, r in ratios.items() if np.isfinite(r)}
     findings = []
     for name, ratio in ratios.items():

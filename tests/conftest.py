@@ -37,3 +37,28 @@ def tiny_data(n=96, inputs=6, classes=3, seed=0, block=12):
     x[(np.arange(n) // block) % 2 == 0, 2] *= 1e-8
     y = keras.utils.to_categorical(rng.integers(0, classes, n), classes)
     return x, y.astype("float32")
+
+
+def step_records(log_dir):
+    """Each step's metrics as {"step", "epoch", "batch", "model": {key: v}, "layers":
+    {variable: {key: v}}} (counts int, nulls None), read back through `read_log`."""
+    import optinsight as oi
+    from optinsight.dynamics import count_keys
+
+    run = oi.read_log(log_dir)
+    meta = run.summary["meta"]
+    counts = count_keys(meta["thresholds"], meta["ema_decay"])
+
+    def plain(row):
+        return {k: None if v != v else (int(v) if k in counts else float(v))
+                for k, v in row.items() if k not in ("step", "epoch", "batch")}
+
+    layers = {name: run.layer(name).to_dict("records") for name in run.variables}
+    records = []
+    for i, row in enumerate(run.steps.to_dict("records")):
+        records.append({
+            "step": int(row["step"]), "epoch": int(row["epoch"]), "batch": int(row["batch"]),
+            "model": plain(row),
+            "layers": {name: plain(rows[i]) for name, rows in layers.items()}})
+        assert all(rows[i]["step"] == row["step"] for rows in layers.values())
+    return records

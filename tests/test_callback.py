@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_data, tiny_relu_model
+from conftest import step_records, tiny_data, tiny_relu_model
 
 import optinsight as oi
 from optinsight.logs.jsonlog import read_jsonl
@@ -116,20 +116,27 @@ def test_resume_continues_steps_epochs_and_state(tmp_path):
     in_memory = cb._run_so_far(cb.summary())
     pd.testing.assert_frame_equal(in_memory.steps, b.steps, check_dtype=False)
     pd.testing.assert_frame_equal(in_memory.epochs, b.epochs)
+    for key in in_memory.variable_data.keys:  # every step kept: a short run
+        np.testing.assert_allclose(in_memory.key(key).to_numpy(float),
+                                   b.key(key).to_numpy(float), rtol=1e-6, equal_nan=True)
     # insight.json (its finished epochs encoded once, across the resume) holds every
-    # step's metrics, epoch by epoch, as steps.jsonl does, and counts its NaN written
-    # as null.
+    # step's whole-model metrics and each variable's epoch means, epoch by epoch, and
+    # counts its NaN written as null.
     document = json.load(open(tmp_path / "split" / "insight.json"))
-    records = read_jsonl(tmp_path / "split" / "steps.jsonl")
+    records = step_records(tmp_path / "split")
     by_epoch = [[r for r in records if r["epoch"] == e] for e in range(4)]
     nulls = 0
     for key, lists in document["batch_wise"].items():
         assert lists == [[r["model"][key] for r in rs] for rs in by_epoch], key
         nulls += sum(v is None for values in lists for v in values)
     for name, layer in document["layers"].items():
-        for key, lists in layer["batch_wise"].items():
-            assert lists == [[r["layers"][name][key] for r in rs] for rs in by_epoch], key
-            nulls += sum(v is None for values in lists for v in values)
+        assert set(layer) == {"epoch_wise"}
+        for key, means in layer["epoch_wise"].items():
+            values = [[r["layers"][name][key] for r in rs] for rs in by_epoch]
+            want = [None if all(v is None for v in vs) else
+                    float(np.mean([v for v in vs if v is not None])) for vs in values]
+            assert means == pytest.approx(want, rel=1e-6, nan_ok=True), (name, key)
+            nulls += sum(v is None for v in means)
     assert nulls > 0 and document["meta"]["null_values"] == nulls  # val_* absent: None
     assert b.steps["step"].tolist() == list(range(1, 13))
     assert b.steps["epoch"].tolist() == a.steps["epoch"].tolist()
@@ -139,8 +146,9 @@ def test_resume_continues_steps_epochs_and_state(tmp_path):
     assert len(b.epochs) == 4
     for wa, wb in zip(whole.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-7)
-    assert [h["step"] for h in read_jsonl(tmp_path / "split" / "histograms.jsonl")] == \
-        [2, 4, 6, 8, 10, 12]
+    assert [h["step"] for h in b.histograms()] == [2, 4, 6, 8, 10, 12]
+    for ha, hb in zip(a.histograms(), b.histograms()):
+        assert ha["weights"].keys() == hb["weights"].keys()
 
 
 def test_resume_drops_logs_after_the_checkpoint(tmp_path):
@@ -165,7 +173,7 @@ def test_nonfinite_gradients_are_counted_not_fatal(tmp_path):
     model = compiled(tiny_relu_model())
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
               callbacks=[oi.OptimizationInsightCallback(tmp_path)])
-    steps = read_jsonl(tmp_path / "steps.jsonl")
+    steps = step_records(tmp_path)
     assert [s["step"] for s in steps] == [1, 2, 3]  # training went on
     assert steps[0]["model"]["nonfinite_grads"] == 0
     assert steps[1]["model"]["nonfinite_grads"] > 0
@@ -193,7 +201,7 @@ def test_every_step_is_logged_once_in_order(tmp_path, steps_per_execution):
     x, y = tiny_data(n=400)
     model.fit(x, y, batch_size=4, epochs=2, verbose=0,
               callbacks=[oi.OptimizationInsightCallback(tmp_path, histogram_freq=7)])
-    steps = read_jsonl(tmp_path / "steps.jsonl")
+    steps = step_records(tmp_path)
     assert [s["step"] for s in steps] == list(range(1, 201))
     assert [s["batch"] for s in steps] == list(range(100)) * 2
     assert [s["epoch"] for s in steps] == [0] * 100 + [1] * 100
@@ -202,7 +210,7 @@ def test_every_step_is_logged_once_in_order(tmp_path, steps_per_execution):
         for name, layer in after["layers"].items():
             assert layer["no_zero_e5_grad1"] == before["layers"][name]["no_zero_e5_grad2"]
     assert sum(s["model"]["no_zero_e5_grad2"] for s in steps) > 0
-    histograms = read_jsonl(tmp_path / "histograms.jsonl")
+    histograms = oi.read_log(tmp_path).histograms()
     assert [h["step"] for h in histograms] == list(range(7, 201, 7))
 
 
@@ -232,7 +240,7 @@ def test_sparse_embedding_gradients(tmp_path):
     ids = np.array([[1, 2, 3], [2, 3, 4], [7, 8, 9], [1, 1, 1]], np.int32)
     model.fit(ids, np.ones((4, 2), np.float32), batch_size=2, epochs=1, verbose=0,
               shuffle=False, callbacks=[oi.OptimizationInsightCallback(tmp_path)])
-    steps = read_jsonl(tmp_path / "steps.jsonl")
+    steps = step_records(tmp_path)
     name = model.layers[0].embeddings.path
     for step, batch in zip(steps, (ids[:2], ids[2:])):
         unused_rows = 50 - len(np.unique(batch))

@@ -54,12 +54,16 @@ def test_mirrored_strategy_matches_one_device(tmp_path):
     mirrored, single = oi.read_log(tmp_path / "mirrored"), oi.read_log(tmp_path / "single")
     assert mirrored.steps["step"].tolist() == list(range(1, 17))
     numeric = [c for c in single.steps.columns if c not in ("step", "epoch", "batch")]
-    assert len(numeric) > 100
+    assert len(numeric) > 40
     np.testing.assert_allclose(mirrored.steps[numeric].to_numpy(float),
                                single.steps[numeric].to_numpy(float),
                                rtol=1e-4, atol=1e-6, equal_nan=True)
+    for name in single.variables:
+        a, b = mirrored.layer(name), single.layer(name)
+        np.testing.assert_allclose(a.to_numpy(float), b.to_numpy(float),
+                                   rtol=1e-4, atol=1e-6, equal_nan=True)
     assert mirrored.steps["no_zero_e7_grad_retained"].iloc[1:].sum() > 0
-    assert (tmp_path / "mirrored" / "histograms.jsonl").exists()
+    assert mirrored.histograms()
 
 
 def test_a_non_chief_worker_writes_nothing_into_log_dir(tmp_path, monkeypatch):

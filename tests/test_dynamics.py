@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_data, tiny_relu_model
+from conftest import step_records, tiny_data, tiny_relu_model
 
 import optinsight as oi
 from optinsight.dynamics import DynamicsTracker, summarize, threshold_tag
@@ -22,6 +22,7 @@ THRESHOLDS = (1e-7, 1e-5)
 DECAY = 0.9
 BATCH = 12
 STEPS = 8
+VARIABLE_EVERY = 3  # steps between per-variable TensorBoard scalars
 KERNELS = ["native", "xla"]  # the fused CPU kernel and the XLA version
 
 
@@ -95,13 +96,14 @@ def record_run(log_dir):
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="categorical_crossentropy")
     recorder = WeightRecorder()
     cb = oi.OptimizationInsightCallback(log_dir, thresholds=THRESHOLDS, ema_decay=DECAY,
-                                        histogram_freq=4, histogram_bins=16)
+                                        histogram_freq=4, histogram_bins=16,
+                                        variable_update_freq=VARIABLE_EVERY)
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
               callbacks=[recorder, cb])
     weights = recorder.weights
     grads = [eager_gradients(model, weights[t], x[t * BATCH:(t + 1) * BATCH],
                              y[t * BATCH:(t + 1) * BATCH]) for t in range(STEPS)]
-    records = [json.loads(line) for line in open(log_dir / "steps.jsonl")]
+    records = step_records(log_dir)
     names = [v.path for v in model.trainable_variables]
     return {"log_dir": log_dir, "weights": weights, "grads": grads, "records": records,
             "names": names, "model": model,
@@ -202,7 +204,7 @@ def test_train_loss_is_the_batch_loss(run):
 
 
 def test_histograms_match_numpy(run):
-    lines = [json.loads(s) for s in open(run["log_dir"] / "histograms.jsonl")]
+    lines = oi.read_log(run["log_dir"]).histograms()
     assert [h["step"] for h in lines] == [4, 8]
     for h in lines:
         t = h["step"] - 1
@@ -229,7 +231,7 @@ def test_sign_map_codes_of_last_gradient(run):
 
 def test_insight_json_keeps_seed_layout(run):
     doc = json.load(open(run["log_dir"] / "insight.json"))
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2
     assert set(doc["epoch_wise"]) == {"train_mean_loss", "val_mean_loss", "train_mean_acc",
                                       "val_mean_acc"}
     steps = doc["batch_wise"]["no_zero_e5_grad2"]
@@ -237,8 +239,8 @@ def test_insight_json_keeps_seed_layout(run):
     assert steps[0] == [r["model"]["no_zero_e5_grad2"] for r in run["records"]]
     assert doc["batch_wise"]["no_zero_e5_grad1"][0][0] is None
     name = run["names"][0]
-    assert doc["layers"][name]["batch_wise"]["wdiff"][0] == pytest.approx(
-        [r["layers"][name]["wdiff"] for r in run["records"]])
+    assert doc["layers"][name]["epoch_wise"]["wdiff"][0] == pytest.approx(
+        np.mean([r["layers"][name]["wdiff"] for r in run["records"]]), rel=1e-6)
 
 
 def test_read_log_frames(run):
@@ -247,8 +249,14 @@ def test_read_log_frames(run):
     assert math.isnan(r.steps["no_zero_e7_grad1"].iloc[0])
     assert r.steps["no_zero_e7_grad2"].iloc[0] == run["records"][0]["model"]["no_zero_e7_grad2"]
     layer = r.layer(run["names"][2])
+    assert layer["step"].tolist() == list(range(1, STEPS + 1))
     assert layer["grad_norm"].tolist() == pytest.approx(
         [rec["layers"][run["names"][2]]["grad_norm"] for rec in run["records"]])
+    assert r.variables == run["names"]
+    wdiff = r.key("wdiff")
+    assert list(wdiff.columns) == ["step"] + run["names"]
+    assert wdiff[run["names"][1]].tolist()[1:] == pytest.approx(
+        [rec["layers"][run["names"][1]]["wdiff"] for rec in run["records"]][1:])
     assert len(r.epochs) == 1
     with pytest.raises(KeyError, match="no variable"):
         r.layer("nope")
@@ -263,15 +271,16 @@ def test_tensorboard_tags_read_back(run):
     assert grad_norm.value.tolist() == pytest.approx(
         [r["model"]["grad_norm"] for r in run["records"]], rel=1e-6)
     per_var = scalars[scalars.tag == f"insight/{run['names'][0]}/wdiff"]
-    assert len(per_var) == STEPS
+    assert per_var.step.tolist() == list(range(VARIABLE_EVERY, STEPS + 1, VARIABLE_EVERY))
     # Histograms are in TensorBoard's v2 format (tensors of [left, right, count] rows).
     tensors = SummaryReader(str(run["log_dir"] / "tensorboard"), pivot=False).tensors
     hist = tensors[tensors.tag == f"gradients/{run['names'][0]}"].sort_values("step")
     assert hist.step.tolist() == [4, 8]
-    logged = json.loads(open(run["log_dir"] / "histograms.jsonl").readline())
+    logged = oi.read_log(run["log_dir"]).histograms()[0]["gradients"][run["names"][0]]
     buckets = np.asarray(hist.value.iloc[0])
-    assert buckets[:, 2].tolist() == logged["gradients"][run["names"][0]]["counts"]
-    assert buckets[0, 0] == pytest.approx(logged["gradients"][run["names"][0]]["range"][0])
+    assert buckets[:, 2].tolist() == logged["counts"]  # 16 bins: under TB_BUCKETS, as is
+    assert buckets[0, 0] == pytest.approx(logged["range"][0])
+    assert buckets[-1, 1] == pytest.approx(logged["range"][1])
 
 
 def test_tensorboard_sign_map_images(run):

@@ -7,6 +7,7 @@ import pytest
 from datafiles import write_cifar_dir
 
 import main
+import optinsight as oi
 from optinsight.logs.jsonlog import read_jsonl
 
 
@@ -27,9 +28,9 @@ def test_trains_and_writes_every_promised_log(cifar_dir, tmp_path, capsys):
     assert f"tensorboard --logdir {log_dir / 'tensorboard'}" in out
     steps = read_jsonl(log_dir / "steps.jsonl")
     assert [s["step"] for s in steps] == [1, 2, 3]  # 90 training examples / 32
-    assert set(steps[0]["layers"]) == {f"{layer}/{kind}" for layer in
-                                       ("conv1", "conv2", "conv3", "dense1", "output")
-                                       for kind in ("kernel", "bias")}
+    assert set(oi.read_log(log_dir).variables) == {
+        f"{layer}/{kind}" for layer in ("conv1", "conv2", "conv3", "dense1", "output")
+        for kind in ("kernel", "bias")}
     summary = json.load(open(log_dir / "insight.json"))
     assert len(summary["batch_wise"]["grad_norm"][0]) == 3
     assert summary["epoch_wise"]["val_mean_acc"][0] is not None

@@ -59,7 +59,9 @@ def test_symmetric_psd_and_x2_none(setup):
         K = ntk.kernel(model, x1, mode=mode, chunk_size=2)
         np.testing.assert_allclose(K, K.T, rtol=1e-12)
         assert np.linalg.eigvalsh(K).min() > -1e-6 * np.abs(K).max()
-        np.testing.assert_allclose(K, ntk.kernel(model, x1, x1.copy(), mode=mode), rtol=1e-6)
+        # float32 Jacobians: entries that cancel are exact to the kernel's scale, not their own
+        np.testing.assert_allclose(K, ntk.kernel(model, x1, x1.copy(), mode=mode), rtol=1e-6,
+                                   atol=1e-7 * np.abs(K).max())
 
 
 def test_per_layer_parts_sum_to_the_whole(setup):

@@ -64,6 +64,12 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     proc.wait()
     steps = [r["step"] for r in read_jsonl(steps_file)]
     assert len(steps) >= 20 and steps == list(range(1, len(steps) + 1))
+    # The per-variable store holds every flushed step (at least the finished epochs),
+    # each step with all variables, and read_log reads it past a torn last batch.
+    killed = oi.read_log(tmp_path)
+    layer = killed.layer("dense/kernel")
+    assert len(layer) >= 20 and layer["step"].tolist() == list(range(1, len(layer) + 1))
+    assert killed.key("grad_norm").notna().all().all()
     summary = json.load(open(tmp_path / "insight.json"))
     assert summary["meta"]["epochs"] == 2  # the last finished epoch
     assert json.load(open(tmp_path / "checkpoint" / "state.json"))["step"] == 20
@@ -76,9 +82,13 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     assert [r["epoch"] for r in records] == [e for e in range(4) for _ in range(10)]
     summary = json.load(open(tmp_path / "insight.json"))
     assert summary["meta"]["epochs"] == 4 and summary["meta"]["steps"] == 40
-    assert [h["step"] for h in read_jsonl(tmp_path / "histograms.jsonl")] == list(range(3, 41, 3))
     run = oi.read_log(tmp_path)
+    assert [h["step"] for h in run.histograms()] == list(range(3, 41, 3))
     assert run.steps["step"].is_unique
+    for name in run.variables:
+        layer = run.layer(name)
+        assert layer["step"].tolist() == list(range(1, 41)), name
+        assert layer["epoch"].tolist() == [e for e in range(4) for _ in range(10)]
 
 
 def test_mixed_precision_metrics_use_unscaled_gradients(tmp_path):

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 from tbparse import SummaryReader
 
-from optinsight.logs.tensorboard import TensorBoardWriter
+from optinsight.logs.tensorboard import TB_BUCKETS, TensorBoardWriter, merged_buckets
 
 
 def test_scalars_of_many_steps_read_back(tmp_path):
@@ -21,7 +21,7 @@ def test_scalars_of_many_steps_read_back(tmp_path):
 
 
 def open_from_two_threads(writer):
-    """Histogram from one thread and scalars from another, started together, on a
+    """An image from one thread and scalars from another, started together, on a
     writer neither has opened; the exceptions they raised."""
     start, errors = threading.Barrier(2), []
 
@@ -33,7 +33,7 @@ def open_from_two_threads(writer):
             errors.append(e)
 
     threads = [threading.Thread(target=use, args=(write,)) for write in (
-        lambda: writer.histogram("h", np.ones(4), 0.0, 1.0, 1),
+        lambda: writer.image("h", np.zeros((2, 2, 3), np.uint8), 1),
         lambda: writer.scalars({"s": 1.0}, 1))]
     for thread in threads:
         thread.start()
@@ -46,3 +46,23 @@ def open_from_two_threads(writer):
 def test_first_use_from_two_threads_at_once(tmp_path):
     for attempt in range(6):  # whichever thread wins, the other sees a whole writer
         assert open_from_two_threads(TensorBoardWriter(str(tmp_path / str(attempt)))) == []
+
+
+def test_histograms_merge_adjacent_bins_exactly(tmp_path):
+    """1,000 recorded bins reach TensorBoard as at most TB_BUCKETS buckets whose counts
+    are those of numpy's histogram over the same edges."""
+    values = np.random.default_rng(0).normal(size=5000)
+    lo, hi = values.min(), values.max()
+    counts, edges = np.histogram(values, bins=1000, range=(lo, hi))
+    buckets = merged_buckets(counts, lo, hi)
+    assert len(buckets) <= TB_BUCKETS and buckets[:, 2].sum() == 5000
+    np.testing.assert_array_equal(
+        buckets[:, 2], np.histogram(values, bins=np.append(buckets[:, 0], hi))[0])
+    np.testing.assert_allclose(buckets[1:, 0], buckets[:-1, 1])
+    writer = TensorBoardWriter(str(tmp_path))
+    writer.histograms({"g/a": (counts, lo, hi), "g/b": (np.arange(4), 0.0, 1.0)}, 5)
+    writer.close()
+    tensors = SummaryReader(str(tmp_path), pivot=False).tensors
+    got = {tag: np.asarray(v) for tag, v in zip(tensors.tag, tensors.value)}
+    np.testing.assert_allclose(got["g/a"], buckets)
+    np.testing.assert_allclose(got["g/b"][:, 2], [0, 1, 2, 3])

@@ -76,11 +76,16 @@ def write_json_atomic(path, document):
     """Write `document` (plain JSON types and `JsonFragment`s) to `path` via a temp
     file and rename."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(_encode(document))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(_encode(document))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:  # e.g. a full disk: the previous version stays, whole
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def read_json(path):
@@ -135,15 +140,21 @@ class JsonlWriter:
         self.null_count = 0
 
     def write(self, record):
+        self.write_many([record])
+
+    def write_many(self, records):
+        """Append `records`, one line each, and flush."""
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8")
-        try:  # the common case: already plain and finite
-            line = _dumps(record)
-        except (TypeError, ValueError):
-            counter = [0]
-            line = _dumps(plain(record, counter))
-            self.null_count += counter[0]
-        self._file.write(line + "\n")
+        lines = []
+        for record in records:
+            try:  # the common case: already plain and finite
+                lines.append(_dumps(record))
+            except (TypeError, ValueError):
+                counter = [0]
+                lines.append(_dumps(plain(record, counter)))
+                self.null_count += counter[0]
+        self._file.write("".join(line + "\n" for line in lines))
         self._file.flush()
 
     def close(self):

@@ -1,4 +1,9 @@
-"""Reads a run's logs back into pandas: `read_log(log_dir) -> Run`."""
+"""Reads a run's logs back into pandas: `read_log(log_dir) -> Run`.
+
+Whole-model metrics (steps.jsonl), epochs, probes and the summary are loaded at once;
+per-variable data (the `layers/` and `histograms/` stores) is read on demand, one
+variable or one key at a time, so memory follows what is asked for, not the run.
+"""
 
 import dataclasses
 import json
@@ -8,6 +13,69 @@ import numpy as np
 import pandas as pd
 
 from optinsight.logs.jsonlog import read_json, read_jsonl
+from optinsight.logs.store import iter_batches, read_parts
+
+_INDEX = ("step", "epoch", "batch")
+
+
+class ArrayFrames:
+    """Per-variable data held in memory: steps [s], values [s, n_vars, n_keys]."""
+
+    def __init__(self, steps, variables, keys, values):
+        self.steps, self.variables = np.asarray(steps), list(variables)
+        self.keys, self.values = list(keys), values
+
+    def layer(self, variable):
+        v = self.variables.index(variable)
+        frame = pd.DataFrame(self.values[:, v, :].astype(np.float64), columns=self.keys)
+        frame.insert(0, "step", self.steps)
+        return frame
+
+    def key(self, key):
+        if key not in self.keys:
+            raise KeyError(f"no key {key!r} in this run's per-variable data")
+        frame = pd.DataFrame(self.values[:, :, self.keys.index(key)].astype(np.float64),
+                             columns=self.variables)
+        frame.insert(0, "step", self.steps)
+        return frame
+
+
+class StoreFrames:
+    """Per-variable data read from a run's `layers/` store on demand."""
+
+    def __init__(self, directory, variables):
+        self.directory, self.variables = directory, list(variables)
+
+    def layer(self, variable):
+        table = read_parts(self.directory, filter_column="variable",
+                           filter_values=[variable])
+        if table is None:
+            return pd.DataFrame(columns=list(_INDEX))
+        return table.drop_columns(["variable"]).to_pandas().sort_values("step", kind="stable") \
+            .reset_index(drop=True)
+
+    def key(self, key):
+        n = len(self.variables)
+        steps, values = [], []
+        for batch in iter_batches(self.directory, ["step", "variable", key]):
+            if key not in batch.schema.names:
+                raise KeyError(f"no key {key!r} in this run's per-variable data")
+            if batch.num_rows % n:
+                raise ValueError(f"{self.directory}: a record batch does not hold whole steps")
+            column = batch[key].to_numpy(zero_copy_only=False).astype(np.float64)
+            steps.append(batch["step"].to_numpy()[::n])
+            values.append(column.reshape(-1, n))  # rows: every variable of a step, in order
+        frame = pd.DataFrame(np.concatenate(values) if values else np.zeros((0, n)),
+                             columns=self.variables)
+        frame.insert(0, "step", np.concatenate(steps) if steps else np.zeros(0, np.int64))
+        return frame
+
+
+def store_variables(directory):
+    """The variable names of a store folder (its first batch's dictionary), or []."""
+    for batch in iter_batches(directory, ["variable"]):
+        return batch["variable"].dictionary.to_pylist()
+    return []
 
 
 @dataclasses.dataclass
@@ -15,8 +83,8 @@ class Run:
     """A run's logs.
 
     Attributes:
-        steps: one row per batch: `step`, `epoch`, `batch`, the whole-model keys,
-            and per-variable columns named `<variable>/<key>`; nulls are NaN.
+        steps: one row per batch: `step`, `epoch`, `batch` and the whole-model keys;
+            nulls are NaN. Per-variable data: `variables`, `layer(name)`, `key(key)`.
         epochs: one row per epoch: `epoch` and the epoch_wise keys.
         summary: the insight.json document.
         probes: one row per probe evaluation: `step`, `epoch`, `probe`, its scalars
@@ -29,11 +97,45 @@ class Run:
     summary: dict
     probes: pd.DataFrame
     log_dir: str
+    variable_data: object = None  # ArrayFrames or StoreFrames
 
-    def histograms(self):
-        """Gradient/weight histograms: a list of {"step", "epoch", "gradients": {var:
-        {"range", "counts"}}, "weights": {...}} (histograms.jsonl)."""
-        return read_jsonl(os.path.join(self.log_dir, "histograms.jsonl"))
+    @property
+    def variables(self):
+        """The recorded variables' names (Keras paths), in the model's order."""
+        return list(self.variable_data.variables) if self.variable_data else []
+
+    def layer(self, variable):
+        """Every step's metrics of one variable: `step`, `epoch`, `batch` and the keys
+        (read from layers/ on demand; nulls are NaN)."""
+        if variable not in self.variables:
+            raise KeyError(f"no variable {variable!r} in this run; it has {self.variables}")
+        return self.variable_data.layer(variable)
+
+    def key(self, key):
+        """One key for every variable: a `step` column and one column per variable
+        (KeyError if the run has no such key)."""
+        if self.variable_data is None:
+            raise KeyError(f"no per-variable data in this run (asked for {key!r})")
+        return self.variable_data.key(key)
+
+    def histograms(self, variables=None):
+        """Gradient/weight histograms, in step order: a list of {"step", "epoch",
+        "gradients": {var: {"range": [lo, hi], "counts": [...]}}, "weights": {...}}
+        (histograms/; only `variables` when given)."""
+        table = read_parts(os.path.join(self.log_dir, "histograms"),
+                           filter_column=None if variables is None else "variable",
+                           filter_values=variables)
+        if table is None:
+            return []
+        out = {}
+        columns = {c: table[c].to_pylist() for c in ("step", "epoch", "kind", "variable",
+                                                      "lo", "hi")}
+        counts = table["counts"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+        for i, step in enumerate(columns["step"]):
+            record = out.setdefault(step, {"step": step, "epoch": columns["epoch"][i]})
+            record.setdefault(columns["kind"][i], {})[columns["variable"][i]] = {
+                "range": [columns["lo"][i], columns["hi"][i]], "counts": counts[i].tolist()}
+        return [out[s] for s in sorted(out)]
 
     def probe_arrays(self, probe):
         """[(step, {name: array})] of every evaluation of `probe` that wrote arrays."""
@@ -58,16 +160,6 @@ class Run:
                 out.append((name[:-4], codes, meta))
         return out
 
-    def layer(self, variable):
-        """The per-step metrics of one variable, columns without the prefix."""
-        prefix = f"{variable}/"
-        columns = [c for c in self.steps.columns if c.startswith(prefix)]
-        if not columns:
-            raise KeyError(f"no variable {variable!r} in this run; it has "
-                           f"{self.summary.get('meta', {}).get('variables')}")
-        frame = self.steps[["step", "epoch", "batch"] + columns]
-        return frame.rename(columns={c: c[len(prefix):] for c in columns})
-
 
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
@@ -84,15 +176,11 @@ def _numbers(mapping):
 def _step_row(record, path, index):
     if not (isinstance(record, dict) and all(_is_int(record.get(k))
                                              for k in ("step", "epoch", "batch"))
-            and _numbers(record.get("model"))
-            and isinstance(record.get("layers"), dict)
-            and all(_numbers(m) for m in record["layers"].values())):
+            and _numbers(record.get("model"))):
         raise ValueError(f"{path}: record {index + 1} is not a step record (expected "
-                         '{"step", "epoch", "batch", "model": {...}, "layers": {...}})')
+                         '{"step", "epoch", "batch", "model": {...}})')
     row = {"step": record["step"], "epoch": record["epoch"], "batch": record["batch"]}
     row.update(record["model"])
-    for variable, metrics in record["layers"].items():
-        row.update({f"{variable}/{k}": v for k, v in metrics.items()})
     return row
 
 
@@ -150,6 +238,12 @@ def read_log(log_dir):
     steps = pd.DataFrame([_step_row(r, steps_path, i)
                           for i, r in enumerate(read_jsonl(steps_path))])
     if not steps.empty:
-        steps = steps.astype(float).astype({k: int for k in ("step", "epoch", "batch")})
+        steps = steps.astype(float).astype({k: int for k in _INDEX})
+    layers = os.path.join(log_dir, "layers")
+    variables = summary.get("meta", {}).get("variables") if isinstance(
+        summary.get("meta"), dict) else None
+    if not (isinstance(variables, list) and all(isinstance(v, str) for v in variables)):
+        variables = store_variables(layers)
     return Run(steps=steps, epochs=epoch_frame(summary, summary_path), summary=summary,
-               probes=probes_frame(probes_path), log_dir=log_dir)
+               probes=probes_frame(probes_path), log_dir=log_dir,
+               variable_data=StoreFrames(layers, variables))

@@ -57,8 +57,7 @@ def _epoch_ticks(ax, steps):
 
 
 def _kernels(run):
-    names = run.summary.get("meta", {}).get("variables", [])
-    return [n for n in names if f"{n}/grad_norm" in run.steps] or names
+    return run.variables or run.summary.get("meta", {}).get("variables", [])
 
 
 def loss_and_accuracy(run):
@@ -139,13 +138,14 @@ def weight_difference(run):
 
 
 def update_ratio(run):
-    kernels = [k for k in _kernels(run) if f"{k}/update_ratio" in run.steps]
     steps = _steps(run, "update_ratio")
+    kernels = [k for k in run.variables if k.endswith("kernel")] or run.variables
     if not kernels:
         raise MissingData("the run has no per-variable update ratios")
+    ratios = run.key("update_ratio")
     fig, ax = plt.subplots(figsize=(11, 3.8))
     for name in kernels:
-        ax.plot(steps["step"], steps[f"{name}/update_ratio"], lw=0.8, label=name)
+        ax.plot(ratios["step"], ratios[name], lw=0.8, label=name)
     _epoch_ticks(ax, steps)
     ax.set(xlabel="step", ylabel="‖Δw‖ / ‖w‖", yscale="log",
            title="Update ratio per variable (1e-3 is a common healthy level)")
@@ -185,7 +185,7 @@ def sign_map(run, zoom=200):
 def gradient_histograms(run, kind="gradients"):
     histograms = run.histograms()
     if not histograms:
-        raise MissingData("no gradient histograms (histograms.jsonl; histogram_freq=0?)")
+        raise MissingData("no gradient histograms (histograms/; histogram_freq=0?)")
     names = [n for n in _kernels(run) if n in histograms[-1][kind]]
     names = [n for n in names if n.endswith("kernel")] or names
     cols = min(4, len(names))
