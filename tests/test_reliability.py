@@ -1,5 +1,8 @@
-"""Crash safety, resume after SIGKILL, mixed precision, and a fuzzed log reader."""
+"""Crash safety, resume after SIGKILL, a full disk, mixed precision, and a fuzzed log
+reader."""
 
+import builtins
+import errno
 import json
 import os
 import signal
@@ -11,6 +14,7 @@ import keras
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from conftest import tiny_data, tiny_relu_model
 
 import optinsight as oi
 from optinsight.logs.jsonlog import read_jsonl
@@ -150,3 +154,76 @@ def test_read_log_gives_a_run_or_one_clear_error(tmp_path_factory, lines, summar
         assert str(e) and "\n" not in str(e)
     else:
         assert isinstance(run, oi.Run)
+
+
+class FullDisk:
+    """Files opened for writing through `open` share `budget` bytes; the write that
+    passes it writes what fits, then raises ENOSPC, as a full disk does."""
+
+    def __init__(self, budget):
+        self.left = budget
+
+    def open(self, path, mode="r", *args, **kwargs):
+        file = builtins.open(path, mode, *args, **kwargs)
+        return file if mode.startswith("r") else _Limited(file, self)
+
+    def check(self):
+        if self.left <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class _Limited:
+    def __init__(self, file, disk):
+        self._file, self._disk = file, disk
+
+    def write(self, data):
+        if len(data) > self._disk.left:
+            self._file.write(data[:max(self._disk.left, 0)])
+            self._file.flush()
+            self._disk.left = 0
+            self._disk.check()
+        self._disk.left -= len(data)
+        return self._file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
+def test_a_full_disk_never_stops_training(tmp_path, monkeypatch, capsys):
+    """The disk fills up in the second of three epochs: training goes on, each file
+    that fails is named once with its error, and everything written before stays
+    readable (steps.jsonl and layers/ up to their last whole record, insight.json as
+    its last whole version)."""
+    from optinsight.logs import jsonlog, store
+    from optinsight.logs.tensorboard import TensorBoardWriter
+
+    x, y = tiny_data(n=96)
+    model = tiny_relu_model()
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    disk = FullDisk(budget=60_000)
+    monkeypatch.setattr(jsonlog, "open", disk.open, raising=False)
+    monkeypatch.setattr(store, "open", disk.open, raising=False)
+    write = TensorBoardWriter._write
+    monkeypatch.setattr(TensorBoardWriter, "_write",
+                        lambda self, *a: disk.check() or write(self, *a))
+    history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
+                        callbacks=[oi.OptimizationInsightCallback(tmp_path, histogram_freq=5)])
+    assert len(history.history["loss"]) == 3  # all epochs trained
+    lines = capsys.readouterr().err.strip().splitlines()
+    failed = [line for line in lines if "No space left on device" in line]
+    named = [line.split("cannot write ")[1].split(" (")[0] for line in failed]
+    assert len(named) == len(set(named)) >= 3, lines  # each file once
+    assert f"{tmp_path}/steps.jsonl" in named and f"{tmp_path}/layers/" in named
+    run = oi.read_log(tmp_path)
+    steps = run.steps["step"].tolist()
+    assert 12 <= len(steps) < 36 and steps == list(range(1, len(steps) + 1))
+    layer = run.layer("hidden/kernel")
+    assert 12 <= len(layer) < 36 and layer["step"].tolist() == list(range(1, len(layer) + 1))
+    json.load(open(tmp_path / "insight.json"))  # the last whole version
+    assert not list(tmp_path.glob("*.tmp"))
