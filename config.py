@@ -91,6 +91,7 @@ class InsightConfig:
     histogram_bins: int = 1000
     sign_map_freq: int | str = "epoch"
     update_freq: int | str = "batch"
+    variable_update_freq: int | str = 200
     probes: bool = True  # the probe set of main.py, on `probe_examples` held-out examples
     probe_examples: int = 128
 
@@ -101,6 +102,7 @@ class InsightConfig:
         _positive_int("histogram_bins", self.histogram_bins)
         validate_freq("sign_map_freq", self.sign_map_freq, ("epoch",))
         validate_update_freq(self.update_freq)
+        validate_freq("variable_update_freq", self.variable_update_freq, ("epoch",))
         _positive_int("probe_examples", self.probe_examples)
 
     def callback_kwargs(self):
@@ -181,6 +183,9 @@ def build_parser():
     p.add_argument("--histogram-bins", type=int, default=i.histogram_bins)
     p.add_argument("--sign-map-freq", type=_freq(("epoch",)), default=i.sign_map_freq)
     p.add_argument("--update-freq", type=_freq(("batch", "epoch")), default=i.update_freq)
+    p.add_argument("--variable-update-freq", type=_freq(("epoch",)),
+                   default=i.variable_update_freq,
+                   help="batches between per-variable TensorBoard scalars, 'epoch' or 0")
     p.add_argument("--no-probes", dest="probes", action="store_false",
                    help="per-batch dynamics only: no Hessian, NTK, spectra, ... probes")
     p.add_argument("--probe-examples", type=int, default=i.probe_examples,
@@ -196,5 +201,6 @@ def parse_args(argv=None):
         train=TrainConfig(a.epochs, a.lr, a.seed, a.log_dir, a.resume, a.checkpoint_every,
                           a.strategy),
         insight=InsightConfig(a.thresholds, a.ema_decay, a.histogram_freq, a.histogram_bins,
-                              a.sign_map_freq, a.update_freq, a.probes, a.probe_examples),
+                              a.sign_map_freq, a.update_freq, a.variable_update_freq, a.probes,
+                              a.probe_examples),
     )

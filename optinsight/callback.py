@@ -26,15 +26,16 @@ from optinsight.logs.background import BackgroundWriter
 from optinsight.logs.guard import WriteGuard
 from optinsight.logs.jsonlog import (
     JsonFragment,
+    JsonList,
     JsonlWriter,
     plain,
     read_json,
     truncate_jsonl,
     write_json_atomic,
 )
-from optinsight.logs.reader import ArrayFrames, Run, epoch_frame, probes_frame
+from optinsight.logs.reader import ArrayFrames, Run, epoch_frame, part_matrix, probes_frame
 from optinsight.logs.step_log import StepLog, histogram_table
-from optinsight.logs.store import PartWriter, iter_batches, truncate_parts
+from optinsight.logs.store import PartWriter, part_paths, truncate_parts
 from optinsight.logs.tensorboard import TensorBoardWriter
 from optinsight.model import InsightModel, insight_train_step
 from optinsight.signs import sign_codes, sign_map_image
@@ -194,8 +195,10 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         # Per finished epoch: its number, its steps' numbers, whole-model rows [s, keys]
         # and per-variable means [n_vars, keys].
         self._history = {"epoch": [], "step": [], "model": [], "layer_means": []}
-        # Per finished epoch: its lists in insight.json, encoded once.
-        self._batch_wise_json = []
+        # insight.json's growing lists, each finished epoch's values encoded once:
+        # batch_wise per model key, epoch_wise means per (variable, key).
+        self._json_lists = {}
+        self._json_epochs = 0  # epochs appended to them
         self._epoch_wise = {k: [] for k in EPOCH_KEYS}
         self._probe_history = {}
         self._writers = {}
@@ -442,18 +445,21 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         """The insight.json document (docs/logs.md) of what is recorded so far; each
         finished epoch's lists are `JsonFragment`s, encoded once."""
         counter = [0]
-        for e in range(len(self._batch_wise_json), len(self._history["model"])):
+        lists, names = self._json_lists, self._tracker.names
+        for e in range(self._json_epochs, len(self._history["model"])):
             model, means = self._history["model"][e], self._history["layer_means"][e]
-            self._batch_wise_json.append((
-                [JsonFragment(column.tolist()) for column in model.T],
-                [[JsonFragment(means[v, i]) for i in range(len(self._keys))]
-                 for v in range(len(self._tracker.names))]))
-        batch_wise = {k: [model[i] for model, _ in self._batch_wise_json]
-                      for i, k in enumerate(self._model_keys)}
-        layers = {
-            name: {"epoch_wise": {k: [means[v][i] for _, means in self._batch_wise_json]
-                                  for i, k in enumerate(self._keys)}}
-            for v, name in enumerate(self._tracker.names)}
+            for i, key in enumerate(self._model_keys):
+                lists.setdefault(key, JsonList()).append(model[:, i].tolist())
+            for v, name in enumerate(names):
+                for i, key in enumerate(self._keys):
+                    lists.setdefault((name, key), JsonList()).append(means[v, i])
+        self._json_epochs = len(self._history["model"])
+        empty = JsonFragment([])
+        batch_wise = {k: lists[k].fragment() if k in lists else empty
+                      for k in self._model_keys}
+        layers = {name: {"epoch_wise": {
+            k: lists[(name, k)].fragment() if (name, k) in lists else empty
+            for k in self._keys}} for name in names}
         document = {
             "schema_version": SCHEMA_VERSION,
             "meta": {
@@ -556,13 +562,11 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._load_thinned_history()
 
     def _load_thinned_history(self):
-        """Refill the diagnosis' thinned per-variable history from layers/."""
-        history, n_vars = self._step_log.history, len(self._tracker.names)
-        for batch in iter_batches(self._path("layers"), ["step", *history.keys]):
-            values = np.stack([batch[k].to_numpy(zero_copy_only=False).astype(np.float32)
-                               for k in history.keys], axis=-1)
-            history.append(batch["step"].to_numpy()[::n_vars],
-                           values.reshape(-1, n_vars, len(history.keys)))
+        """Refill the diagnosis' thinned per-variable history from layers/, part by part."""
+        history = self._step_log.history
+        for path in part_paths(self._path("layers")):
+            steps, values = part_matrix(path, history.keys, self._tracker.names)
+            history.append(steps, values)
 
     def _load_history(self, document, epochs):
         """Reload the first `epochs` epochs of a previous insight.json."""

@@ -19,11 +19,13 @@ def test_flags(tmp_path):
     c = parse_args(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--epochs", "3",
                     "--batch-size", "64", "--lr", "0.01", "--log-dir", "x", "--resume",
                     "--checkpoint-every", "2", "--thresholds", "1e-6,1e-4", "--ema-decay", "none",
-                    "--sign-map-freq", "50", "--update-freq", "epoch", "--limit", "100"])
+                    "--sign-map-freq", "50", "--update-freq", "epoch", "--limit", "100",
+                    "--variable-update-freq", "epoch"])
     assert c.data == DataConfig("fashion-mnist", str(tmp_path), 64, 0.1, 100)
     assert c.train == TrainConfig(3, 0.01, 0, "x", True, 2, "none")
     assert c.insight.thresholds == (1e-6, 1e-4) and c.insight.ema_decay is None
     assert c.insight.sign_map_freq == 50 and c.insight.update_freq == "epoch"
+    assert c.insight.variable_update_freq == "epoch"
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -40,6 +42,7 @@ def test_flags(tmp_path):
     (["--histogram-freq", "-2"], "histogram_freq must be a non-negative integer"),
     (["--update-freq", "0"], "update_freq"),
     (["--update-freq", "often"], "expected an integer or one of"),
+    (["--variable-update-freq", "-3"], "variable_update_freq"),
     (["--validation-split", "1"], r"validation_split must be in \[0, 1\)"),
     (["--resume"], "--resume needs --log-dir"),
     (["--checkpoint-every", "-1"], "checkpoint_every"),

@@ -253,6 +253,16 @@ def test_read_log_frames(run):
     assert layer["grad_norm"].tolist() == pytest.approx(
         [rec["layers"][run["names"][2]]["grad_norm"] for rec in run["records"]])
     assert r.variables == run["names"]
+    # layers/ is readable with pyarrow alone (docs/logs.md)
+    import glob
+
+    import pyarrow as pa
+    parts = sorted(glob.glob(str(run["log_dir"] / "layers" / "part-*")))
+    assert parts and all(p.endswith(".arrow") for p in parts)  # finished at the epoch end
+    plain = pa.concat_tables(pa.ipc.open_file(p).read_all() for p in parts).to_pandas()
+    plain = plain[plain["variable"] == run["names"][2]]
+    assert plain["step"].tolist() == list(range(1, STEPS + 1))
+    assert plain["grad_norm"].tolist() == pytest.approx(layer["grad_norm"].tolist())
     wdiff = r.key("wdiff")
     assert list(wdiff.columns) == ["step"] + run["names"]
     assert wdiff[run["names"][1]].tolist()[1:] == pytest.approx(

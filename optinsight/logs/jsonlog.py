@@ -34,6 +34,25 @@ class JsonFragment:
         self.nulls = counter[0]
 
 
+class JsonList:
+    """A JSON list that grows by whole values, each encoded once when appended:
+    `fragment()` is the list so far as a `JsonFragment`, at the cost of copying its
+    text, whatever the number or size of its items."""
+
+    def __init__(self):
+        self._items, self._nulls = [], 0
+
+    def append(self, value):
+        item = JsonFragment(value)
+        self._items.append(item.text)
+        self._nulls += item.nulls
+
+    def fragment(self):
+        fragment = JsonFragment(None)
+        fragment.text, fragment.nulls = "[" + ",".join(self._items) + "]", self._nulls
+        return fragment
+
+
 def plain(value, counter=None):
     """`value` as plain JSON types; NaN/Inf become None, counted in `counter[0]`
     (`JsonFragment`s are kept, their nulls counted)."""
@@ -97,26 +116,28 @@ def read_json(path):
         raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupted") from None
 
 
-def read_jsonl(path):
-    """Objects of a JSON Lines file; a torn (incomplete) last line is skipped.
-
-    A malformed line anywhere else raises ValueError naming the file and line.
-    """
+def iter_jsonl(path):
+    """The objects of a JSON Lines file, one at a time; a torn (incomplete) last line
+    is skipped. A malformed line anywhere else raises ValueError naming the file and
+    line."""
     if not os.path.exists(path):
-        return []
+        return
+    torn = None  # a malformed line: fine if nothing follows it
     with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number >= len(lines) - 1:  # the last line, torn by a crash
-                break
-            raise ValueError(f"{path}, line {number}, is not valid JSON") from None
-    return records
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            if torn is not None:
+                raise ValueError(f"{path}, line {torn}, is not valid JSON")
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                torn = number
+
+
+def read_jsonl(path):
+    """The objects of a JSON Lines file as a list (see `iter_jsonl`)."""
+    return list(iter_jsonl(path))
 
 
 def truncate_jsonl(path, last_step):

@@ -11,9 +11,10 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 
-from optinsight.logs.jsonlog import read_json, read_jsonl
-from optinsight.logs.store import iter_batches, read_parts
+from optinsight.logs.jsonlog import iter_jsonl, read_json, read_jsonl
+from optinsight.logs.store import iter_batches, part_batches, part_paths, read_parts
 
 _INDEX = ("step", "epoch", "batch")
 
@@ -47,28 +48,48 @@ class StoreFrames:
         self.directory, self.variables = directory, list(variables)
 
     def layer(self, variable):
-        table = read_parts(self.directory, filter_column="variable",
-                           filter_values=[variable])
+        table = read_parts(self.directory, variables=[variable])
         if table is None:
             return pd.DataFrame(columns=list(_INDEX))
         return table.drop_columns(["variable"]).to_pandas().sort_values("step", kind="stable") \
             .reset_index(drop=True)
 
     def key(self, key):
-        n = len(self.variables)
         steps, values = [], []
-        for batch in iter_batches(self.directory, ["step", "variable", key]):
-            if key not in batch.schema.names:
-                raise KeyError(f"no key {key!r} in this run's per-variable data")
-            if batch.num_rows % n:
-                raise ValueError(f"{self.directory}: a record batch does not hold whole steps")
-            column = batch[key].to_numpy(zero_copy_only=False).astype(np.float64)
-            steps.append(batch["step"].to_numpy()[::n])
-            values.append(column.reshape(-1, n))  # rows: every variable of a step, in order
-        frame = pd.DataFrame(np.concatenate(values) if values else np.zeros((0, n)),
-                             columns=self.variables)
+        for path in part_paths(self.directory):
+            part_steps, part = part_matrix(path, [key], self.variables)
+            steps.append(part_steps)
+            values.append(part[:, :, 0])
+        frame = pd.DataFrame(np.concatenate(values) if values else
+                             np.zeros((0, len(self.variables))), columns=self.variables)
         frame.insert(0, "step", np.concatenate(steps) if steps else np.zeros(0, np.int64))
         return frame
+
+
+def part_matrix(path, keys, variables):
+    """One part of a `layers/` store as arrays: steps [s] (the part's contiguous step
+    range) and values [s, len(variables), len(keys)] float64 (NaN where null or
+    absent); KeyError if it lacks a key."""
+    index = {name: i for i, name in enumerate(variables)}
+    batches = [b for b in part_batches(path, ["step", "variable", *keys]) if b.num_rows]
+    if not batches:
+        return np.zeros(0, np.int64), np.zeros((0, len(variables), len(keys)))
+    missing = [k for k in keys if k not in batches[0].schema.names]
+    if missing:
+        raise KeyError(f"no key {missing[0]!r} in this run's per-variable data")
+    first = min(pc.min(b["step"]).as_py() for b in batches)
+    last = max(pc.max(b["step"]).as_py() for b in batches)
+    values = np.full((last - first + 1, len(variables), len(keys)), np.nan)
+    for batch in batches:
+        variable = batch["variable"]
+        to_column = np.array([index.get(n, -1) for n in variable.dictionary.to_pylist()])
+        columns = to_column[variable.indices.to_numpy()]
+        known = columns >= 0
+        rows = batch["step"].to_numpy()[known] - first
+        for i, key in enumerate(keys):
+            values[rows, columns[known], i] = batch[key].to_numpy(
+                zero_copy_only=False).astype(np.float64)[known]
+    return np.arange(first, last + 1), values
 
 
 def store_variables(directory):
@@ -123,8 +144,7 @@ class Run:
         "gradients": {var: {"range": [lo, hi], "counts": [...]}}, "weights": {...}}
         (histograms/; only `variables` when given)."""
         table = read_parts(os.path.join(self.log_dir, "histograms"),
-                           filter_column=None if variables is None else "variable",
-                           filter_values=variables)
+                           variables=None if variables is None else list(variables))
         if table is None:
             return []
         out = {}
@@ -197,6 +217,24 @@ def _probe_row(record, path, index):
     return row
 
 
+def _steps_frame(path):
+    """steps.jsonl as a frame, one column list per key (no per-row dicts kept)."""
+    columns, n = {}, 0
+    for i, record in enumerate(iter_jsonl(path)):
+        row = _step_row(record, path, i)
+        for key, value in row.items():
+            column = columns.get(key)
+            if column is None:
+                column = columns[key] = [None] * n
+            column.append(value)
+        n += 1
+        if len(row) != len(columns):  # keys this row lacks
+            for column in columns.values():
+                if len(column) < n:
+                    column.append(None)
+    return pd.DataFrame({k: np.array(v, dtype=float) for k, v in columns.items()})
+
+
 def probes_frame(path):
     """The probe evaluations in the probes.jsonl file `path` (see `Run.probes`)."""
     return pd.DataFrame([_probe_row(r, path, i) for i, r in enumerate(read_jsonl(path))])
@@ -235,8 +273,7 @@ def read_log(log_dir):
     summary = read_json(summary_path) if os.path.exists(summary_path) else {}
     if not isinstance(summary, dict):
         raise ValueError(f"{summary_path} is not an optinsight summary (a JSON object)")
-    steps = pd.DataFrame([_step_row(r, steps_path, i)
-                          for i, r in enumerate(read_jsonl(steps_path))])
+    steps = _steps_frame(steps_path)
     if not steps.empty:
         steps = steps.astype(float).astype({k: int for k in _INDEX})
     layers = os.path.join(log_dir, "layers")
