@@ -554,7 +554,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         model._initial_epoch = epochs  # as keras.callbacks.BackupAndRestore does
         for name in ("steps.jsonl", "probes.jsonl"):
             truncate_jsonl(self._path(name), self._step)
-        for name in ("layers", "histograms"):
+        for name in ("model", "layers", "histograms"):
             truncate_parts(self._path(name), self._step)
         self._histogram_step = self._step
         if os.path.exists(self._path("insight.json")):

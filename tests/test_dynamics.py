@@ -253,6 +253,11 @@ def test_read_log_frames(run):
     assert layer["grad_norm"].tolist() == pytest.approx(
         [rec["layers"][run["names"][2]]["grad_norm"] for rec in run["records"]])
     assert r.variables == run["names"]
+    # Run.steps comes from model/, the columnar copy of steps.jsonl: the same numbers.
+    from optinsight.logs.reader import _steps_frame
+    jsonl = _steps_frame(str(run["log_dir"] / "steps.jsonl"))
+    np.testing.assert_array_equal(list(r.steps.columns), list(jsonl.columns))
+    np.testing.assert_array_equal(r.steps.to_numpy(float), jsonl.to_numpy(float))
     # layers/ is readable with pyarrow alone (docs/logs.md)
     import glob
 

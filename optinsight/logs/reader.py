@@ -217,6 +217,14 @@ def _probe_row(record, path, index):
     return row
 
 
+def _model_frame(directory):
+    """The whole-model rows of the `model/` store (what steps.jsonl holds, columnar)."""
+    table = read_parts(directory)
+    if table is None:
+        return pd.DataFrame()
+    return table.to_pandas().sort_values("step", kind="stable").reset_index(drop=True)
+
+
 def _steps_frame(path):
     """steps.jsonl as a frame, one column list per key (no per-row dicts kept)."""
     columns, n = {}, 0
@@ -273,7 +281,8 @@ def read_log(log_dir):
     summary = read_json(summary_path) if os.path.exists(summary_path) else {}
     if not isinstance(summary, dict):
         raise ValueError(f"{summary_path} is not an optinsight summary (a JSON object)")
-    steps = _steps_frame(steps_path)
+    model = os.path.join(log_dir, "model")
+    steps = _model_frame(model) if part_paths(model) else _steps_frame(steps_path)
     if not steps.empty:
         steps = steps.astype(float).astype({k: int for k in _INDEX})
     layers = os.path.join(log_dir, "layers")

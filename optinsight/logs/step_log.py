@@ -40,6 +40,21 @@ def layer_table(steps, epochs, batches, table, names, keys, counts):
     return pa.table(columns)
 
 
+def model_table(steps, epochs, batches, model, keys, counts):
+    """The whole-model rows of a burst as a pyarrow Table (docs/logs.md, `model/`):
+    step (int64), epoch, batch (int32), one column per key of `model` [s, len(keys)]:
+    counts int64, the rest float64; NaN stored as null."""
+    columns = {"step": pa.array(steps, pa.int64()), "epoch": pa.array(epochs, pa.int32()),
+               "batch": pa.array(batches, pa.int32())}
+    for i, key in enumerate(keys):
+        values = model[:, i]
+        missing = np.isnan(values)
+        mask = missing if missing.any() else None
+        columns[key] = pa.array(np.where(missing, 0, values).astype(np.int64), mask=mask) \
+            if key in counts else pa.array(values, pa.float64(), mask=mask)
+    return pa.table(columns)
+
+
 class ThinnedHistory:
     """At most `capacity` evenly spaced steps of some per-variable keys, in memory.
 
@@ -91,6 +106,7 @@ class StepLog:
         self.variable_update_freq = variable_update_freq
         self.guard, self.jsonl = guard, jsonl
         self.store = PartWriter(f"{root}/layers", STORE_FLUSH_STEPS * len(self.names))
+        self.model_store = PartWriter(f"{root}/model", STORE_FLUSH_STEPS)
         self._history_columns = [self.keys.index(k) for k in history_keys if k in self.keys]
         self.history = ThinnedHistory([self.keys[i] for i in self._history_columns],
                                       len(self.names))
@@ -121,6 +137,9 @@ class StepLog:
             lines.append({"step": step, "epoch": epoch, "batch": batch,
                           "model": table_row_dict(row, self.model_keys, self.counts)})
         self.guard.run("steps.jsonl", self.jsonl.write_many, lines)
+        self.guard.run("model/", self.model_store.write, model_table(
+            steps, np.full(len(steps), epoch), batches, model, self.model_keys,
+            self.counts), epoch)
         self.guard.run("layers/", self.store.write, layer_table(
             steps, np.full(len(steps), epoch), batches, layers, self.names, self.keys,
             self.counts), epoch)
@@ -153,6 +172,7 @@ class StepLog:
         means [n_vars, n_keys] (NaN where a key had no value)); its per-variable rows
         are flushed and its part file ended. `step`: the run's step (for TensorBoard)."""
         self.guard.run("layers/", self.store.close)
+        self.guard.run("model/", self.model_store.close)
         steps = np.concatenate(self._steps) if self._steps else np.zeros(0, np.int64)
         model = np.concatenate(self._model) if self._model else np.zeros(
             (0, len(self.model_keys)))
@@ -173,6 +193,7 @@ class StepLog:
 
     def close(self):
         self.guard.run("layers/", self.store.close)
+        self.guard.run("model/", self.model_store.close)
 
 
 def histogram_table(step, epoch, histograms, names):

@@ -128,8 +128,16 @@ def _read_live(path, columns=None):
 
 
 def _write_finished(table, path):
-    """Write `table` as a finished part at `path` (variable-major, see module doc)."""
+    """Write `table` as a finished part at `path`: variable-major (see module doc), or,
+    for rows without a `variable` column, in step order."""
     table = table.combine_chunks()
+    if "variable" not in table.schema.names:
+        table = table.take(pa.array(np.argsort(table["step"].to_numpy(), kind="stable")))
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f, pa.ipc.new_file(f, table.schema, options=_OPTIONS) as w:
+            w.write_table(table, max_chunksize=BATCH_ROWS)
+        os.replace(tmp, path)
+        return
     variables = table["variable"].chunk(0) if table.num_rows else None
     n_vars = len(variables.dictionary) if variables is not None else 1
     codes = variables.indices.to_numpy() if variables is not None else np.zeros(0, int)
@@ -170,7 +178,7 @@ def part_batches(path, columns=None, variable=None):
             reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(
                 included_fields=[names.index(c) for c in columns if c in names]))
         indices = range(reader.num_record_batches)
-        if variable is not None and reader.num_record_batches:
+        if variable is not None and _PER_BATCH in (reader.schema.metadata or {}):
             k = int(reader.schema.metadata[_PER_BATCH])
             dictionary = _dictionary(source)
             indices = [dictionary.index(variable) // k] if variable in dictionary else []
