@@ -213,20 +213,21 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         return os.path.join(self._root, *parts)
 
     # Writers open their files on first write; setdefault (atomic) makes the training
-    # thread and the writer thread share one writer per file.
+    # thread and the writer thread share one writer per file. Keyed by the names the
+    # write guard reports.
     def _writer(self, name):
         return self._writers.get(name) or self._writers.setdefault(
             name, JsonlWriter(self._path(name)))
 
     @property
     def _tb(self):
-        return self._writers.get("tensorboard") or self._writers.setdefault(
-            "tensorboard", TensorBoardWriter(self._path("tensorboard", "train")))
+        return self._writers.get("tensorboard/") or self._writers.setdefault(
+            "tensorboard/", TensorBoardWriter(self._path("tensorboard", "train")))
 
     @property
     def _histogram_store(self):
-        return self._writers.get("histograms") or self._writers.setdefault(
-            "histograms", PartWriter(self._path("histograms"), flush_rows=1))
+        return self._writers.get("histograms/") or self._writers.setdefault(
+            "histograms/", PartWriter(self._path("histograms"), flush_rows=1))
 
     def _write(self, name, write, *args):
         """write(*args) through the guard (`name`: the file or folder it writes)."""

@@ -1,7 +1,7 @@
-"""Where a burst of steps' metrics goes: `steps.jsonl` (whole model), the per-variable
-store `layers/` (every variable, every step), TensorBoard scalars, and the in-memory
-summaries the callback needs at epoch end (whole-model rows, per-variable epoch means,
-a bounded thinned history for the diagnosis). Runs on the writer thread.
+"""Where a burst of steps' metrics goes: `steps.jsonl` and `model/` (whole model), the
+per-variable store `layers/` (every variable, every step), TensorBoard scalars, and the
+in-memory summaries the callback needs at epoch end (whole-model rows, per-variable
+epoch means, a bounded thinned history for the diagnosis). Runs on the writer thread.
 """
 
 import numpy as np
@@ -93,6 +93,7 @@ class StepLog:
             (epoch means), or 0 (none).
         history_keys: per-variable keys kept (thinned) for the epoch-end diagnosis.
         guard: a `logs.guard.WriteGuard`; a file whose write fails is skipped after.
+        jsonl: the JsonlWriter of steps.jsonl.
     """
 
     def __init__(self, root, names, thresholds, ema_decay, tensorboard, update_freq,
