@@ -36,7 +36,7 @@ from optinsight.logs.jsonlog import (
 from optinsight.logs.reader import ArrayFrames, Run, epoch_frame, part_matrix, probes_frame
 from optinsight.logs.step_log import StepLog, histogram_table
 from optinsight.logs.store import PartWriter, part_paths, truncate_parts
-from optinsight.logs.tensorboard import TensorBoardWriter
+from optinsight.logs.tensorboard import TensorBoardWriter, truncate_events
 from optinsight.model import InsightModel, insight_train_step
 from optinsight.signs import sign_codes, sign_map_image
 
@@ -557,6 +557,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             truncate_jsonl(self._path(name), self._step)
         for name in ("model", "layers", "histograms"):
             truncate_parts(self._path(name), self._step)
+        truncate_events(self._path("tensorboard", "train"), self._step)
         self._histogram_step = self._step
         if os.path.exists(self._path("insight.json")):
             self._load_history(read_json(self._path("insight.json")), epochs)

@@ -312,3 +312,27 @@ def test_sign_maps_are_capped_by_a_fixed_stride(tmp_path):
             assert meta["strides"][v.path] == stride
             assert len(maps[v.path]) == len(range(0, size, stride)) <= 5
             assert set(np.unique(maps[v.path])) <= {-1, 0, 1, 2}
+
+
+def test_resume_writes_each_tensorboard_step_once(tmp_path):
+    """Three epochs with a checkpoint after the second, then resumed to four: the third
+    epoch's steps are trained again, and TensorBoard (read by tbparse) has every step
+    once, with the values of the resumed run."""
+    from tbparse import SummaryReader
+
+    x, y = tiny_data(n=48)
+    for epochs, resume in ((3, False), (4, True)):
+        model = compiled(tiny_relu_model())
+        model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0, callbacks=[
+            oi.OptimizationInsightCallback(tmp_path, resume=resume, checkpoint_freq=2,
+                                           histogram_freq=2, variable_update_freq=1)])
+    scalars = SummaryReader(str(tmp_path / "tensorboard")).scalars
+    for tag in ("insight/grad_norm", "insight/hidden/kernel/wdiff"):
+        steps = scalars[scalars.tag == tag]["step"].tolist()
+        assert sorted(steps) == list(range(1, 13)), tag
+    logged = scalars[scalars.tag == "insight/grad_norm"].sort_values("step")
+    run = oi.read_log(tmp_path)
+    assert logged["value"].tolist() == pytest.approx(run.steps["grad_norm"].tolist(), rel=1e-6)
+    tensors = SummaryReader(str(tmp_path / "tensorboard"), pivot=False).tensors
+    histogram_steps = tensors[tensors.tag == "gradients/hidden/kernel"]["step"].tolist()
+    assert sorted(histogram_steps) == list(range(2, 13, 2))

@@ -8,12 +8,14 @@ is opened on first use, by whichever thread writes first (the callback's writer 
 or the training thread), and flushed/closed by its owner. Tags: docs/logs.md.
 """
 
+import glob
 import math
+import os
 import threading
 
 import numpy as np
 import tensorflow as tf
-from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.util import tensor_util
 
@@ -117,3 +119,25 @@ class TensorBoardWriter:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = self._write_summaries = None
+
+
+def truncate_events(directory, last_step):
+    """Drop the events after `last_step` from the event files in `directory` (resume:
+    those steps are trained again and written anew, so each step appears once). Each
+    file is rewritten through a temporary file; a torn last record is dropped."""
+    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+        kept, dropped = [], False
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                raw = record.numpy()
+                if event_pb2.Event.FromString(raw).step <= last_step:
+                    kept.append(raw)
+                else:
+                    dropped = True
+        except tf.errors.DataLossError:  # a torn last record: the process was killed
+            dropped = True
+        if dropped:
+            with tf.io.TFRecordWriter(f"{path}.tmp") as writer:
+                for raw in kept:
+                    writer.write(raw)
+            os.replace(f"{path}.tmp", path)
