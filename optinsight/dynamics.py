@@ -196,8 +196,11 @@ def _histograms(values, segments, n_vars, bins):
     finite = tf.math.is_finite(v)
     lo = tf.math.unsorted_segment_min(tf.where(finite, v, np.inf), segments, n_vars)
     hi = tf.math.unsorted_segment_max(tf.where(finite, v, -np.inf), segments, n_vars)
-    lo = tf.where(tf.math.is_finite(lo), lo, 0.0)
-    hi = tf.where(tf.math.is_finite(hi), hi, 0.0)
+    # A variable without finite entries (or none at all: the reductions then give the
+    # dtype's extremes) gets the range [0, 0].
+    has_finite = tf.math.unsorted_segment_max(tf.cast(finite, tf.int32), segments, n_vars) > 0
+    lo = tf.where(has_finite, lo, 0.0)
+    hi = tf.where(has_finite, hi, 0.0)
     width = tf.where(hi > lo, hi - lo, 1.0)
     position = (tf.where(finite, v, 0.0) - tf.gather(lo, segments)) / tf.gather(width, segments)
     index = tf.clip_by_value(tf.cast(tf.floor(position * bins), tf.int32), 0, bins - 1)

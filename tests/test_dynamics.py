@@ -410,3 +410,25 @@ def test_tracker_matches_numpy(thresholds, shapes, near_zero, kernel):
                     for short, key in key_names(threshold_tag(th), suffix).items():
                         assert metrics[key] == pytest.approx(want[short], rel=1e-6), \
                             (t, select, key)
+
+
+def test_histogram_function_skips_nonfinite_and_handles_edge_cases():
+    """Per variable: NaN/Inf left out of range and counts, a constant variable all in
+    bin 0, an empty variable all zeros; counts equal numpy's over the same range."""
+    from optinsight.dynamics import _histograms
+
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(size=50).astype(np.float32), np.full(7, 2.5, np.float32),
+             np.zeros(0, np.float32), rng.normal(size=40).astype(np.float32)]
+    parts[0][[3, 9]] = [np.nan, np.inf]
+    parts[3][5] = -np.inf
+    sizes = [len(p) for p in parts]
+    segments = tf.constant(np.repeat(np.arange(len(parts)), sizes), tf.int32)
+    counts, ranges = _histograms(tf.constant(np.concatenate(parts)), segments, len(parts), 8)
+    for v, values in enumerate(parts):
+        finite = values[np.isfinite(values)].astype(np.float64)
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+        assert ranges.numpy()[v].tolist() == [lo, hi]
+        width = hi - lo if hi > lo else 1.0
+        index = np.clip(np.floor((finite - lo) / width * 8).astype(int), 0, 7)
+        assert counts.numpy()[v].tolist() == np.bincount(index, minlength=8).tolist()
