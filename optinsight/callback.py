@@ -117,7 +117,7 @@ def _accuracy(logs, prefix=""):
 
 
 class OptimizationInsightCallback(keras.callbacks.Callback):
-    """Records per-batch, per-layer optimization dynamics of `fit` (DESIGN.md 2-4).
+    """Records per-batch, per-layer optimization dynamics of `fit` (README, docs/logs.md).
 
     Args:
         log_dir: directory of the run's logs; created if missing.

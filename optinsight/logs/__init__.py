@@ -1,1 +1,1 @@
-"""Writers and readers of a run's logs (DESIGN.md section 4)."""
+"""Writers and readers of a run's logs (formats: docs/logs.md)."""

@@ -1,6 +1,6 @@
 """JSON and JSON Lines files of a run: crash-safe appends and atomic rewrites.
 
-JSON Lines files (`steps.jsonl`, `probes.jsonl`, `histograms.jsonl`) get one object
+JSON Lines files (`steps.jsonl`, `probes.jsonl`) get one object
 per line, flushed as written, so a killed process leaves every finished line intact;
 a torn last line is ignored by `read_jsonl`. `insight.json` is rewritten through a
 temporary file and a rename, so it is always a complete document; the parts of it
