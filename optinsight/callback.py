@@ -206,6 +206,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self._root = self.log_dir
         self._guard = WriteGuard(self._root)
         self._step_log = None
+        self._traced = None  # (what it was traced for, the insight train function)
         self._histogram_step = 0  # the last histogram step written
 
     # ----------------------------------------------------------------- paths
@@ -285,7 +286,21 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         else:
             model.train_step = functools.partial(insight_train_step, model,
                                                  tracker=self._tracker)
-        model.make_train_function(force=True)
+        # A further fit of the same compiled model reuses the insight train function
+        # instead of tracing it again (tens of seconds for a ResNet50).
+        traced_for = self._traced_for(model)
+        if self._traced is not None and len(self._traced[0]) == len(traced_for) and all(
+                a is b for a, b in zip(self._traced[0], traced_for)):
+            model.train_function = self._traced[1]
+        else:
+            model.make_train_function(force=True)
+            self._traced = (traced_for, model.train_function)
+
+    def _traced_for(self, model):
+        """What the traced train function depends on, compared by identity."""
+        return (model, self._tracker, model.optimizer, getattr(model, "_compile_loss", None),
+                getattr(model, "_compile_metrics", None), model.jit_compile, model.run_eagerly,
+                self._steps_per_call(model), *model.trainable_variables)
 
     def _uninstall(self, model):
         if isinstance(model, InsightModel):

@@ -336,3 +336,26 @@ def test_resume_writes_each_tensorboard_step_once(tmp_path):
     tensors = SummaryReader(str(tmp_path / "tensorboard"), pivot=False).tensors
     histogram_steps = tensors[tensors.tag == "gradients/hidden/kernel"]["step"].tolist()
     assert sorted(histogram_steps) == list(range(2, 13, 2))
+
+
+def test_a_further_fit_reuses_the_traced_insight_step_until_recompiled(tmp_path):
+    """Fitting again with the same callback continues the run without tracing the
+    insight train step again; after compile() it is traced anew (new loss/optimizer)."""
+    x, y = tiny_data(n=32)
+    model = compiled(tiny_relu_model())
+    cb = oi.OptimizationInsightCallback(tmp_path, histogram_freq=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    first = cb._traced[1]
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # plain fit in between
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    assert cb._traced[1] is first
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    assert cb._traced[1] is not first
+    steps = step_records(tmp_path)
+    assert [s["step"] for s in steps] == list(range(1, 7))  # the plain fit not recorded
+    assert "train_step" not in model.__dict__
+    # the SGD steps were recorded with the new step: Δw = -0.1·g for every variable
+    for name, g_norm, wdiff in [(n, s["layers"][n]["grad_norm"], s["layers"][n]["wdiff"])
+                                for s in steps[4:] for n in s["layers"]]:
+        assert wdiff == pytest.approx(0.1 * g_norm, rel=1e-4), name
