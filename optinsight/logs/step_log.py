@@ -29,15 +29,18 @@ def layer_table(steps, epochs, batches, table, names, keys, counts):
                "batch": pa.array(np.repeat(batches, n_vars), pa.int32()),
                "variable": dictionary(np.tile(np.arange(n_vars), s), names)}
     for i, key in enumerate(keys):
-        values = table[:, :, i].reshape(-1)
-        missing = np.isnan(values)
-        if key in counts:
-            columns[key] = pa.array(np.where(missing, 0, values).astype(np.int64),
-                                    mask=missing if missing.any() else None)
-        else:
-            columns[key] = pa.array(values.astype(np.float32),
-                                    mask=missing if missing.any() else None)
+        columns[key] = _column(table[:, :, i].reshape(-1), key in counts, np.float32)
     return pa.table(columns)
+
+
+def _column(values, is_count, float_dtype):
+    """A nullable column of float64 `values` (NaN -> null): int64 for counts, else
+    `float_dtype`."""
+    missing = np.isnan(values)
+    mask = missing if missing.any() else None
+    if is_count:
+        return pa.array(np.where(missing, 0, values).astype(np.int64), mask=mask)
+    return pa.array(values.astype(float_dtype), mask=mask)
 
 
 def model_table(steps, epochs, batches, model, keys, counts):
@@ -47,11 +50,7 @@ def model_table(steps, epochs, batches, model, keys, counts):
     columns = {"step": pa.array(steps, pa.int64()), "epoch": pa.array(epochs, pa.int32()),
                "batch": pa.array(batches, pa.int32())}
     for i, key in enumerate(keys):
-        values = model[:, i]
-        missing = np.isnan(values)
-        mask = missing if missing.any() else None
-        columns[key] = pa.array(np.where(missing, 0, values).astype(np.int64), mask=mask) \
-            if key in counts else pa.array(values, pa.float64(), mask=mask)
+        columns[key] = _column(model[:, i], key in counts, np.float64)
     return pa.table(columns)
 
 
