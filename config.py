@@ -10,7 +10,7 @@ import datetime
 import os
 
 from data_loader import DATASETS
-from optinsight.callback import (
+from optinsight.options import (
     validate_ema_decay,
     validate_freq,
     validate_thresholds,

@@ -14,11 +14,12 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "InsightModel": "optinsight.model",
+    "InsightRecorder": "optinsight.recorder",
     "OptimizationInsightCallback": "optinsight.callback",
     "Run": "optinsight.logs.reader",
     "read_log": "optinsight.logs.reader",
 }
-__all__ = ["Finding", "InsightModel", "OptimizationInsightCallback", "Run", "diagnose",
+__all__ = ["Finding", "InsightModel", "InsightRecorder", "OptimizationInsightCallback", "Run", "diagnose",
            "probes", "read_log"]
 
 

@@ -252,7 +252,7 @@ class DynamicsTracker(tf.Module):
         self.histogram_freq = int(histogram_freq)
         self.histogram_bins = int(histogram_bins)
         self.buffer_size = int(buffer_size)
-        self._variables = tuple(variables)
+        self.tracked_variables = tuple(variables)
         self._native = _choose_kernel(kernel)
         n_vars, n_params = len(self.sizes), sum(self.sizes)
         self._segments = tf.constant(np.repeat(np.arange(n_vars), self.sizes), tf.int32)
@@ -303,25 +303,27 @@ class DynamicsTracker(tf.Module):
 
     def read_weights(self):
         """Current values of the tracked variables: float32 tensors, one per variable."""
-        return [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self._variables]
+        return [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.tracked_variables]
 
     def update(self, grads, weights_before, loss):
         """Record one step. Call inside the train step after the optimizer update.
 
         Args:
-            grads: per-variable gradients the optimizer applied (None for unconnected).
+            grads: per-variable gradients the optimizer applied (None for unconnected);
+                under a strategy, each replica's share (they are summed).
             weights_before: `read_weights()` taken before the optimizer update.
-            loss: the batch's scalar loss.
+            loss: the batch's scalar loss (under a strategy each replica's share,
+                summed).
         """
         grads = [tf.zeros(v.shape) if gr is None  # dense, also from IndexedSlices
                  else tf.cast(tf.convert_to_tensor(gr), tf.float32)
-                 for gr, v in zip(grads, self._variables)]
+                 for gr, v in zip(grads, self.tracked_variables)]
         replica = tf.distribute.get_replica_context()
         if replica is not None and replica.num_replicas_in_sync > 1:
-            # Each replica holds its shard's gradient of loss / replicas; the optimizer
-            # applies their sum, and the batch loss is the replicas' mean.
+            # Each replica holds its share of the loss and its gradient; the optimizer
+            # applies the sum of the gradients, which is the gradient of the sum.
             grads = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            loss = replica.all_reduce(tf.distribute.ReduceOp.MEAN, loss)
+            loss = replica.all_reduce(tf.distribute.ReduceOp.SUM, loss)
         weights = self.read_weights()
         has_prev = self.has_prev.read_value()
         if self._native is not None:

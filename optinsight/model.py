@@ -1,9 +1,9 @@
 """InsightModel: a keras.Model whose train step feeds a DynamicsTracker.
 
-`insight_train_step` is Keras's own TensorFlow train step plus two things: the
-weights are read before the optimizer update, and after it the tracker records
-the step from the unscaled gradients the optimizer applied. The callback installs
-it on any Keras model; `InsightModel` uses it whenever a tracker is attached.
+`insight_train_step` is Keras's own TensorFlow train step, with the optimizer's
+`apply_gradients` replaced by the recorder's (`InsightRecorder.apply_gradients`),
+which applies and records the step. The callback installs it on any Keras model;
+`InsightModel` uses it whenever a recorder is attached.
 """
 
 import keras
@@ -12,16 +12,9 @@ from keras.src import tree
 from keras.src.losses import loss as loss_module
 
 
-def applied_gradients(optimizer, gradients):
-    """The gradients as the optimizer sees them, loss scaling removed."""
-    scale = getattr(optimizer, "dynamic_scale", None)  # keras LossScaleOptimizer
-    if scale is None:
-        return gradients
-    return [None if g is None else g / tf.cast(scale, g.dtype) for g in gradients]
-
-
-def insight_train_step(model, data, tracker):
-    """One training step of `model` on `data`, recorded by `tracker`.
+def insight_train_step(model, data, recorder):
+    """One training step of `model` on `data`, recorded by `recorder` (an
+    `InsightRecorder` whose optimizer is the model's).
 
     Returns the metrics dict of Keras's `train_step` (what `fit` shows).
     """
@@ -31,21 +24,16 @@ def insight_train_step(model, data, tracker):
             y_pred = model(x, training=True)
         else:
             y_pred = model(x)
-        loss = model._compute_loss(
+        loss = model._compute_loss(  # this replica's share of the loss
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-        unscaled_loss = loss_module.unscale_loss_for_distribution(loss)
         model._loss_tracker.update_state(
-            unscaled_loss,
+            loss_module.unscale_loss_for_distribution(loss),
             sample_weight=tf.shape(next(i for i in tree.flatten(x) if i is not None))[0],
         )
-        if model.optimizer is not None:
-            loss = model.optimizer.scale_loss(loss)
+        scaled_loss = model.optimizer.scale_loss(loss)
     variables = model.trainable_weights
-    gradients = tape.gradient(loss, variables)
-    weights_before = tracker.read_weights()
-    model.optimizer.apply_gradients(zip(gradients, variables))
-    tracker.update(applied_gradients(model.optimizer, gradients), weights_before,
-                   unscaled_loss)
+    gradients = tape.gradient(scaled_loss, variables)
+    recorder.apply_gradients(zip(gradients, variables), loss=loss)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
@@ -58,13 +46,13 @@ class InsightModel(keras.Model):
     one it trains like a plain keras.Model.
     """
 
-    def attach_tracker(self, tracker):
-        """Record steps with `tracker` (None detaches); rebuilds the train function."""
-        object.__setattr__(self, "_insight_tracker", tracker)
+    def attach_recorder(self, recorder):
+        """Record steps with `recorder` (None detaches); rebuilds the train function."""
+        object.__setattr__(self, "_insight_recorder", recorder)
         self.train_function = None
 
     def train_step(self, data):
-        tracker = getattr(self, "_insight_tracker", None)
-        if tracker is None:
+        recorder = getattr(self, "_insight_recorder", None)
+        if recorder is None:
             return super().train_step(data)
-        return insight_train_step(self, data, tracker)
+        return insight_train_step(self, data, recorder)

@@ -113,7 +113,7 @@ def test_resume_continues_steps_epochs_and_state(tmp_path):
     resumed, cb = fit(tmp_path / "split", 4, resume=True)
     a, b = oi.read_log(tmp_path / "whole"), oi.read_log(tmp_path / "split")
     # What the epoch-end diagnosis sees, from memory, is what read_log reads back.
-    in_memory = cb._run_so_far(cb.summary())
+    in_memory = cb.recorder.run_so_far(cb.recorder.summary())
     pd.testing.assert_frame_equal(in_memory.steps, b.steps, check_dtype=False)
     pd.testing.assert_frame_equal(in_memory.epochs, b.epochs)
     for key in in_memory.variable_data.keys:  # every step kept: a short run

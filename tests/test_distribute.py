@@ -2,12 +2,19 @@
 metrics as one device on the same global batches (run in a fresh process, since
 logical devices must be set before TensorFlow starts)."""
 
+import json
+import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
+from conftest import step_records
+from test_recorder import assert_same_records
 
 import optinsight as oi
+
+LOOP = os.path.join(os.path.dirname(__file__), "distributed_loop.py")
 
 SCRIPT = """
 import os, sys
@@ -86,3 +93,73 @@ def test_a_non_chief_worker_writes_nothing_into_log_dir(tmp_path, monkeypatch):
                         callbacks=[oi.OptimizationInsightCallback(tmp_path / "run")])
     assert len(history.history["loss"]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def _run_loop(kind, log_dir, env=None):
+    return subprocess.Popen([sys.executable, LOOP, kind, str(log_dir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0 and out.strip().endswith("ok"), err[-3000:]
+
+
+def test_custom_loop_under_mirrored_strategy_records_what_the_callback_does(tmp_path):
+    """Two logical CPU devices: the recorder in a custom loop (strategy.run) and the
+    callback in fit record the same numbers, histograms and probe values."""
+    _finish(_run_loop("mirrored", tmp_path))
+    loop, fit = step_records(tmp_path / "loop"), step_records(tmp_path / "fit")
+    assert len(loop) == 16
+    assert_same_records(loop, fit, rtol=1e-4)
+    a, b = oi.read_log(tmp_path / "loop"), oi.read_log(tmp_path / "fit")
+    assert a.histograms() == b.histograms() and len(a.histograms()) == 4
+    np.testing.assert_allclose(a.probes.filter(like="weight").to_numpy(float),
+                               b.probes.filter(like="weight").to_numpy(float), rtol=1e-5)
+
+
+def assert_close_histograms(a, b):
+    """Same steps; per histogram, ranges within float rounding and the same counts but
+    for entries that rounding moved to a neighbouring bin."""
+    assert [h["step"] for h in a] == [h["step"] for h in b] and a
+    for ha, hb in zip(a, b):
+        for kind in ("gradients", "weights"):
+            for name, ea in ha[kind].items():
+                eb = hb[kind][name]
+                np.testing.assert_allclose(ea["range"], eb["range"], rtol=1e-4, atol=1e-7)
+                assert sum(ea["counts"]) == sum(eb["counts"])
+                assert np.abs(np.subtract(ea["counts"], eb["counts"])).sum() <= 4
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_write_one_set_of_logs_equal_to_one_process(tmp_path):
+    """MultiWorkerMirroredStrategy, two worker processes on 127.0.0.1, each replica
+    half of every global batch: the chief's logs equal a one-process run on the same
+    global batches; the other worker writes nothing into log_dir."""
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    processes = []
+    for index, log_dir in enumerate([tmp_path / "chief", tmp_path / "worker"]):
+        env = {**os.environ, "TF_CONFIG": json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})}
+        processes.append(_run_loop("multiworker", log_dir, env))
+    reference = _run_loop("single", tmp_path / "single")
+    for process in processes + [reference]:
+        _finish(process)
+    assert not (tmp_path / "worker").exists()
+    chief, single = step_records(tmp_path / "chief"), step_records(tmp_path / "single")
+    assert len(chief) == 16 and chief[5]["model"]["no_zero_e7_grad_retained"] > 0
+    assert_same_records(chief, single, rtol=1e-4)
+    a, b = oi.read_log(tmp_path / "chief"), oi.read_log(tmp_path / "single")
+    assert_close_histograms(a.histograms(), b.histograms())
+    np.testing.assert_allclose(a.epochs["train_mean_loss"], b.epochs["train_mean_loss"],
+                               rtol=1e-6)
+    assert (tmp_path / "chief" / "checkpoint" / "state.json").exists()

@@ -107,7 +107,7 @@ def record_run(log_dir):
     names = [v.path for v in model.trainable_variables]
     return {"log_dir": log_dir, "weights": weights, "grads": grads, "records": records,
             "names": names, "model": model,
-            "kernel": "xla" if cb._tracker._native is None else "native"}
+            "kernel": "xla" if cb.recorder.tracker._native is None else "native"}
 
 
 def moving_averages(run):

@@ -1,0 +1,170 @@
+"""Every file of a run's log dir (docs/logs.md), written on one writer thread.
+
+`RunWriter` takes what the recorder read from the device (bursts of step rows,
+histogram steps, sign maps, probe results, epoch summaries) and writes it: steps.jsonl,
+model/, layers/ and TensorBoard through `StepLog`, histograms/, signs/, probes.jsonl,
+probes/ and insight.json here. Writes of one kind go through a `WriteGuard`, so a full
+disk or a failing file never stops training. Files open on first write; `close()`
+closes them, and a later write opens them again (a further `fit` continues the run).
+"""
+
+import json
+import os
+
+import numpy as np
+
+from optinsight.diagnose import VARIABLE_KEYS
+from optinsight.logs.background import BackgroundWriter
+from optinsight.logs.guard import WriteGuard
+from optinsight.logs.jsonlog import JsonlWriter, write_json_atomic
+from optinsight.logs.step_log import StepLog, histogram_table
+from optinsight.logs.store import PartWriter
+from optinsight.logs.tensorboard import TensorBoardWriter
+from optinsight.signs import sign_codes, sign_map_image
+
+
+class RunWriter:
+    """The writers of one log dir.
+
+    Args:
+        root: the log dir (it exists).
+        names: variable names, in the tracker's order.
+        options: the run's `InsightOptions`.
+    """
+
+    def __init__(self, root, names, options):
+        self.root, self.names, self.options = root, tuple(names), options
+        self.guard = WriteGuard(root)
+        self._writers = {}
+        self._background = None
+        self.step_log = StepLog(
+            root, self.names, options.thresholds, options.ema_decay,
+            self._tb if options.tensorboard else None, options.update_freq,
+            options.variable_update_freq, VARIABLE_KEYS, self.guard,
+            self._writer("steps.jsonl"))
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    # Writers open their files on first write; setdefault (atomic) makes the training
+    # thread and the writer thread share one writer per file. Keyed by the names the
+    # write guard reports.
+    def _writer(self, name):
+        return self._writers.get(name) or self._writers.setdefault(
+            name, JsonlWriter(self.path(name)))
+
+    @property
+    def _tb(self):
+        return self._writers.get("tensorboard/") or self._writers.setdefault(
+            "tensorboard/", TensorBoardWriter(self.path("tensorboard", "train")))
+
+    @property
+    def _histogram_store(self):
+        return self._writers.get("histograms/") or self._writers.setdefault(
+            "histograms/", PartWriter(self.path("histograms"), flush_rows=1))
+
+    def _write(self, name, write, *args):
+        """write(*args) through the guard (`name`: the file or folder it writes)."""
+        return self.guard.run(name, write, *args)
+
+    def _submit(self, fn, *args):
+        """fn(*args) on the writer thread (started on first use)."""
+        if self._background is None:
+            self._background = BackgroundWriter()
+        self._background.submit(fn, *args)
+
+    def flush(self):
+        """Wait until everything submitted is written."""
+        if self._background is not None:
+            self._background.flush()
+
+    # ----------------------------------------------------------------- steps
+    def rows(self, rows, epoch, epoch_start):
+        """A burst of tracker rows [(step, loss, has_prev, stats)] of `epoch`, whose
+        first step is epoch_start + 1."""
+        self._submit(self.step_log.write, rows, epoch, epoch_start)
+
+    def histograms(self, step, epoch, histograms):
+        """A histogram step ({"gradients"|"weights": (counts, ranges)})."""
+        self._submit(self._write_histograms, step, epoch, histograms)
+
+    def _write_histograms(self, step, epoch, histograms):
+        self._write("histograms/", self._histogram_store.write,
+                    histogram_table(step, epoch, histograms, self.names), epoch)
+        if self.options.tensorboard:
+            self._write("tensorboard/", self._tb.histograms, {
+                f"{kind}/{name}": (counts[i], ranges[i, 0], ranges[i, 1])
+                for kind, (counts, ranges) in histograms.items()
+                for i, name in enumerate(self.names)}, step)
+
+    def sign_map(self, label, step, epoch, gradients):
+        """signs/<label>.npz of {name: (strided gradient, stride)}, and TensorBoard
+        images."""
+        codes = {name: sign_codes(g) for name, (g, _) in gradients.items()}
+        strides = {name: stride for name, (_, stride) in gradients.items()}
+        path = self.path("signs", f"{label}.npz")
+        meta = json.dumps({"step": step, "epoch": epoch, "strides": strides})
+
+        def save():
+            os.makedirs(self.path("signs"), exist_ok=True)
+            try:
+                np.savez_compressed(f"{path}.tmp.npz", _meta=np.array(meta), **codes)
+                os.replace(f"{path}.tmp.npz", path)
+            finally:
+                if os.path.exists(f"{path}.tmp.npz"):
+                    os.remove(f"{path}.tmp.npz")
+
+        self._write("signs/", save)
+        if self.options.tensorboard:
+            for name, c in codes.items():
+                self._write("tensorboard/", self._tb.image, f"signs/{name}",
+                            sign_map_image(c), step)
+
+    # ---------------------------------------------------------------- probes
+    def probe(self, record, scalars, arrays):
+        """A probe's result: `record` ({"step", "epoch", "probe"}) with its scalars to
+        probes.jsonl, its arrays to probes/<probe>_<step>.npz, scalars to TensorBoard."""
+        record = {**record, "values": scalars}
+        if arrays:
+            name = f"{record['probe']}_{record['step']:08d}.npz"
+
+            def save():
+                os.makedirs(self.path("probes"), exist_ok=True)
+                np.savez_compressed(self.path("probes", name), **arrays)
+                return True
+
+            if self._write("probes/", save):
+                record["arrays"] = f"probes/{name}"
+        self._write("probes.jsonl", self._writer("probes.jsonl").write, record)
+        if self.options.tensorboard:
+            self._write("tensorboard/", self._tb.scalars, {
+                f"probes/{record['probe']}/{k}": v for k, v in scalars.items()},
+                record["step"])
+
+    def probe_error(self, record, message):
+        self._write("probes.jsonl", self._writer("probes.jsonl").write,
+                    {**record, "error": message})
+
+    # ---------------------------------------------------------------- epochs
+    def end_epoch(self, step):
+        """Flush the epoch's rows; returns `StepLog.end_epoch`'s (steps, model rows,
+        per-variable means)."""
+        self.flush()
+        return self.step_log.end_epoch(step)
+
+    def epoch_summary(self, document, epoch_scalars, step):
+        """insight.json and the epoch-wise TensorBoard scalars."""
+        if self.options.tensorboard and epoch_scalars:
+            self._write("tensorboard/", self._tb.scalars,
+                        {f"insight/epoch/{k}": v for k, v in epoch_scalars.items()}, step)
+            self._write("tensorboard/", self._tb.flush)
+        self._write("insight.json", write_json_atomic, self.path("insight.json"), document)
+
+    def close(self):
+        """Write everything pending and close every file (a later write reopens)."""
+        if self._background is not None:
+            background, self._background = self._background, None
+            background.close()
+        self.step_log.close()
+        for name, writer in list(self._writers.items()):
+            self._write(name, writer.close)

@@ -1,0 +1,137 @@
+"""The recording options shared by `InsightRecorder` and `OptimizationInsightCallback`,
+validated once: a bad value raises ValueError with one line naming it."""
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+
+
+def validate_thresholds(thresholds):
+    """Tuple of floats, each positive and strictly increasing; else ValueError."""
+    try:
+        values = tuple(float(t) for t in thresholds)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"thresholds must be a sequence of positive numbers, got {thresholds!r}") from None
+    if not values or any(not (math.isfinite(t) and t > 0) for t in values):
+        raise ValueError(f"thresholds must be positive and finite, got {thresholds!r}")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"thresholds must be strictly increasing, got {thresholds!r}")
+    return values
+
+
+def validate_ema_decay(ema_decay):
+    """None or a float in [0, 1); else ValueError."""
+    if ema_decay is None:
+        return None
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) \
+            or not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must be None or a number in [0, 1), got {ema_decay!r}")
+    return float(ema_decay)
+
+
+def validate_freq(name, value, allowed_words=()):
+    """A non-negative int, or one of `allowed_words`; else ValueError."""
+    if isinstance(value, str) and value in allowed_words:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        words = "".join(f" or {w!r}" for w in allowed_words)
+        raise ValueError(f"{name} must be a non-negative integer{words}, got {value!r}")
+    return int(value)
+
+
+def validate_update_freq(update_freq):
+    """"batch" (as 1), "epoch", or a positive integer; else ValueError."""
+    value = validate_freq("update_freq", update_freq, ("batch", "epoch"))
+    if value == 0:
+        raise ValueError("update_freq must be 'batch', 'epoch' or a positive integer, got 0")
+    return 1 if value == "batch" else value
+
+
+def validate_log_dir(log_dir):
+    """`log_dir` as a str path; ValueError if it is not a path."""
+    if not isinstance(log_dir, (str, os.PathLike)):
+        raise ValueError(f"log_dir must be a path, got {log_dir!r}")
+    return os.fspath(log_dir)
+
+
+def prepare_log_dir(log_dir):
+    """Create `log_dir` if missing and check it is a writable directory."""
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise ValueError(f"log_dir {log_dir!r} is a file; expected a directory")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        probe = os.path.join(log_dir, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"log_dir {log_dir!r} is not writable ({e.strerror})") from None
+    return log_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class InsightOptions:
+    """What is recorded and how often (the arguments of `OptimizationInsightCallback`,
+    which documents each)."""
+
+    thresholds: tuple = (1e-7, 1e-5)
+    ema_decay: float | None = 0.9
+    histogram_freq: int = 30
+    histogram_bins: int = 1000
+    sign_map_freq: int | str = "epoch"
+    sign_map_max_params: int = 65536
+    probes: tuple = ()
+    probe_data: object = None
+    tensorboard: bool = True
+    update_freq: int | str = "batch"
+    variable_update_freq: int | str = 200
+    resume: bool = False
+    checkpoint_freq: int = 1
+    diagnosis: bool = True
+    verbose: int = 0
+
+    def __post_init__(self):
+        def set_(name, value):
+            object.__setattr__(self, name, value)
+
+        set_("thresholds", validate_thresholds(self.thresholds))
+        set_("ema_decay", validate_ema_decay(self.ema_decay))
+        set_("histogram_freq", validate_freq("histogram_freq", self.histogram_freq))
+        set_("histogram_bins", validate_freq("histogram_bins", self.histogram_bins))
+        if self.histogram_bins < 1:
+            raise ValueError(f"histogram_bins must be at least 1, got {self.histogram_bins!r}")
+        set_("sign_map_freq", validate_freq("sign_map_freq", self.sign_map_freq, ("epoch",)))
+        set_("sign_map_max_params",
+             validate_freq("sign_map_max_params", self.sign_map_max_params))
+        set_("update_freq", validate_update_freq(self.update_freq))
+        set_("variable_update_freq", validate_freq(
+            "variable_update_freq", self.variable_update_freq, ("epoch",)))
+        set_("probes", tuple(self.probes))
+        for probe in self.probes:
+            if not (hasattr(probe, "name") and hasattr(probe, "every") and callable(probe)):
+                raise ValueError(f"probe {probe!r} needs a name, an every and __call__")
+            validate_freq(f"probe {probe.name!r} every", probe.every, ("epoch",))
+        if self.probes and self.probe_data is None:
+            raise ValueError("probes need probe_data=(x, y), the batch they run on")
+        set_("tensorboard", bool(self.tensorboard))
+        set_("resume", bool(self.resume))
+        set_("checkpoint_freq", validate_freq("checkpoint_freq", self.checkpoint_freq))
+        set_("diagnosis", bool(self.diagnosis))
+
+    @classmethod
+    def of(cls, options):
+        """InsightOptions from a dict of keyword options; ValueError naming an unknown
+        one."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r}; the options are "
+                             f"{', '.join(sorted(known))}")
+        return cls(**options)
+
+    def as_kwargs(self):
+        """The options as keyword arguments (the same objects, not copies)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,364 @@
+"""InsightRecorder: records the optimization of a training loop, `fit`'s or your own.
+
+In the compiled step, `apply_gradients` replaces `optimizer.apply_gradients`: it
+applies the gradients and has the `DynamicsTracker` reduce the step to a few hundred
+numbers on the device. On the host, `batch_end` reads those rows in bursts
+(READ_EVERY_STEPS / READ_EVERY_SECONDS) and hands them to the `RunWriter`; it also
+schedules histograms, sign maps and probes. `epoch_end` closes an epoch: insight.json,
+checkpoint, diagnosis. `OptimizationInsightCallback` drives one recorder from `fit`.
+
+Under a multi-worker strategy every worker records the same steps on its device (the
+statistics are of the all-reduced gradient), but only the chief reads them and writes
+`log_dir`; the other workers touch no file.
+"""
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from optinsight.checkpoint import load_checkpoint, save_checkpoint
+from optinsight.diagnose import diagnose_run
+from optinsight.dynamics import DynamicsTracker, metric_names
+from optinsight.logs.jsonlog import read_json, truncate_jsonl
+from optinsight.logs.reader import part_matrix
+from optinsight.logs.run_writer import RunWriter
+from optinsight.logs.store import part_paths, truncate_parts
+from optinsight.logs.summary import RunHistory
+from optinsight.logs.tensorboard import truncate_events
+from optinsight.options import InsightOptions, prepare_log_dir, validate_log_dir
+
+#: The tracker's rows are read (and their log lines written) once this many steps
+#: have accumulated or this many seconds have passed, whichever comes first: one
+#: device read and one hand-over to the writer thread per burst instead of per step.
+READ_EVERY_STEPS = 32
+READ_EVERY_SECONDS = 1.0
+
+
+def applied_gradients(optimizer, gradients):
+    """What a Keras `optimizer` will apply for `gradients` (call it before
+    `apply_gradients`, while the loss scale is the one the gradients carry): loss
+    scaling removed, then clipped as the optimizer clips (clipnorm, global_clipnorm,
+    clipvalue). None gradients count as zeros."""
+    inner = getattr(optimizer, "inner_optimizer", None)  # keras LossScaleOptimizer
+    scale = None
+    if inner is not None:
+        scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+        optimizer = inner
+    factor = getattr(optimizer, "loss_scale_factor", None)
+    out = []
+    for g in gradients:
+        g = tf.cast(tf.convert_to_tensor(g), tf.float32)
+        if scale is not None:
+            g = g / tf.cast(scale, tf.float32)
+        if factor:
+            g = g / factor
+        out.append(g)
+    if getattr(optimizer, "clipnorm", None) or getattr(optimizer, "global_clipnorm", None) \
+            or getattr(optimizer, "clipvalue", None):
+        out = list(optimizer._clip_gradients(out))
+    return out
+
+
+def _is_chief(strategy):
+    return bool(getattr(strategy.extended, "should_checkpoint", True))
+
+
+class InsightRecorder:
+    """Records a training loop's optimization dynamics into `log_dir` (docs/logs.md).
+
+    Args:
+        log_dir: directory of the run's logs; created if missing.
+        model: the keras.Model being trained (probes run on it, checkpoints save it).
+        optimizer: the Keras optimizer that applies the gradients (`apply_gradients`).
+        jit_compile: the train step is compiled with XLA (`tf.function(jit_compile=
+            True)`); the statistics then use their XLA version, not the native kernel.
+        steps_per_call: the most train steps run between two `batch_end` calls.
+        **options: as `OptimizationInsightCallback` (thresholds, ema_decay,
+            histogram_freq, histogram_bins, sign_map_freq, sign_map_max_params,
+            probes, probe_data, tensorboard, update_freq, variable_update_freq,
+            resume, checkpoint_freq, diagnosis, verbose).
+
+    Use it as a context manager (`close()` on exit, also on an exception). With
+    `resume=True`, continue the loop at epoch `initial_epoch`, step `step`.
+    """
+
+    def __init__(self, log_dir, model, optimizer, *, jit_compile=False, steps_per_call=1,
+                 **options):
+        self.log_dir = validate_log_dir(log_dir)
+        self.options = InsightOptions.of(options)
+        self.model, self.optimizer = model, optimizer
+        self.jit_compile, self.steps_per_call = bool(jit_compile), int(steps_per_call)
+        self.tracker = None
+        self.writer = None  # RunWriter of the chief; None on other workers
+        self.history = None
+        self.step = 0  # steps trained
+        self.epoch = 0  # the epoch being trained (epochs finished)
+        self.initial_epoch = 0  # where this session started: > 0 after resume
+        self._read = 0  # steps whose rows were read from the tracker
+        self.epoch_start_step = 0  # self.step when the current epoch began
+        self._histogram_step = 0  # the last histogram step written
+        self._reported = set()  # (code, layer) of findings already printed
+        self._next_read = 0.0
+        if model.trainable_variables:
+            self.start()
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self):
+        """Build the tracker, open (or resume) the log dir and run the step-0 probes.
+        Runs at construction when the model is built, else at the first
+        `apply_gradients`."""
+        if self.tracker is not None:
+            return
+        model, options = self.model, self.options
+        variables = list(model.trainable_variables)
+        if not variables:
+            raise ValueError(f"model {model.name!r} has no trainable variables; "
+                             "there is no optimization to record")
+        strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+        chief = _is_chief(strategy)
+        if chief:
+            prepare_log_dir(self.log_dir)
+            if not options.resume and os.path.exists(self._path("steps.jsonl")):
+                raise ValueError(
+                    f"log_dir {self.log_dir!r} already holds a run; pass resume=True to "
+                    "continue it, or choose another log_dir")
+        elif options.resume:
+            raise ValueError("resume=True is not supported under a multi-worker "
+                             "strategy: the checkpoint is on the chief only")
+        tracker = DynamicsTracker(
+            variables, options.thresholds, options.ema_decay, options.histogram_freq,
+            options.histogram_bins, buffer_size=READ_EVERY_STEPS + self.steps_per_call,
+            # A custom op cannot run inside an XLA-compiled train step.
+            kernel="xla" if self.jit_compile else "auto", strategy=strategy)
+        keys = metric_names(options.thresholds, options.ema_decay)
+        self.history = RunHistory(tracker.names, keys, keys + ["train_loss"])
+        if chief:
+            self.writer = RunWriter(self.log_dir, tracker.names, options)
+        self.tracker = tracker
+        if self.optimizer is not None and not self.optimizer.built:
+            with strategy.scope():  # its state exists before the step is traced
+                self.optimizer.build(variables)
+        if options.resume:
+            try:
+                self._restore()
+            except Exception:
+                self.tracker = self.writer = None  # nothing half-restored for a retry
+                raise
+        if options.verbose and chief:
+            print(f"optinsight: logging to {self.log_dir}", file=sys.stderr)
+        self._next_read = time.monotonic() + READ_EVERY_SECONDS
+        if self.step == 0 and self.writer is not None:
+            for probe in options.probes:  # the starting point: step 0
+                self._run_probe(probe)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self):
+        """Write every step recorded so far and insight.json (of the finished epochs),
+        and close the files. A later step or
+        epoch (a further `fit` with the callback) opens them again."""
+        if self.writer is None:
+            return
+        self._read_rows()
+        self.writer.flush()
+        self.writer.epoch_summary(self.summary(), {}, self.step)
+        self.writer.close()
+
+    def _path(self, *parts):
+        return os.path.join(self.log_dir, *parts)
+
+    # ----------------------------------------------------------- in the step
+    def apply_gradients(self, grads_and_vars, loss=None):
+        """`optimizer.apply_gradients(grads_and_vars)`, recorded. Call it in the
+        (compiled) train step, in each replica under a tf.distribute strategy.
+
+        Args:
+            grads_and_vars: (gradient, variable) pairs; variables not among the
+                model's trainable variables raise ValueError, missing ones count as
+                zero gradients.
+            loss: the scalar whose gradients these are (under a strategy, each
+                replica's share: train_loss is the sum over replicas); None leaves
+                train_loss null.
+        Returns what `optimizer.apply_gradients` returns.
+        """
+        pairs = list(grads_and_vars)
+        if self.tracker is None:
+            with tf.init_scope():  # the tracker's state lives outside the traced step
+                self.start()
+        tracked = {id(v): i for i, v in enumerate(self.tracker.tracked_variables)}
+        grads = [None] * len(tracked)
+        for g, v in pairs:
+            if id(v) not in tracked:
+                raise ValueError(
+                    f"variable {getattr(v, 'path', v.name)!r} is not among the trainable "
+                    f"variables the recorder of {self.model.name!r} records")
+            grads[tracked[id(v)]] = g
+        grads = [tf.zeros(v.shape) if g is None else g
+                 for g, v in zip(grads, self.tracker.tracked_variables)]
+        applied = applied_gradients(self.optimizer, grads)  # before the scale moves
+        weights_before = self.tracker.read_weights()
+        result = self.optimizer.apply_gradients(pairs)
+        self.tracker.update(applied, weights_before,
+                            tf.constant(math.nan, tf.float64) if loss is None else loss)
+        return result
+
+    # --------------------------------------------------------------- batches
+    def batch_end(self, step=None):
+        """After a train step (host side): hand finished steps to the writers, and
+        take histograms, sign maps and probes when due.
+
+        step: the number of steps trained so far in the run; None counts one more.
+        """
+        previous = self.step
+        self.step = previous + 1 if step is None else int(step)
+        if self.writer is None:
+            return
+        if self.step - self._read >= READ_EVERY_STEPS or time.monotonic() >= self._next_read:
+            self._read_rows()
+
+        def reached(every):  # a multiple of `every` among the steps just trained
+            return every and self.step // every > previous // every
+
+        options = self.options
+        if reached(options.histogram_freq):
+            self._record_histograms()
+        if isinstance(options.sign_map_freq, int) and reached(options.sign_map_freq):
+            self._record_sign_map(f"step_{self.step:08d}")
+        for probe in options.probes:
+            if probe.every != "epoch" and reached(probe.every):
+                self._run_probe(probe)
+
+    def _read_rows(self):
+        """Hand the tracker's rows after the last read to the writer thread."""
+        self._next_read = time.monotonic() + READ_EVERY_SECONDS
+        rows = self.tracker.read_rows(self._read)
+        if not rows:
+            return
+        if rows[0][0] > self._read + 1:
+            print(f"optinsight: steps {self._read + 1} to {rows[0][0] - 1} were not "
+                  f"recorded: more than {self.tracker.buffer_size} steps ran between two "
+                  "batch_end calls (raise steps_per_call)", file=sys.stderr)
+        self._read = rows[-1][0]
+        self.writer.rows(rows, self.epoch, self.epoch_start_step)
+
+    def _record_histograms(self):
+        step, histograms = self.tracker.read_histograms()
+        if step > self._histogram_step:
+            self._histogram_step = step
+            self.writer.histograms(step, self.epoch, histograms)
+
+    def _record_sign_map(self, label):
+        self.writer.sign_map(label, self.step, self.epoch, self.tracker.last_gradients(
+            self.options.sign_map_max_params or None))
+
+    # ---------------------------------------------------------------- epochs
+    def epoch_end(self, epoch=None, logs=None):
+        """End the current epoch (number `self.epoch`; `epoch`, if given, must equal
+        it). logs: Keras-style epoch logs ("loss", "val_loss", "accuracy", ...)."""
+        if epoch is not None and epoch != self.epoch:
+            raise ValueError(f"epoch_end({epoch}) but the recorder is at epoch "
+                             f"{self.epoch}; after resume, count epochs from "
+                             "recorder.initial_epoch")
+        epoch = self.epoch
+        if self.writer is not None:
+            self._end_epoch(epoch, logs or {})
+        self.epoch, self.epoch_start_step = epoch + 1, self.step
+
+    def _end_epoch(self, epoch, logs):
+        options = self.options
+        self._read_rows()
+        steps, model_rows, means = self.writer.end_epoch(self.step)
+        self.history.add_epoch(epoch, steps, model_rows, means, logs)
+        if options.sign_map_freq == "epoch":
+            self._record_sign_map(f"epoch_{epoch:04d}")
+        for probe in options.probes:
+            if probe.every == "epoch":
+                self._run_probe(probe)
+        document = self.summary()
+        self.writer.epoch_summary(
+            document, {k: v[-1] for k, v in self.history.epoch_wise.items()}, self.step)
+        if options.checkpoint_freq and (epoch + 1) % options.checkpoint_freq == 0:
+            self.writer.guard.run("checkpoint/", save_checkpoint, self._path("checkpoint"),
+                                  epoch + 1, self.step, self.model, self.optimizer,
+                                  self.tracker.state_dict())
+        if options.diagnosis:
+            self._print_new_findings(document)
+
+    def run_so_far(self, document):
+        """The run as `read_log` loads it, from memory (`document`: `summary()`), with
+        the per-variable keys of the diagnosis at up to 4,096 evenly spaced steps."""
+        return self.history.run(document, self.log_dir, self.writer.step_log.history)
+
+    def _print_new_findings(self, document):
+        for finding in diagnose_run(self.run_so_far(document)):
+            key = (finding.code, finding.layer)
+            if finding.severity != "info" and key not in self._reported:
+                self._reported.add(key)
+                print(f"optinsight: {finding}", file=sys.stderr)
+
+    def summary(self):
+        """The insight.json document (docs/logs.md) of the finished epochs."""
+        options, tracker = self.options, self.tracker
+        return self.history.document({
+            "thresholds": list(options.thresholds), "ema_decay": options.ema_decay,
+            "variables": list(tracker.names), "variable_sizes": list(tracker.sizes),
+            "steps": self.step, "histogram_freq": options.histogram_freq,
+            "histogram_bins": options.histogram_bins, "sign_map_freq": options.sign_map_freq,
+            "update_freq": options.update_freq,
+            "variable_update_freq": options.variable_update_freq,
+        })
+
+    # ---------------------------------------------------------------- probes
+    def _run_probe(self, probe):
+        x, y = self.options.probe_data
+        record = {"step": self.step, "epoch": self.epoch, "probe": probe.name}
+        try:
+            result = probe(self.model, x, y)
+        except Exception as e:  # a probe must not end a long training run
+            message = f"{type(e).__name__}: {e}".splitlines()[0]
+            print(f"optinsight: probe {probe.name!r} failed at step {self.step}: {message}",
+                  file=sys.stderr)
+            self.writer.probe_error(record, message)
+            return
+        scalars, arrays = {}, {}
+        for key, value in result.items():
+            if np.ndim(value) == 0:
+                scalars[key] = float(value)
+            else:
+                arrays[key] = np.asarray(value)
+        self.writer.probe(record, scalars, arrays)
+        self.history.add_probe(probe.name, self.step, scalars)
+
+    # ---------------------------------------------------------------- resume
+    def _restore(self):
+        state = load_checkpoint(self._path("checkpoint"), self.model, self.optimizer,
+                                self.tracker)
+        if state is None:
+            if os.path.exists(self._path("steps.jsonl")):
+                raise ValueError(
+                    f"log_dir {self.log_dir!r} holds a run but no checkpoint to resume "
+                    "from (checkpoint_freq was 0 or it stopped in its first epoch)")
+            return
+        self.step = self._read = self.epoch_start_step = int(state["step"])
+        self.epoch = self.initial_epoch = int(state["epoch"])
+        for name in ("steps.jsonl", "probes.jsonl"):
+            truncate_jsonl(self._path(name), self.step)
+        for name in ("model", "layers", "histograms"):
+            truncate_parts(self._path(name), self.step)
+        truncate_events(self._path("tensorboard", "train"), self.step)
+        self._histogram_step = self.step
+        if os.path.exists(self._path("insight.json")):
+            self.history.load(read_json(self._path("insight.json")), self.epoch, self.step)
+        thinned = self.writer.step_log.history  # refilled from layers/, part by part
+        for path in part_paths(self._path("layers")):
+            steps, values = part_matrix(path, thinned.keys, self.tracker.names)
+            thinned.append(steps, values)
