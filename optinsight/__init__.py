@@ -19,8 +19,8 @@ _EXPORTS = {
     "Run": "optinsight.logs.reader",
     "read_log": "optinsight.logs.reader",
 }
-__all__ = ["Finding", "InsightModel", "InsightRecorder", "OptimizationInsightCallback", "Run", "diagnose",
-           "probes", "read_log"]
+__all__ = ["Finding", "InsightModel", "InsightRecorder", "OptimizationInsightCallback", "Run",
+           "diagnose", "probes", "read_log"]
 
 
 def __getattr__(name):
