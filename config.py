@@ -173,7 +173,8 @@ def build_parser():
                    help="continue the run in --log-dir from its last checkpoint")
     p.add_argument("--strategy", default=t.strategy,
                    help=f"tf.distribute strategy, one of {STRATEGIES} (multiworker reads "
-                   "TF_CONFIG; only the chief writes logs)")
+                   "TF_CONFIG and trains in a custom loop with InsightRecorder; only the "
+                   "chief writes logs)")
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every,
                    help="epochs between checkpoints (0: none)")
     p.add_argument("--thresholds", type=_number_list, default=i.thresholds,

@@ -10,6 +10,7 @@ exits with status 2.
 
 import os
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -72,11 +73,14 @@ def probe_batch(dataset, n):
 
 
 def run(config):
-    """Train as `config` says; returns the final logs dict and the log dir."""
+    """Train as `config` says; returns the final logs dict and the log dir (None on a
+    worker that writes no logs)."""
     import keras
 
     import optinsight as oi
 
+    # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs any op.
+    strategy = distribution_strategy(config.train.strategy)
     (x_train, y_train), _ = load_dataset(config.data.dataset, config.data.data_dir)
     if config.data.limit:
         x_train, y_train = x_train[: config.data.limit], y_train[: config.data.limit]
@@ -84,28 +88,102 @@ def run(config):
     train_ds, val_ds = make_datasets(x_train, y_train, config.data.batch_size,
                                      config.data.validation_split, seed=config.train.seed)
     log_dir = config.train.run_dir(config.data.dataset)
-    print(f"{config.data.dataset}: {len(x_train)} examples of shape {x_train.shape[1:]}, "
-          f"logging to {log_dir}")
-    with distribution_strategy(config.train.strategy).scope():
+    if _is_chief(strategy):
+        print(f"{config.data.dataset}: {len(x_train)} examples of shape {x_train.shape[1:]}, "
+              f"logging to {log_dir}")
+    with strategy.scope():
         model = build_model(x_train.shape[1:])
-        model.compile(
-            optimizer=keras.optimizers.Adam(config.train.lr),
-            loss="categorical_crossentropy",
-            metrics=["accuracy", keras.metrics.F1Score(average="macro", name="macro_f1")],
-        )
+        optimizer = keras.optimizers.Adam(config.train.lr)
     probe_kwargs = {}
     if config.insight.probes:
         probe_kwargs = {"probes": build_probes(),
                         "probe_data": probe_batch(val_ds or train_ds,
                                                   config.insight.probe_examples)}
-    callback = oi.OptimizationInsightCallback(
-        log_dir, resume=config.train.resume, checkpoint_freq=config.train.checkpoint_every,
-        **probe_kwargs, **config.insight.callback_kwargs())
+    options = {"resume": config.train.resume, "checkpoint_freq": config.train.checkpoint_every,
+               **probe_kwargs, **config.insight.callback_kwargs()}
+    with strategy.scope():  # the custom loop uses the loss for its probes only
+        model.compile(
+            optimizer=optimizer, loss="categorical_crossentropy",
+            metrics=["accuracy", keras.metrics.F1Score(average="macro", name="macro_f1")])
+    if config.train.strategy == "multiworker":
+        recorder = oi.InsightRecorder(log_dir, model, optimizer, **options)
+        final = custom_loop(strategy, model, recorder, train_ds, val_ds, config)
+        return final, log_dir if _is_chief(strategy) else None
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.train.epochs,
-                        callbacks=[callback], shuffle=False,  # the pipeline shuffles
+                        callbacks=[oi.OptimizationInsightCallback(log_dir, **options)],
+                        shuffle=False,  # the pipeline shuffles
                         verbose=1 if sys.stdout.isatty() else 2)
     final = {k: v[-1] for k, v in history.history.items() if v}
     return final, log_dir
+
+
+def _is_chief(strategy):
+    return bool(getattr(strategy.extended, "should_checkpoint", True))
+
+
+def custom_loop(strategy, model, recorder, train_ds, val_ds, config):
+    """Train `model` under `strategy` with a custom loop recorded by `recorder` (what
+    Keras's fit cannot do under MultiWorkerMirroredStrategy). Each replica's loss is
+    its examples' summed cross-entropy over the global batch's size, so the summed
+    gradients are those of the global batch's mean. Returns the last epoch's logs."""
+    import keras
+    import tensorflow as tf
+
+    def replica_losses(x, y, training):
+        y_pred = model(x, training=training)
+        per_example = keras.losses.categorical_crossentropy(y, y_pred)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(y_pred, -1), tf.argmax(y, -1)),
+                                        tf.float32))
+        return per_example, correct
+
+    def totals(per_replica):
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None)
+                for t in per_replica]
+
+    @tf.function
+    def train_step(x, y):
+        def step(x, y):
+            global_batch = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(x)[0], tf.float32))
+            with tf.GradientTape() as tape:
+                per_example, correct = replica_losses(x, y, True)
+                loss = tf.reduce_sum(per_example) / global_batch
+            grads = tape.gradient(loss, model.trainable_variables)
+            recorder.apply_gradients(zip(grads, model.trainable_variables), loss=loss)
+            return tf.reduce_sum(per_example), correct, tf.cast(tf.shape(x)[0], tf.float32)
+        return totals(strategy.run(step, args=(x, y)))
+
+    @tf.function
+    def eval_step(x, y):
+        def step(x, y):
+            per_example, correct = replica_losses(x, y, False)
+            return tf.reduce_sum(per_example), correct, tf.cast(tf.shape(x)[0], tf.float32)
+        return totals(strategy.run(step, args=(x, y)))
+
+    def run_epoch(dataset, step_fn, on_batch=None):
+        loss = correct = count = 0.0
+        for x, y in strategy.experimental_distribute_dataset(dataset):
+            batch_loss, batch_correct, batch_count = (float(t) for t in step_fn(x, y))
+            loss, correct, count = loss + batch_loss, correct + batch_correct, count + batch_count
+            if on_batch is not None:
+                on_batch()
+        return loss / max(count, 1), correct / max(count, 1)
+
+    chief = _is_chief(strategy)
+    logs = {}
+    with recorder:
+        for epoch in range(recorder.initial_epoch, config.train.epochs):
+            start = time.monotonic()
+            logs = dict(zip(("loss", "accuracy"),
+                            run_epoch(train_ds, train_step, recorder.batch_end)))
+            if val_ds is not None:
+                logs.update(zip(("val_loss", "val_accuracy"), run_epoch(val_ds, eval_step)))
+            recorder.epoch_end(epoch, logs)
+            if chief:
+                seconds = time.monotonic() - start
+                print(f"epoch {epoch + 1}/{config.train.epochs} ({seconds:.0f} s): "
+                      + ", ".join(f"{k}={v:.4f}" for k, v in logs.items()), flush=True)
+    return logs
 
 
 def main(argv=None):
@@ -120,6 +198,8 @@ def main(argv=None):
         print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
     else:
         print("final: no epoch left to train (the run already reached --epochs)")
+    if log_dir is None:
+        return 0
     print(f"logs: {os.path.abspath(log_dir)}")
     print(f"  tensorboard --logdir {os.path.join(log_dir, 'tensorboard')}")
     print(f"  optinsight summary {log_dir}")

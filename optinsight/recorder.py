@@ -8,8 +8,9 @@ schedules histograms, sign maps and probes. `epoch_end` closes an epoch: insight
 checkpoint, diagnosis. `OptimizationInsightCallback` drives one recorder from `fit`.
 
 Under a multi-worker strategy every worker records the same steps on its device (the
-statistics are of the all-reduced gradient), but only the chief reads them and writes
-`log_dir`; the other workers touch no file.
+statistics are of the all-reduced gradient) and runs the probes (which may use
+collective ops), but only the chief reads the rows and writes `log_dir`; the other
+workers touch no file.
 """
 
 import math
@@ -151,7 +152,7 @@ class InsightRecorder:
         if options.verbose and chief:
             print(f"optinsight: logging to {self.log_dir}", file=sys.stderr)
         self._next_read = time.monotonic() + READ_EVERY_SECONDS
-        if self.step == 0 and self.writer is not None:
+        if self.step == 0:
             for probe in options.probes:  # the starting point: step 0
                 self._run_probe(probe)
 
@@ -220,19 +221,19 @@ class InsightRecorder:
         """
         previous = self.step
         self.step = previous + 1 if step is None else int(step)
-        if self.writer is None:
-            return
-        if self.step - self._read >= READ_EVERY_STEPS or time.monotonic() >= self._next_read:
-            self._read_rows()
 
         def reached(every):  # a multiple of `every` among the steps just trained
             return every and self.step // every > previous // every
 
         options = self.options
-        if reached(options.histogram_freq):
-            self._record_histograms()
-        if isinstance(options.sign_map_freq, int) and reached(options.sign_map_freq):
-            self._record_sign_map(f"step_{self.step:08d}")
+        if self.writer is not None:
+            if self.step - self._read >= READ_EVERY_STEPS \
+                    or time.monotonic() >= self._next_read:
+                self._read_rows()
+            if reached(options.histogram_freq):
+                self._record_histograms()
+            if isinstance(options.sign_map_freq, int) and reached(options.sign_map_freq):
+                self._record_sign_map(f"step_{self.step:08d}")
         for probe in options.probes:
             if probe.every != "epoch" and reached(probe.every):
                 self._run_probe(probe)
@@ -271,6 +272,10 @@ class InsightRecorder:
         epoch = self.epoch
         if self.writer is not None:
             self._end_epoch(epoch, logs or {})
+        else:  # other workers run the probes too: they may use collective ops
+            for probe in self.options.probes:
+                if probe.every == "epoch":
+                    self._run_probe(probe)
         self.epoch, self.epoch_start_step = epoch + 1, self.step
 
     def _end_epoch(self, epoch, logs):
@@ -324,6 +329,8 @@ class InsightRecorder:
         try:
             result = probe(self.model, x, y)
         except Exception as e:  # a probe must not end a long training run
+            if self.writer is None:
+                return
             message = f"{type(e).__name__}: {e}".splitlines()[0]
             print(f"optinsight: probe {probe.name!r} failed at step {self.step}: {message}",
                   file=sys.stderr)
@@ -335,6 +342,8 @@ class InsightRecorder:
                 scalars[key] = float(value)
             else:
                 arrays[key] = np.asarray(value)
+        if self.writer is None:
+            return
         self.writer.probe(record, scalars, arrays)
         self.history.add_probe(probe.name, self.step, scalars)
 

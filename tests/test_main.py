@@ -58,3 +58,36 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, match):
     assert main.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and match in err and "\n" not in err
+
+
+def test_multiworker_trains_in_a_custom_loop_and_only_the_chief_logs(cifar_dir, tmp_path):
+    """`--strategy multiworker`, two workers on 127.0.0.1 (TF_CONFIG), probes on: both
+    finish, the chief's log dir holds the run, the other worker's holds nothing."""
+    import subprocess
+    import sys
+
+    from test_distribute import _free_ports
+
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})}
+        processes.append(subprocess.Popen(
+            [sys.executable, main.__file__, "--dataset", "cifar10", "--data-dir",
+             str(cifar_dir), "--epochs", "1", "--batch-size", "32", "--log-dir",
+             str(tmp_path / f"worker{index}"), "--strategy", "multiworker",
+             "--probe-examples", "32"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "epoch 1/1" in outputs[0][0] and "logs:" in outputs[0][0]
+    assert "logs:" not in outputs[1][0]
+    assert not (tmp_path / "worker1").exists()
+    run = oi.read_log(tmp_path / "worker0")
+    assert run.steps["step"].tolist() == [1, 2, 3]  # 90 training examples / 32
+    assert run.epochs["val_mean_acc"].notna().all()
+    probes = read_jsonl(tmp_path / "worker0" / "probes.jsonl")
+    assert {p["probe"] for p in probes} >= {"hessian", "ntk", "neural_collapse"}
+    assert not [p for p in probes if "error" in p]
