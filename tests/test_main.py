@@ -80,7 +80,7 @@ def test_multiworker_trains_in_a_custom_loop_and_only_the_chief_logs(cifar_dir, 
              "--probe-examples", "32"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in processes]
-    for p, (out, err) in zip(processes, outputs):
+    for p, (_, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-3000:]
     assert "epoch 1/1" in outputs[0][0] and "logs:" in outputs[0][0]
     assert "logs:" not in outputs[1][0]
