@@ -6,6 +6,7 @@ where `fit` is: batch ends, epoch ends, train end. Everything else (reading the
 device rows, writing, checkpoints and resume, probes) is the recorder's.
 """
 
+import atexit
 import functools
 
 import keras
@@ -67,20 +68,35 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             checkpoint_freq=checkpoint_freq, diagnosis=diagnosis, verbose=verbose)
         self.recorder = None  # made at the first fit; a further fit continues its run
         self._traced = None  # (what it was traced for, the insight train function)
+        self._fit = None  # the History of the fit being recorded, None between fits
 
     def on_train_begin(self, logs=None):
         model = self.model
+        self._end_fit()  # a previous fit that ended in an exception outside the step
+        if not isinstance(model, InsightModel) \
+                and type(model).train_step is not keras.Model.train_step:
+            raise ValueError(
+                f"model {model.name!r} has its own train_step, which the callback would "
+                "replace; record it with oi.InsightRecorder instead: call "
+                "recorder.apply_gradients where it calls optimizer.apply_gradients "
+                "(README: Custom training loops)")
         if self.recorder is None:
             recorder = InsightRecorder(
                 self.log_dir, model, model.optimizer, **self.options.as_kwargs(),
                 jit_compile=bool(getattr(model, "jit_compile", False)),
                 steps_per_call=self._steps_per_call(model))
-            recorder.start()
+            if model.built:  # else it starts in the first step, once the model is built
+                recorder.start()
+            elif self.options.resume:
+                raise ValueError(f"resume needs model {model.name!r} built before fit "
+                                 "(an Input first, or model.build(input_shape))")
             self.recorder = recorder
             if recorder.initial_epoch:  # resumed: fit continues after the checkpoint
                 model._initial_epoch = recorder.initial_epoch  # as BackupAndRestore does
         self.recorder.optimizer = model.optimizer  # recompiling may have changed it
         self._install(model)
+        self._fit = model.history  # the History of this fit (a new one per fit)
+        atexit.register(self._end_fit)
 
     @staticmethod
     def _steps_per_call(model):
@@ -95,25 +111,33 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         # A further fit of the same compiled model reuses the insight train function
         # instead of tracing it again (tens of seconds for a ResNet50).
         traced_for = self._traced_for(model)
-        if self._traced is not None and len(self._traced[0]) == len(traced_for) and all(
+        if self._traced is None or len(self._traced[0]) != len(traced_for) or not all(
                 a is b for a, b in zip(self._traced[0], traced_for)):
-            model.train_function = self._traced[1]
-        else:
             model.make_train_function(force=True)
             self._traced = (traced_for, model.train_function)
+        model.train_function = self._guarded(self._traced[1])
+
+    def _guarded(self, train_function):
+        """`train_function` that ends the recording when it raises (Ctrl-C, an error in
+        the step: Keras does not call on_train_end then), and that hands a later fit
+        without this callback the model's own train function."""
+        def guarded(iterator):
+            if self.model.history is not self._fit:  # a fit this callback is not in
+                self._end_fit()
+                self.model.make_train_function()
+                return self.model.train_function(iterator)
+            try:
+                return train_function(iterator)
+            except BaseException:
+                self._end_fit()
+                raise
+        return guarded
 
     def _traced_for(self, model):
         """What the traced train function depends on, compared by identity."""
         return (model, self.recorder, model.optimizer, getattr(model, "_compile_loss", None),
                 getattr(model, "_compile_metrics", None), model.jit_compile, model.run_eagerly,
                 self._steps_per_call(model), *model.trainable_variables)
-
-    def _uninstall(self, model):
-        if isinstance(model, InsightModel):
-            model.attach_recorder(None)
-        else:
-            model.__dict__.pop("train_step", None)
-        model.train_function = None
 
     def on_train_batch_end(self, batch, logs=None):
         recorder = self.recorder
@@ -126,5 +150,19 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self.recorder.epoch_end(logs=logs)
 
     def on_train_end(self, logs=None):
-        self._uninstall(self.model)
-        self.recorder.close()
+        self._end_fit()
+
+    def _end_fit(self):
+        """Restore the model's own train step and write everything recorded; once per
+        fit, however the fit ends."""
+        if self._fit is None:
+            return
+        model, self._fit = self.model, None
+        atexit.unregister(self._end_fit)
+        if isinstance(model, InsightModel):
+            model.attach_recorder(None)
+        else:
+            model.__dict__.pop("train_step", None)
+        model.train_function = None
+        if self.recorder.tracker is not None:
+            self.recorder.close()

@@ -57,7 +57,9 @@ def _segment_sum(x, bounds):
 
 
 def _segment_max(x, bounds):
-    return tf.stack([tf.reduce_max(x[a:b]) for a, b in bounds])
+    """Maxima of x[a:b] (x >= 0); 0 for an empty slice, as the native kernel gives."""
+    return tf.stack([tf.reduce_max(x[a:b]) if b > a else tf.zeros([], x.dtype)
+                     for a, b in bounds])
 
 
 def _levels(x, thresholds):
@@ -393,20 +395,28 @@ class DynamicsTracker(tf.Module):
         """The state needed to resume: numpy arrays keyed by name."""
         state = {k: getattr(self, k).numpy() for k in self._STATE}
         state["names"] = np.array(self.names)
+        state["sizes"] = np.array(self.sizes, np.int64)
         return state
 
     def load_state(self, state):
-        """Restore `state_dict()` output; ValueError if it belongs to other variables."""
+        """Restore `state_dict()` output, and the run's variable names with it (Keras
+        numbers automatic names per session: a model built again in a notebook has
+        other names for the same variables). ValueError if the saved state is of
+        variables of other sizes."""
         names = [str(n) for n in state["names"]]
-        if names != list(self.names) or state["prev_grad"].shape != self.prev_grad.shape:
+        sizes = [int(n) for n in state["sizes"]] if "sizes" in state else None
+        if len(names) != len(self.names) or sizes not in (None, list(self.sizes)) \
+                or (sizes is None and names != list(self.names)):
             raise ValueError(
-                f"saved insight state is for variables {names}, but the model has "
-                f"{self.names}; resume needs the same model")
+                f"saved insight state is for {len(names)} variables of sizes {sizes} "
+                f"({', '.join(names[:3])}, ...), but the model has {len(self.names)} of "
+                f"sizes {list(self.sizes)}; resume needs the same model")
         if state["ema_grad"].shape != self.ema_grad.shape:
             raise ValueError("saved insight state has a different ema_decay setting "
                              "(None vs. a value); resume with the same setting")
         for k in self._STATE:
             getattr(self, k).assign(state[k])
+        self.names = tuple(names)
 
 
 def _keys(tag, suffix):

@@ -135,20 +135,23 @@ class InsightRecorder:
             options.histogram_bins, buffer_size=READ_EVERY_STEPS + self.steps_per_call,
             # A custom op cannot run inside an XLA-compiled train step.
             kernel="xla" if self.jit_compile else "auto", strategy=strategy)
+        if self.optimizer is not None and not self.optimizer.built:
+            with strategy.scope():  # its state exists before the step is traced
+                self.optimizer.build(variables)
+        # The checkpoint first: it names the variables as the run's logs do.
+        checkpoint = load_checkpoint(self._path("checkpoint"), model, self.optimizer,
+                                     tracker) if options.resume else None
+        if options.resume and checkpoint is None and os.path.exists(self._path("steps.jsonl")):
+            raise ValueError(
+                f"log_dir {self.log_dir!r} holds a run but no checkpoint to resume "
+                "from (checkpoint_freq was 0 or it stopped in its first epoch)")
         keys = metric_names(options.thresholds, options.ema_decay)
         self.history = RunHistory(tracker.names, keys, keys + ["train_loss"])
         if chief:
             self.writer = RunWriter(self.log_dir, tracker.names, options)
         self.tracker = tracker
-        if self.optimizer is not None and not self.optimizer.built:
-            with strategy.scope():  # its state exists before the step is traced
-                self.optimizer.build(variables)
-        if options.resume:
-            try:
-                self._restore()
-            except Exception:
-                self.tracker = self.writer = None  # nothing half-restored for a retry
-                raise
+        if checkpoint is not None:
+            self._restore(checkpoint)
         if options.verbose and chief:
             print(f"optinsight: logging to {self.log_dir}", file=sys.stderr)
         self._next_read = time.monotonic() + READ_EVERY_SECONDS
@@ -348,15 +351,9 @@ class InsightRecorder:
         self.history.add_probe(probe.name, self.step, scalars)
 
     # ---------------------------------------------------------------- resume
-    def _restore(self):
-        state = load_checkpoint(self._path("checkpoint"), self.model, self.optimizer,
-                                self.tracker)
-        if state is None:
-            if os.path.exists(self._path("steps.jsonl")):
-                raise ValueError(
-                    f"log_dir {self.log_dir!r} holds a run but no checkpoint to resume "
-                    "from (checkpoint_freq was 0 or it stopped in its first epoch)")
-            return
+    def _restore(self, state):
+        """Continue after the checkpoint `state` (its state.json): counters, and the
+        logs truncated to its step."""
         self.step = self._read = self.epoch_start_step = int(state["step"])
         self.epoch = self.initial_epoch = int(state["epoch"])
         for name in ("steps.jsonl", "probes.jsonl"):

@@ -432,3 +432,31 @@ def test_histogram_function_skips_nonfinite_and_handles_edge_cases():
         width = hi - lo if hi > lo else 1.0
         index = np.clip(np.floor((finite - lo) / width * 8).astype(int), 0, 7)
         assert counts.numpy()[v].tolist() == np.bincount(index, minlength=8).tolist()
+
+
+@pytest.mark.parametrize("kernel", ["native", "xla"])
+def test_a_zero_size_variable_has_zero_counts_and_maxima_with_either_kernel(kernel):
+    """A variable with no entries: every count, sum and maximum 0 (w_diff max too),
+    whichever kernel computes the statistics; its neighbour's values are unaffected."""
+    from optinsight import native
+    from optinsight.dynamics import DynamicsTracker, summarize
+
+    if kernel == "native" and native.load() is None:
+        pytest.skip("the native kernel is not built")
+    variables = [tf.Variable(np.ones(3, np.float32), name="full"),
+                 tf.Variable(np.zeros((0, 4), np.float32), name="empty")]
+    tracker = DynamicsTracker(variables, kernel=kernel, buffer_size=4)
+    for _ in range(2):
+        before = tracker.read_weights()
+        variables[0].assign_sub([0.1, 0.2, 0.3])
+        tracker.update([tf.constant([1e-8, 1.0, -1.0]), tf.zeros((0, 4))], before,
+                       tf.constant(1.0))
+    step, _, has_prev, stats = tracker.read_rows(0)[-1]
+    _, layers = summarize(stats, has_prev, tracker.names, tracker.thresholds,
+                          tracker.ema_decay)
+    empty, full = layers[tracker.names[1]], layers[tracker.names[0]]
+    assert step == 2
+    for key in ("w_diff_0_0_e7_max", "w_diff_0_0_e5_max", "w_diff_0_0_e7_max_09avg",
+                "no_zero_e7_grad2", "grad_norm", "wdiff"):
+        assert empty[key] == 0, key
+    assert full["w_diff_0_0_e7_max"] == pytest.approx(0.1, rel=1e-5)
