@@ -182,11 +182,50 @@ def test_gradient_covariance_and_noise_scale(mlp):
     np.testing.assert_allclose(probes.covariance_spectrum(model, x, y, k=4), dense[:4],
                                rtol=1e-4, atol=1e-9)
     mean = g.mean(0)
-    expected = np.trace(np.cov(g.T)) / (mean @ mean)
+    expected = np.trace(np.cov(g.T)) / (mean @ mean - np.trace(np.cov(g.T)) / len(g))
     assert probes.noise_scale(model, x, y) == pytest.approx(expected, rel=1e-4)
     out = probes.GradientNoiseProbe(k=2)(model, x, y)
     assert out["noise_scale"] == pytest.approx(expected, rel=1e-4)
     assert out["covariance_trace"] == pytest.approx(np.trace(cov), rel=1e-4)
+
+
+def test_noise_scale_is_unbiased_where_the_plug_in_form_is_not():
+    """Per-example gradients G + noise with tr Σ / ‖G‖² = 200, batches of 256: the
+    estimate averages to 200 (the plug-in ‖ḡ‖² would give about 200 / (1 + 200/256))."""
+    from optinsight.probes.gradients import _noise_scale
+
+    rng = np.random.default_rng(0)
+    d, n = 2000, 256
+    mean = rng.normal(size=d)
+    mean /= np.linalg.norm(mean)  # ‖G‖² = 1
+    estimates = [_noise_scale(mean + rng.normal(scale=np.sqrt(200 / d), size=(n, d)))
+                 for _ in range(20)]
+    assert np.mean(estimates) == pytest.approx(200, rel=0.05)
+    v = rng.normal(size=d)
+    assert np.isnan(_noise_scale(np.stack([v, -v])))  # a zero mean gradient: no B
+
+
+def test_correlations_leave_out_self_correlation_and_constant_float64_features():
+    from optinsight.probes.representations import _correlation
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(50, 4))
+    a[:, 2] = 0.1  # constant: its mean-subtracted float64 values are rounding residue
+    assert np.ptp(a[:, 2] - a[:, 2].mean()) == 0 and np.any(a[:, 2] - a[:, 2].mean())
+    c = _correlation(a, a)
+    assert np.isnan(c[2]).all() and np.isnan(c[:, 2]).all()
+    np.testing.assert_allclose(np.delete(np.delete(c, 2, 0), 2, 1),
+                               np.corrcoef(np.delete(a, 2, 1).T), atol=1e-12)
+
+
+def test_a_layer_correlation_with_itself_leaves_out_the_diagonal(mlp):
+    model, x, _ = mlp
+    reference = numpy_forward(model, x)
+    names, matrix = probes.layer_correlations(model, x)
+    h2 = np.corrcoef(reference["h2"].T)
+    off_diagonal = np.abs(h2[~np.eye(len(h2), dtype=bool)])
+    assert matrix[names.index("h2"), names.index("h2")] == pytest.approx(off_diagonal.mean(),
+                                                                          rel=1e-5)
 
 
 def test_neural_collapse_is_zero_for_collapsed_features():
@@ -233,6 +272,16 @@ def test_neural_collapse_against_numpy(mlp):
     predicted = numpy_forward(model, x)["out"].argmax(1)
     assert nc["nc4"] == pytest.approx(np.mean(nearest != predicted))
     assert probes.neural_collapse(model, x, y, layer="h2")["nc1"] == pytest.approx(nc["nc1"])
+    assert probes.neural_collapse(model, x, y, layer="h2")["nc3"] == pytest.approx(nc["nc3"])
+    # another layer, of another width: nc1 of its features, no nc3 (not the classifier's)
+    h1 = numpy_forward(model, x)["h1"]
+    mu1 = np.array([h1[labels == c].mean(0) for c in range(3)])
+    sw1 = sum(np.outer(h1[i] - mu1[labels[i]], h1[i] - mu1[labels[i]])
+              for i in range(len(h1))) / len(h1)
+    sb1 = sum(np.outer(m - h1.mean(0), m - h1.mean(0)) for m in mu1) / 3
+    other = probes.neural_collapse(model, x, y, layer="h1")
+    assert other["nc1"] == pytest.approx(np.trace(sw1 @ np.linalg.pinv(sb1)) / 3, rel=1e-3)
+    assert np.isnan(other["nc3"])
 
 
 def test_errors(mlp):

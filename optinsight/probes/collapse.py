@@ -10,7 +10,8 @@ layer's [C, d] classifier (its kernel transposed):
 * nc2_equinorm: coefficient of variation of ‖μ_c − μ_G‖ (→ 0: equal norms);
 * nc2_equiangular: mean over c ≠ c' of |cos(μ_c − μ_G, μ_c' − μ_G) + 1/(C − 1)|
   (→ 0: the maximally separated simplex);
-* nc3: ‖W/‖W‖_F − M/‖M‖_F‖_F² (→ 0: classifier aligned with the means);
+* nc3: ‖W/‖W‖_F − M/‖M‖_F‖_F² (→ 0: classifier aligned with the means); only for
+  the classifier's own input features (NaN for another layer);
 * nc4: fraction of examples where the model's prediction differs from the nearest
   class mean's (→ 0).
 """
@@ -48,8 +49,8 @@ def _within_over_between(within, centred):
 
 
 def collapse_metrics(features, labels, classifier_weights, predictions):
-    """The NC quantities from features [n, d], int labels [n], classifier [C, d] and
-    the model's predicted classes [n]."""
+    """The NC quantities from features [n, d], int labels [n], classifier [C, d'] and
+    the model's predicted classes [n]; nc3 is NaN unless d' = d."""
     classes = np.unique(labels)
     if len(classes) < 2:
         raise ValueError("neural collapse needs examples of at least two classes")
@@ -71,7 +72,7 @@ def collapse_metrics(features, labels, classifier_weights, predictions):
         "nc2_equinorm": float(norms.std() / norms.mean()) if norms.mean() > 0 else np.nan,
         "nc2_equiangular": float(np.abs(cosines[off] + 1 / (len(classes) - 1)).mean()),
         "nc3": float(np.linalg.norm(w / np.linalg.norm(w) - centred / np.linalg.norm(centred))
-                     ** 2),
+                     ** 2) if w.shape == centred.shape else np.nan,
         "nc4": float(np.mean(nearest != np.asarray(predictions))),
     }
 
@@ -79,7 +80,8 @@ def collapse_metrics(features, labels, classifier_weights, predictions):
 def neural_collapse(model, x, y, layer=None):
     """{"nc1", "nc2_equinorm", "nc2_equiangular", "nc3", "nc4"} on (x, y); y integer
     labels or one-hot. `layer`: a layer name whose outputs are the features
-    (default: the input of the last Dense layer)."""
+    (default: the input of the last Dense layer). nc3 compares the classifier with
+    the features it reads: it is NaN for a layer whose outputs are not its input."""
     labels = class_labels(y)
     if len(labels) != len(x):
         raise ValueError(f"x has {len(x)} examples but y has {len(labels)}")
@@ -87,7 +89,10 @@ def neural_collapse(model, x, y, layer=None):
     features = (layer_features(model, x, [layer])[layer] if layer is not None
                 else _penultimate_features(model, x, classifier))
     predictions = np.asarray(model.predict(np.asarray(x), verbose=0)).argmax(axis=1)
-    return collapse_metrics(features, labels, np.asarray(classifier.kernel).T, predictions)
+    out = collapse_metrics(features, labels, np.asarray(classifier.kernel).T, predictions)
+    if layer is not None and model.get_layer(layer).output is not classifier.input:
+        out["nc3"] = np.nan
+    return out
 
 
 class NeuralCollapseProbe:

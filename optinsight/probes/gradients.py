@@ -38,8 +38,13 @@ def _covariance_eigenvalues(g):
 
 
 def _noise_scale(g):
-    mean = g.mean(axis=0)
-    return float(((g - mean) ** 2).sum() / (len(g) - 1) / (mean @ mean))
+    """tr Σ̂ / (‖ḡ‖² − tr Σ̂ / n), Σ̂ the sample covariance (1/(n−1)) of the rows of g:
+    the denominator is the unbiased estimate of ‖G‖² (E‖ḡ‖² = ‖G‖² + tr Σ / n). NaN
+    when that estimate is not positive (the batch's noise hides the mean gradient)."""
+    n, mean = len(g), g.mean(axis=0)
+    trace = ((g - mean) ** 2).sum() / (n - 1)
+    signal = mean @ mean - trace / n
+    return float(trace / signal) if signal > 0 else float("nan")
 
 
 def covariance_spectrum(model, x, y, k=10, loss=None, variables=None, chunk_size=None):
@@ -49,10 +54,12 @@ def covariance_spectrum(model, x, y, k=10, loss=None, variables=None, chunk_size
 
 
 def noise_scale(model, x, y, loss=None, variables=None, chunk_size=None):
-    """The simple gradient noise scale B = tr(Σ) / ‖ḡ‖² (McCandlish et al. 2018), with
-    Σ the sample covariance (1/(n−1)) of per-example gradients and ḡ their mean: the
+    """The simple gradient noise scale B = tr(Σ) / ‖G‖² (McCandlish et al. 2018): the
     batch size beyond which larger batches stop speeding training up. Estimated from
-    one batch it is biased upwards for small n (‖ḡ‖² carries tr(Σ)/n of noise)."""
+    the per-example gradients of one batch of n: tr Σ̂ with Σ̂ their sample covariance
+    (1/(n−1)), and ‖G‖² as ‖ḡ‖² − tr Σ̂ / n, the unbiased form (‖ḡ‖² alone carries
+    tr Σ / n of noise and would bias B downwards, towards n). NaN when the estimate of
+    ‖G‖² is not positive."""
     return _noise_scale(per_example_gradients(model, x, y, loss, variables, chunk_size))
 
 

@@ -31,18 +31,25 @@ def _subsample(f, max_features):
 def _correlation(a, b):
     """Pearson correlation of every column of a with every column of b: [da, db],
     NaN where a column is constant."""
+    # Constant columns, found on the values themselves: after the mean is subtracted
+    # they hold rounding residue, not zeros, in float64 as in float32.
+    constant_a, constant_b = np.ptp(a, axis=0) == 0, np.ptp(b, axis=0) == 0
     a = a - a.mean(axis=0)
     b = b - b.mean(axis=0)
     na, nb = np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (a.T @ b) / np.outer(na, nb)
+        c = (a.T @ b) / np.outer(na, nb)
+    c[constant_a, :] = np.nan
+    c[:, constant_b] = np.nan
+    return c
 
 
 def layer_correlations(model, x, layers=None, max_features=1024, full=False):
     """Mean |Pearson correlation| between the features of every pair of layers.
 
     Returns (names, matrix [L, L]) — or (names, matrix, {(a, b): [da, db]}) with
-    full=True. Constant features (dead units) are left out of the means; layers
+    full=True. Constant features (dead units) are left out of the means, and so is
+    each feature's correlation with itself on the diagonal; layers
     wider than `max_features` are read at a deterministic stride of features.
     """
     features = {k: _subsample(f, max_features)
@@ -53,7 +60,10 @@ def layer_correlations(model, x, layers=None, max_features=1024, full=False):
     for i, a in enumerate(names):
         for j, b in enumerate(names[i:], start=i):
             c = _correlation(features[a], features[b])
-            matrix[i, j] = matrix[j, i] = np.nanmean(np.abs(c)) if np.isfinite(c).any() \
+            others = np.abs(c)
+            if i == j:  # a layer with itself: each feature's correlation with itself left out
+                np.fill_diagonal(others, np.nan)
+            matrix[i, j] = matrix[j, i] = np.nanmean(others) if np.isfinite(others).any() \
                 else np.nan
             if full:
                 pairs[(a, b)] = c
