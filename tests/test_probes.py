@@ -80,6 +80,20 @@ def test_power_law_alpha_recovers_the_exponent(alpha):
     assert np.isnan(probes.power_law_alpha([1.0, 2.0]))
 
 
+def test_power_law_alpha_chooses_xmin_by_weightwatchers_distance():
+    """Against a plain loop: for each xmin the MLE α and D = max_i |F(x_i) − i/n| over
+    the sorted tail (the powerlaw package's D, which WeightWatcher reports)."""
+    rng = np.random.default_rng(5)
+    values = np.sort(np.linalg.svd(rng.standard_t(3, size=(400, 200)), compute_uv=False) ** 2)
+    fits = []
+    for i in range(len(values) - 4):
+        tail = values[i:]
+        alpha = 1 + len(tail) / np.sum(np.log(tail / tail[0]))
+        cdf = 1 - (tail / tail[0]) ** (1 - alpha)
+        fits.append((max(abs(cdf[j] - j / len(tail)) for j in range(len(tail))), alpha))
+    assert probes.power_law_alpha(values) == pytest.approx(min(fits)[1], rel=1e-12)
+
+
 def test_activation_histograms(mlp):
     model, x, _ = mlp
     reference = numpy_forward(model, x)

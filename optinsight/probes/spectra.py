@@ -24,7 +24,10 @@ def power_law_alpha(eigenvalues, min_tail=5):
     Maximum likelihood for each candidate lower bound xmin (every eigenvalue leaving
     at least `min_tail` in the tail), α = 1 + n / Σ ln(λ_i / xmin), keeping the xmin
     whose fit has the smallest Kolmogorov–Smirnov distance to the tail (Clauset,
-    Shalizi & Newman 2009; the heavy-tailed self-regularisation method).
+    Shalizi & Newman 2009; the heavy-tailed self-regularisation method). The distance
+    is WeightWatcher's (through the powerlaw package, after Clauset's plfit): the
+    model CDF against the empirical CDF i/n at the sorted values, one side of each
+    step, so that the README's bands (2–4 well trained, > 6 under-trained) apply.
     NaN when fewer than `min_tail` positive eigenvalues.
     """
     values = np.sort(np.asarray(eigenvalues, dtype=np.float64))
@@ -38,9 +41,8 @@ def power_law_alpha(eigenvalues, min_tail=5):
             continue
         alpha = 1 + len(tail) / logs
         model_cdf = 1 - (tail / xmin) ** (1 - alpha)
-        empirical = np.arange(len(tail)) / len(tail)
-        distance = max(np.abs(model_cdf - empirical).max(),
-                       np.abs(model_cdf - (empirical + 1 / len(tail))).max())
+        empirical = np.arange(len(tail)) / len(tail)  # as Clauset's plfit and powerlaw
+        distance = np.abs(model_cdf - empirical).max()
         if distance < best_distance:
             best_alpha, best_distance = alpha, distance
     return float(best_alpha)
