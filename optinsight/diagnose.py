@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from optinsight.logs.reader import read_log
+from optinsight.tags import threshold_tag
 
 LATE_FRACTION = 0.25
 #: The late median loss above this multiple of the early median: the run diverged
@@ -28,9 +29,9 @@ EXPLOSION_FACTOR = 100.0
 #: First-kernel over last-kernel RMS gradient below this: vanishing gradients (the
 #: input layers learn a thousand times slower than the output layer).
 VANISHING_RATIO = 1e-3
-#: Late fraction of a kernel's gradients at or below 1e-7 at or above this: a dead
-#: layer (essentially no entry gets a gradient; ReLU units that never fire give
-#: exact zeros).
+#: Late fraction of a kernel's gradients in the smallest zero band (1e-7 by default)
+#: at or above this: a dead layer (essentially no entry gets a gradient; ReLU units
+#: that never fire give exact zeros).
 DEAD_FRACTION = 0.99
 #: A layer whose late median update ratio is below this multiple of the median of
 #: the other layers' stalls (three orders of magnitude: well past any sensible
@@ -44,8 +45,16 @@ RANK_COLLAPSE_FRACTION = 0.5
 SATURATION_FRACTION = 0.5
 
 SEVERITIES = ("info", "warning", "error")
-#: The per-variable keys the rules read (the callback keeps these in memory).
-VARIABLE_KEYS = ("grad_norm", "update_ratio", "nonfinite_grads", "no_zero_e7_grad2")
+
+
+def zero_key(thresholds):
+    """The key dead_layer reads: zero-band counts at the smallest threshold."""
+    return f"no_zero_{threshold_tag(min(thresholds))}_grad2"
+
+
+def variable_keys(thresholds):
+    """The per-variable keys the rules read (the recorder keeps these in memory)."""
+    return ("grad_norm", "update_ratio", "nonfinite_grads", zero_key(thresholds))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,10 +190,8 @@ def _dead(run):
     findings = []
     kernels, sizes = _kernels(run)
     previous_dead = False
-    try:
-        zeros = run.key("no_zero_e7_grad2") if kernels else None
-    except KeyError:  # thresholds without 1e-7
-        zeros = None
+    threshold = min(run.summary.get("meta", {}).get("thresholds") or [1e-7])
+    zeros = run.key(zero_key([threshold])) if kernels else None
     for name in kernels if zeros is not None else ():
         fraction = _late(zeros[name]).median() / sizes[name]
         dead, follows_dead = fraction >= DEAD_FRACTION, previous_dead
@@ -192,7 +199,7 @@ def _dead(run):
         if dead and not follows_dead:  # a kernel after a dead one only gets no input
             findings.append(Finding(
                 "dead_layer", "error", name, int(run.steps["step"].iloc[-1]),
-                f"{100 * fraction:.1f} % of its gradients are zero (|g| <= 1e-7) over "
+                f"{100 * fraction:.1f} % of its gradients are zero (|g| <= {threshold:g}) over "
                 "the last steps: the layer no longer learns, and the layers after it "
                 "get no signal through it", _DEAD_ADVICE))
     for layer, fraction, step in _latest(run, "/zero_fraction"):

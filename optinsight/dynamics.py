@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from optinsight import native
+from optinsight.tags import ema_suffix, threshold_tag
 
 #: Statistics kept per variable regardless of threshold (columns 0..4 of a row).
 GLOBAL_STATS = ("grad_sq", "weight_sq", "prev_weight_sq", "wdiff_sq", "nonfinite")
@@ -27,19 +28,6 @@ GLOBAL_STATS = ("grad_sq", "weight_sq", "prev_weight_sq", "wdiff_sq", "nonfinite
 BAND_STATS = (
     "grad1", "grad2", "retained", "flipped", "min", "max", "wdiff_sum", "wdiff_max",
 )
-
-
-def threshold_tag(threshold):
-    """Short name of a zero-band threshold: `e7` for 1e-7, else e.g. `3e-06`."""
-    exponent = round(-math.log10(threshold))
-    if exponent > 0 and math.isclose(threshold, 10.0**-exponent, rel_tol=1e-12):
-        return f"e{exponent}"
-    return f"{threshold:g}"
-
-
-def ema_suffix(ema_decay):
-    """Key suffix of the moving-average family: `_09avg` for a decay of 0.9."""
-    return "_" + f"{ema_decay:g}".replace(".", "") + "avg"
 
 
 def _flatten(tensors):

@@ -32,11 +32,12 @@ def mlp(hidden=(32,), activation="relu", d=20, classes=3, **dense_kwargs):
 
 
 def train(model, log_dir, optimizer, data=None, epochs=2, batch=32, loss="categorical_crossentropy",
-          probe_list=(), diagnosis=False):
+          probe_list=(), diagnosis=False, **options):
     x, y = data if data is not None else blobs()
     model.compile(optimizer=optimizer, loss=loss)
     cb = oi.OptimizationInsightCallback(log_dir, probes=probe_list, diagnosis=diagnosis,
-                                        probe_data=(x[:64], y[:64]) if probe_list else None)
+                                        probe_data=(x[:64], y[:64]) if probe_list else None,
+                                        **options)
     model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, callbacks=[cb])
     return oi.diagnose(log_dir)
 
@@ -64,6 +65,17 @@ def test_dead_layer(tmp_path, capsys):
     assert "100.0 % of its gradients are zero" in dead[0].evidence
     printed = capsys.readouterr().err
     assert printed.count("optinsight: ERROR dead_layer [h0/kernel]") == 1  # once, not per epoch
+
+
+def test_dead_layer_with_thresholds_that_leave_out_1e_7(tmp_path, capsys):
+    """The rule reads the smallest zero band there is, at epoch end as afterwards."""
+    model = mlp(bias_initializer=keras.initializers.Constant(-100.0))
+    findings = train(model, tmp_path, keras.optimizers.Adam(1e-3), diagnosis=True,
+                     thresholds=(1e-5, 1e-3), ema_decay=None)
+    dead = [f for f in findings if f.code == "dead_layer"]
+    assert [(f.layer, f.severity) for f in dead] == [("h0/kernel", "error")]
+    assert "(|g| <= 1e-05)" in dead[0].evidence
+    assert "ERROR dead_layer [h0/kernel]" in capsys.readouterr().err
 
 
 def test_vanishing_gradients_in_a_deep_sigmoid_network(tmp_path):

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from optinsight.diagnose import VARIABLE_KEYS
+from optinsight.diagnose import variable_keys
 from optinsight.logs.background import BackgroundWriter
 from optinsight.logs.guard import WriteGuard
 from optinsight.logs.jsonlog import JsonlWriter, write_json_atomic
@@ -40,7 +40,7 @@ class RunWriter:
         self.step_log = StepLog(
             root, self.names, options.thresholds, options.ema_decay,
             self._tb if options.tensorboard else None, options.update_freq,
-            options.variable_update_freq, VARIABLE_KEYS, self.guard,
+            options.variable_update_freq, variable_keys(options.thresholds), self.guard,
             self._writer("steps.jsonl"))
 
     def path(self, *parts):

@@ -1,0 +1,16 @@
+"""Short names in metric keys (no TensorFlow: the log readers use them too)."""
+
+import math
+
+
+def threshold_tag(threshold):
+    """Short name of a zero-band threshold: `e7` for 1e-7, else e.g. `3e-06`."""
+    exponent = round(-math.log10(threshold))
+    if exponent > 0 and math.isclose(threshold, 10.0**-exponent, rel_tol=1e-12):
+        return f"e{exponent}"
+    return f"{threshold:g}"
+
+
+def ema_suffix(ema_decay):
+    """Key suffix of the moving-average family: `_09avg` for a decay of 0.9."""
+    return "_" + f"{ema_decay:g}".replace(".", "") + "avg"
