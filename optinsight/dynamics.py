@@ -249,23 +249,16 @@ class DynamicsTracker(tf.Module):
         families = 1 if self.ema_decay is None else 2
         n_stats = len(GLOBAL_STATS) + families * len(self.thresholds) * len(BAND_STATS)
 
-        def state(name, shape, dtype=tf.float32):
-            with strategy.scope() if strategy is not None else contextlib.nullcontext():
-                return tf.Variable(
-                    tf.zeros(shape, dtype), trainable=False, name=name,
-                    synchronization=tf.VariableSynchronization.ON_WRITE,
-                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-
+        self._strategy = strategy
+        state = self._state
         self.prev_grad = state("prev_grad", [n_params])
         self.ema_grad = state("ema_grad", [n_params if self.ema_decay is not None else 0])
         self.ema_weight_offset = state(  # ŵ - w, see _step_statistics
             "ema_weight_offset", [n_params if self.ema_decay is not None else 0])
         self.step = state("step", [], tf.int64)
         self.has_prev = state("has_prev", [], tf.bool)
-        self.stats = state("stats", [self.buffer_size, n_vars, n_stats], tf.float64)
-        self.row_step = state("row_step", [self.buffer_size], tf.int64)
-        self.row_loss = state("row_loss", [self.buffer_size], tf.float64)
-        self.row_has_prev = state("row_has_prev", [self.buffer_size], tf.bool)
+        self._n_stats = n_stats
+        self._make_buffer(self.buffer_size)
         bins = max(self.histogram_bins, 1)
         self.hist_counts = state("hist_counts", [2, n_vars, bins], tf.int32)
         self.hist_ranges = state("hist_ranges", [2, n_vars, 2], tf.float64)
@@ -285,11 +278,35 @@ class DynamicsTracker(tf.Module):
             return tf.stack([gc, wc]), tf.stack([gr, wr])
 
         self._statistics = tf.function(statistics, jit_compile=True)
+        self._histograms = tf.function(histograms, jit_compile=True)
+
+    def _state(self, name, shape, dtype=tf.float32):
+        """A state variable, mirrored under the strategy, written by the first replica."""
+        strategy = self._strategy
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            return tf.Variable(
+                tf.zeros(shape, dtype), trainable=False, name=name,
+                synchronization=tf.VariableSynchronization.ON_WRITE,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    def _make_buffer(self, rows):
+        """The statistics ring buffer of `rows` steps (empty)."""
+        self.buffer_size = int(rows)
+        n_vars = len(self.sizes)
+        self.stats = self._state("stats", [rows, n_vars, self._n_stats], tf.float64)
+        self.row_step = self._state("row_step", [rows], tf.int64)
+        self.row_loss = self._state("row_loss", [rows], tf.float64)
+        self.row_has_prev = self._state("row_has_prev", [rows], tf.bool)
         # One call for the four row buffers: each separate read costs a dispatch.
         self._snapshot = tf.function(lambda: (
             self.row_step.read_value(), self.row_loss.read_value(),
             self.row_has_prev.read_value(), self.stats.read_value()))
-        self._histograms = tf.function(histograms, jit_compile=True)
+
+    def ensure_buffer(self, rows):
+        """Grow the ring buffer to at least `rows` steps (call when every row has been
+        read; a step function traced before then writes the old buffer: trace again)."""
+        if rows > self.buffer_size:
+            self._make_buffer(rows)
 
     def read_weights(self):
         """Current values of the tracked variables: float32 tensors, one per variable."""

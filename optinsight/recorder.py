@@ -177,6 +177,13 @@ class InsightRecorder:
         self.writer.epoch_summary(self.summary(), {}, self.step)
         self.writer.close()
 
+    def ensure_steps_per_call(self, steps):
+        """Make room for `steps` train steps between two `batch_end` calls (a model
+        recompiled with a larger steps_per_execution); the step must be traced again."""
+        self.steps_per_call = max(self.steps_per_call, int(steps))
+        if self.tracker is not None:
+            self.tracker.ensure_buffer(READ_EVERY_STEPS + self.steps_per_call)
+
     def _path(self, *parts):
         return os.path.join(self.log_dir, *parts)
 

@@ -185,3 +185,17 @@ def test_a_model_built_on_first_call_is_recorded(tmp_path, kind):
     np.testing.assert_allclose(  # the last step's weight norm is the model's
         run.layer(run.variables[0])["weight_norm"].iloc[-1],
         np.linalg.norm(model.trainable_variables[0].numpy()), rtol=1e-6)
+
+
+def test_a_larger_steps_per_execution_after_recompiling_loses_no_step(tmp_path):
+    """The ring buffer holds 32 + steps_per_execution steps: it grows when a later fit
+    runs more steps per call than the first."""
+    x, y = tiny_data(n=96)
+    model = compiled(tiny_relu_model())
+    cb = oi.OptimizationInsightCallback(tmp_path, histogram_freq=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy",
+                  steps_per_execution=48)
+    model.fit(x, y, batch_size=1, epochs=1, verbose=0, callbacks=[cb])
+    assert cb.recorder.tracker.buffer_size == 32 + 48
+    assert [r["step"] for r in step_records(tmp_path)] == list(range(1, 6 + 96 + 1))
