@@ -210,8 +210,10 @@ class InsightRecorder:
         for g, v in pairs:
             if id(v) not in tracked:
                 raise ValueError(
-                    f"variable {getattr(v, 'path', v.name)!r} is not among the trainable "
-                    f"variables the recorder of {self.model.name!r} records")
+                    f"variable {getattr(v, 'path', v.name)!r} is not among the "
+                    f"{len(tracked)} trainable variables the recorder of "
+                    f"{self.model.name!r} records (made trainable after recording "
+                    "started, as in fine-tuning? record that phase into a new log_dir)")
             grads[tracked[id(v)]] = g
         grads = [tf.zeros(v.shape) if g is None else g
                  for g, v in zip(grads, self.tracker.tracked_variables)]

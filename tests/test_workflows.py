@@ -199,3 +199,18 @@ def test_a_larger_steps_per_execution_after_recompiling_loses_no_step(tmp_path):
     model.fit(x, y, batch_size=1, epochs=1, verbose=0, callbacks=[cb])
     assert cb.recorder.tracker.buffer_size == 32 + 48
     assert [r["step"] for r in step_records(tmp_path)] == list(range(1, 6 + 96 + 1))
+
+
+def test_unfreezing_a_layer_between_fits_is_refused_in_one_line(tmp_path):
+    """Fine-tuning changes the trainable set: refused (never recorded under the
+    wrong variable's name), and the model keeps its own train step."""
+    x, y = tiny_data(n=32)
+    model = tiny_relu_model()
+    model.get_layer("hidden").trainable = False
+    cb = oi.OptimizationInsightCallback(tmp_path)
+    compiled(model).fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    model.get_layer("hidden").trainable = True
+    with pytest.raises(ValueError, match="'hidden/kernel' is not among the 2 trainable"):
+        compiled(model).fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    assert "train_step" not in model.__dict__
+    assert oi.read_log(tmp_path).variables == ["out/kernel", "out/bias"]
