@@ -28,6 +28,9 @@ GLOBAL_STATS = ("grad_sq", "weight_sq", "prev_weight_sq", "wdiff_sq", "nonfinite
 BAND_STATS = (
     "grad1", "grad2", "retained", "flipped", "min", "max", "wdiff_sum", "wdiff_max",
 )
+#: Statistics after the blocks, computed outside the fused kernel: the squared norm of
+#: the gradient before the optimizer clipped it.
+EXTRA_STATS = ("raw_grad_sq",)
 
 
 def _flatten(tensors):
@@ -247,7 +250,8 @@ class DynamicsTracker(tf.Module):
         n_vars, n_params = len(self.sizes), sum(self.sizes)
         self._segments = tf.constant(np.repeat(np.arange(n_vars), self.sizes), tf.int32)
         families = 1 if self.ema_decay is None else 2
-        n_stats = len(GLOBAL_STATS) + families * len(self.thresholds) * len(BAND_STATS)
+        n_stats = (len(GLOBAL_STATS) + families * len(self.thresholds) * len(BAND_STATS)
+                   + len(EXTRA_STATS))
 
         self._strategy = strategy
         state = self._state
@@ -312,7 +316,7 @@ class DynamicsTracker(tf.Module):
         """Current values of the tracked variables: float32 tensors, one per variable."""
         return [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.tracked_variables]
 
-    def update(self, grads, weights_before, loss):
+    def update(self, grads, weights_before, loss, raw_grads=None):
         """Record one step. Call inside the train step after the optimizer update.
 
         Args:
@@ -321,16 +325,24 @@ class DynamicsTracker(tf.Module):
             weights_before: `read_weights()` taken before the optimizer update.
             loss: the batch's scalar loss (under a strategy each replica's share,
                 summed).
+            raw_grads: the gradients before the optimizer clipped them (None: not
+                clipped, the same as `grads`), for raw_grad_norm.
         """
-        grads = [tf.zeros(v.shape) if gr is None  # dense, also from IndexedSlices
-                 else tf.cast(tf.convert_to_tensor(gr), tf.float32)
-                 for gr, v in zip(grads, self.tracked_variables)]
+        def dense(gradients):  # also from IndexedSlices; None as zeros
+            return [tf.zeros(v.shape) if gr is None
+                    else tf.cast(tf.convert_to_tensor(gr), tf.float32)
+                    for gr, v in zip(gradients, self.tracked_variables)]
+
+        grads = dense(grads)
+        raw = None if raw_grads is None else dense(raw_grads)
         replica = tf.distribute.get_replica_context()
         if replica is not None and replica.num_replicas_in_sync > 1:
             # Each replica holds its share of the loss and its gradient; the optimizer
             # applies the sum of the gradients, which is the gradient of the sum.
             grads = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads)
             loss = replica.all_reduce(tf.distribute.ReduceOp.SUM, loss)
+            if raw is not None:
+                raw = replica.all_reduce(tf.distribute.ReduceOp.SUM, raw)
         weights = self.read_weights()
         has_prev = self.has_prev.read_value()
         if self._native is not None:
@@ -349,6 +361,12 @@ class DynamicsTracker(tf.Module):
             self.prev_grad.assign(g)
             self.ema_grad.assign(new_ema_g)
             self.ema_weight_offset.assign(new_ema_w_offset)
+        if raw is None:  # not clipped: the gradient's own squared norm
+            raw_sq = stats[:, :1]
+        else:
+            raw_sq = tf.stack([tf.reduce_sum(tf.square(tf.where(tf.math.is_finite(g), g, 0.0)))
+                               for g in raw])[:, None]
+        stats = tf.concat([stats, tf.cast(raw_sq, tf.float64)], axis=1)
         step = self.step.read_value() + 1
         self.step.assign(step)
         row = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)
@@ -442,7 +460,8 @@ def _keys(tag, suffix):
 
 def metric_names(thresholds, ema_decay):
     """Every per-variable metric key, in output order (whole model adds `train_loss`)."""
-    names = ["grad_norm", "weight_norm", "wdiff", "update_ratio", "nonfinite_grads"]
+    names = ["grad_norm", "raw_grad_norm", "weight_norm", "wdiff", "update_ratio",
+             "nonfinite_grads"]
     suffixes = [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)])
     for suffix in suffixes:
         for threshold in thresholds:
@@ -482,7 +501,8 @@ def metric_table(stats, has_prev, thresholds, ema_decay):
     stats = np.asarray(stats, dtype=np.float64)
     n_global = len(GLOBAL_STATS)
     total = stats.sum(axis=-2)
-    maxima = [n_global + i for i in range(stats.shape[-1] - n_global)
+    n_band_columns = stats.shape[-1] - n_global - len(EXTRA_STATS)
+    maxima = [n_global + i for i in range(n_band_columns)
               if (i % len(BAND_STATS)) == BAND_STATS.index("wdiff_max")]
     total[..., maxima] = stats[..., maxima].max(axis=-2)
     rows = np.concatenate([stats, total[..., None, :]], axis=-2)
@@ -494,6 +514,7 @@ def metric_table(stats, has_prev, thresholds, ema_decay):
 
     columns = {  # key: values [..., n_vars + 1]
         "grad_norm": np.sqrt(grad_sq),
+        "raw_grad_norm": np.sqrt(rows[..., n_global + n_band_columns]),
         "weight_norm": np.sqrt(weight_sq),
         "wdiff": np.sqrt(wdiff_sq),
         # undefined for a variable whose previous weights are all zero

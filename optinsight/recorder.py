@@ -43,7 +43,10 @@ def applied_gradients(optimizer, gradients):
     """What a Keras `optimizer` will apply for `gradients` (call it before
     `apply_gradients`, while the loss scale is the one the gradients carry): loss
     scaling removed, then clipped as the optimizer clips (clipnorm, global_clipnorm,
-    clipvalue). None gradients count as zeros."""
+    clipvalue). None gradients count as zeros.
+
+    Returns (applied, raw): raw the gradients before clipping when the optimizer
+    clips, else None (they are the applied ones)."""
     inner = getattr(optimizer, "inner_optimizer", None)  # keras LossScaleOptimizer
     scale = None
     if inner is not None:
@@ -60,8 +63,8 @@ def applied_gradients(optimizer, gradients):
         out.append(g)
     if getattr(optimizer, "clipnorm", None) or getattr(optimizer, "global_clipnorm", None) \
             or getattr(optimizer, "clipvalue", None):
-        out = list(optimizer._clip_gradients(out))
-    return out
+        return list(optimizer._clip_gradients(out)), out
+    return out, None
 
 
 def _is_chief(strategy):
@@ -217,11 +220,11 @@ class InsightRecorder:
             grads[tracked[id(v)]] = g
         grads = [tf.zeros(v.shape) if g is None else g
                  for g, v in zip(grads, self.tracker.tracked_variables)]
-        applied = applied_gradients(self.optimizer, grads)  # before the scale moves
+        applied, raw = applied_gradients(self.optimizer, grads)  # before the scale moves
         weights_before = self.tracker.read_weights()
         result = self.optimizer.apply_gradients(pairs)
         self.tracker.update(applied, weights_before,
-                            tf.constant(math.nan, tf.float64) if loss is None else loss)
+                            tf.constant(math.nan, tf.float64) if loss is None else loss, raw)
         return result
 
     # --------------------------------------------------------------- batches

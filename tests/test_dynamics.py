@@ -127,7 +127,8 @@ def expected_metrics(run, t, select):
     cat = lambda arrays: np.concatenate([np.ravel(arrays[i]) for i in select])  # noqa: E731
     g, w_prev, w = cat(run["grads"][t]), cat(run["weights"][t]), cat(run["weights"][t + 1])
     out = {
-        "grad_norm": np.linalg.norm(g), "weight_norm": np.linalg.norm(w),
+        "grad_norm": np.linalg.norm(g), "raw_grad_norm": np.linalg.norm(g),  # no clipping
+        "weight_norm": np.linalg.norm(w),
         "wdiff": np.linalg.norm(w - w_prev),
         "update_ratio": (np.linalg.norm(w - w_prev) / np.linalg.norm(w_prev)
                          if np.any(w_prev) else None),

@@ -216,13 +216,24 @@ def test_loss_scaling_is_removed_with_the_scale_the_gradients_carry(tmp_path, gr
 @pytest.mark.parametrize("clip", [{"global_clipnorm": 0.05}, {"clipnorm": 0.02},
                                   {"clipvalue": 0.01}])
 def test_the_clipped_gradient_is_recorded(tmp_path, clip):
-    """With clipping, the recorded gradient is the one SGD applied: Δw = -lr·g."""
+    """With clipping, the recorded gradient is the one SGD applied: Δw = -lr·g; and
+    raw_grad_norm is the norm before clipping, computed here from the weights."""
     x, y = tiny_data(n=32)
     model = tiny_relu_model()
     model.compile(optimizer=keras.optimizers.SGD(0.1, **clip), loss="categorical_crossentropy")
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
-              callbacks=[oi.OptimizationInsightCallback(tmp_path)])
+    reference, cb = tiny_relu_model(), oi.OptimizationInsightCallback(tmp_path)
+    raw = []
+    for i in (0, 16):  # the raw gradients of the two steps, from the weights of each
+        reference.set_weights(model.get_weights())
+        raw.append(_true_gradient_norms(reference, x[i:i + 16], y[i:i + 16])[1])
+        model.fit(x[i:i + 16], y[i:i + 16], batch_size=16, epochs=1, shuffle=False,
+                  verbose=0, callbacks=[cb])
     steps = step_records(tmp_path)
+    for s, norms in zip(steps, raw):
+        for name, norm in zip(s["layers"], norms):
+            assert s["layers"][name]["raw_grad_norm"] == pytest.approx(norm, rel=1e-5)
+        assert s["model"]["raw_grad_norm"] == pytest.approx(np.linalg.norm(norms), rel=1e-5)
+        assert s["model"]["raw_grad_norm"] > s["model"]["grad_norm"]
     for s in steps:
         if "global_clipnorm" in clip:
             assert s["model"]["grad_norm"] == pytest.approx(0.05, rel=1e-5)
