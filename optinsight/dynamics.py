@@ -225,7 +225,8 @@ class DynamicsTracker(tf.Module):
         histogram_freq: steps between gradient/weight histograms; 0 disables.
         histogram_bins: bins per histogram.
         buffer_size: rows of the statistics ring buffer: at least the steps that
-            run between two `read_rows` calls, so that none is overwritten unread.
+            run between two `read_rows` calls, so that none is overwritten unread
+            (`ensure_buffer` grows it, and the histogram ring buffer).
         kernel: "native" (the fused CPU kernel), "xla" (`_step_statistics`, compiled
             with XLA) or "auto": native when it is available and TensorFlow sees no
             GPU, else xla.
@@ -264,9 +265,7 @@ class DynamicsTracker(tf.Module):
         self._n_stats = n_stats
         self._make_buffer(self.buffer_size)
         bins = max(self.histogram_bins, 1)
-        self.hist_counts = state("hist_counts", [2, n_vars, bins], tf.int32)
-        self.hist_ranges = state("hist_ranges", [2, n_vars, 2], tf.float64)
-        self.hist_step = state("hist_step", [], tf.int64)
+        self._make_histogram_buffer(1)
 
         offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         bounds = tuple(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
@@ -306,11 +305,25 @@ class DynamicsTracker(tf.Module):
             self.row_step.read_value(), self.row_loss.read_value(),
             self.row_has_prev.read_value(), self.stats.read_value()))
 
-    def ensure_buffer(self, rows):
-        """Grow the ring buffer to at least `rows` steps (call when every row has been
-        read; a step function traced before then writes the old buffer: trace again)."""
+    def _make_histogram_buffer(self, slots):
+        """The histogram ring buffer: `slots` histogram steps (empty)."""
+        self.histogram_slots = int(slots)
+        shape = [slots, 2, len(self.sizes)]
+        self.hist_counts = self._state("hist_counts", shape + [max(self.histogram_bins, 1)],
+                                       tf.int32)
+        self.hist_ranges = self._state("hist_ranges", shape + [2], tf.float64)
+        self.hist_step = self._state("hist_step", [slots], tf.int64)
+
+    def ensure_buffer(self, rows, steps_per_read=None):
+        """Grow the ring buffers to at least `rows` steps and to the histogram steps of
+        `steps_per_read` steps (call when everything has been read; a step function
+        traced before then writes the old buffers: trace it again)."""
         if rows > self.buffer_size:
             self._make_buffer(rows)
+        if steps_per_read and self.histogram_freq:
+            slots = math.ceil(steps_per_read / self.histogram_freq) + 1
+            if slots > self.histogram_slots:
+                self._make_histogram_buffer(slots)
 
     def read_weights(self):
         """Current values of the tracked variables: float32 tensors, one per variable."""
@@ -376,17 +389,19 @@ class DynamicsTracker(tf.Module):
             buffer.assign(tf.tensor_scatter_nd_update(buffer, [[row]], [value]))
         self.has_prev.assign(True)
         if self.histogram_freq > 0:
-            # Computed only on histogram steps; assigned outside the branch, since an
-            # assignment to mirrored state may not sit inside control flow.
+            # Computed only on histogram steps, into slot (step / freq) mod slots;
+            # assigned outside the branch, since an assignment to mirrored state may
+            # not sit inside control flow.
+            slot = tf.cast(tf.math.floormod(step // self.histogram_freq,
+                                            self.histogram_slots), tf.int32)
             counts, ranges, hist_step = tf.cond(
                 tf.equal(tf.math.floormod(step, self.histogram_freq), 0),
                 lambda: (*self._histograms(self.prev_grad.read_value(), _flatten(weights)),
                          step),
-                lambda: (self.hist_counts.read_value(), self.hist_ranges.read_value(),
-                         self.hist_step.read_value()))
-            self.hist_counts.assign(counts)
-            self.hist_ranges.assign(ranges)
-            self.hist_step.assign(hist_step)
+                lambda: (self.hist_counts[slot], self.hist_ranges[slot], self.hist_step[slot]))
+            for buffer, value in ((self.hist_counts, counts), (self.hist_ranges, ranges),
+                                  (self.hist_step, hist_step)):
+                buffer.assign(tf.tensor_scatter_nd_update(buffer, [[slot]], [value]))
 
     def read_rows(self, after_step):
         """Rows recorded after `after_step`: list of (step, loss, has_prev, stats)."""
@@ -395,11 +410,16 @@ class DynamicsTracker(tf.Module):
         return [(int(steps[i]), float(losses[i]), bool(has_prev[i]), stats[i])
                 for i in order]
 
-    def read_histograms(self):
-        """(step, {"gradients"|"weights": (counts [n_vars, bins], ranges [n_vars, 2])})."""
+    def read_histograms(self, after_step):
+        """Histogram steps after `after_step`, in order: list of (step,
+        {"gradients"|"weights": (counts [n_vars, bins], ranges [n_vars, 2])})."""
+        steps = self.hist_step.numpy()
+        order = [i for i in np.argsort(steps) if steps[i] > after_step]
+        if not order:
+            return []
         counts, ranges = self.hist_counts.numpy(), self.hist_ranges.numpy()
-        return int(self.hist_step.numpy()), {
-            "gradients": (counts[0], ranges[0]), "weights": (counts[1], ranges[1])}
+        return [(int(steps[i]), {"gradients": (counts[i, 0], ranges[i, 0]),
+                                 "weights": (counts[i, 1], ranges[i, 1])}) for i in order]
 
     def last_gradients(self, max_params=None):
         """Last step's gradient per variable, strided to <= max_params entries each:

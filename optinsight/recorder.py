@@ -138,6 +138,7 @@ class InsightRecorder:
             options.histogram_bins, buffer_size=READ_EVERY_STEPS + self.steps_per_call,
             # A custom op cannot run inside an XLA-compiled train step.
             kernel="xla" if self.jit_compile else "auto", strategy=strategy)
+        tracker.ensure_buffer(0, self.steps_per_call)  # histogram steps of one call
         if self.optimizer is not None and not self.optimizer.built:
             with strategy.scope():  # its state exists before the step is traced
                 self.optimizer.build(variables)
@@ -185,7 +186,8 @@ class InsightRecorder:
         recompiled with a larger steps_per_execution); the step must be traced again."""
         self.steps_per_call = max(self.steps_per_call, int(steps))
         if self.tracker is not None:
-            self.tracker.ensure_buffer(READ_EVERY_STEPS + self.steps_per_call)
+            self.tracker.ensure_buffer(READ_EVERY_STEPS + self.steps_per_call,
+                                       self.steps_per_call)
 
     def _path(self, *parts):
         return os.path.join(self.log_dir, *parts)
@@ -267,8 +269,7 @@ class InsightRecorder:
         self.writer.rows(rows, self.epoch, self.epoch_start_step)
 
     def _record_histograms(self):
-        step, histograms = self.tracker.read_histograms()
-        if step > self._histogram_step:
+        for step, histograms in self.tracker.read_histograms(self._histogram_step):
             self._histogram_step = step
             self.writer.histograms(step, self.epoch, histograms)
 

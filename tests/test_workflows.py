@@ -214,3 +214,20 @@ def test_unfreezing_a_layer_between_fits_is_refused_in_one_line(tmp_path):
         compiled(model).fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
     assert "train_step" not in model.__dict__
     assert oi.read_log(tmp_path).variables == ["out/kernel", "out/bias"]
+
+
+def test_every_histogram_step_is_kept_with_steps_per_execution(tmp_path):
+    """steps_per_execution=8, histogram_freq=3: histograms at 3, 6, 9, ... as with one
+    step per execution, and equal to them."""
+    x, y = tiny_data(n=48)
+    runs = {}
+    for per_call in (1, 8):
+        model = tiny_relu_model()
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy",
+                      steps_per_execution=per_call)
+        model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[
+            oi.OptimizationInsightCallback(tmp_path / str(per_call), histogram_freq=3,
+                                           histogram_bins=16)])
+        runs[per_call] = oi.read_log(tmp_path / str(per_call)).histograms()
+    assert [h["step"] for h in runs[8]] == list(range(3, 25, 3))
+    assert runs[8] == runs[1]
