@@ -94,6 +94,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             if recorder.initial_epoch:  # resumed: fit continues after the checkpoint
                 model._initial_epoch = recorder.initial_epoch  # as BackupAndRestore does
         self.recorder.optimizer = model.optimizer  # recompiling may have changed it
+        self.recorder.trainable_changed()  # fine-tuning: layers unfrozen or frozen
         self.recorder.ensure_steps_per_call(self._steps_per_call(model))
         self._install(model)
         self._fit = model.history  # the History of this fit (a new one per fit)

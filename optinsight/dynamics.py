@@ -510,7 +510,8 @@ def metric_table(stats, has_prev, thresholds, ema_decay):
 
     Args:
         stats: float64 [..., n_vars, n_stats] from `DynamicsTracker` (any leading
-            dimensions, e.g. one per step).
+            dimensions, e.g. one per step); an all-NaN row is a variable that was not
+            trained at that step: its metrics are NaN and the whole model leaves it out.
         has_prev: bool [...]: whether a previous step exists (False on a run's first
             step: metrics that need g_{t-1} are undefined).
     Returns:
@@ -520,11 +521,12 @@ def metric_table(stats, has_prev, thresholds, ema_decay):
     """
     stats = np.asarray(stats, dtype=np.float64)
     n_global = len(GLOBAL_STATS)
-    total = stats.sum(axis=-2)
+    absent = np.isnan(stats[..., 0])  # variables not trained at a step: NaN rows
+    total = np.nansum(stats, axis=-2)
     n_band_columns = stats.shape[-1] - n_global - len(EXTRA_STATS)
     maxima = [n_global + i for i in range(n_band_columns)
               if (i % len(BAND_STATS)) == BAND_STATS.index("wdiff_max")]
-    total[..., maxima] = stats[..., maxima].max(axis=-2)
+    total[..., maxima] = np.fmax.reduce(stats[..., maxima], axis=-2)
     rows = np.concatenate([stats, total[..., None, :]], axis=-2)
     grad_sq, weight_sq, prev_sq, wdiff_sq, nonfinite = (rows[..., i] for i in range(n_global))
     first = np.asarray(has_prev, bool)[..., None]  # False: all but grad2 need step t-1
@@ -562,6 +564,7 @@ def metric_table(stats, has_prev, thresholds, ema_decay):
             columns[keys["wdiff_max"]] = defined(s["wdiff_max"])
     table = np.stack([columns[k] for k in metric_names(thresholds, ema_decay)], axis=-1)
     table[~np.isfinite(table)] = np.nan
+    table[..., :-1, :][absent] = np.nan
     return table
 
 

@@ -96,7 +96,9 @@ class InsightRecorder:
         self.options = InsightOptions.of(options)
         self.model, self.optimizer = model, optimizer
         self.jit_compile, self.steps_per_call = bool(jit_compile), int(steps_per_call)
-        self.tracker = None
+        self.tracker = None  # of the variables trained now
+        self.names, self.sizes = [], {}  # every variable the run has trained, in order
+        self.variable_changes = []  # [{"step", "added", "removed"}]: trainable_changed
         self.writer = None  # RunWriter of the chief; None on other workers
         self.history = None
         self.step = 0  # steps trained
@@ -133,15 +135,7 @@ class InsightRecorder:
         elif options.resume:
             raise ValueError("resume=True is not supported under a multi-worker "
                              "strategy: the checkpoint is on the chief only")
-        tracker = DynamicsTracker(
-            variables, options.thresholds, options.ema_decay, options.histogram_freq,
-            options.histogram_bins, buffer_size=READ_EVERY_STEPS + self.steps_per_call,
-            # A custom op cannot run inside an XLA-compiled train step.
-            kernel="xla" if self.jit_compile else "auto", strategy=strategy)
-        tracker.ensure_buffer(0, self.steps_per_call)  # histogram steps of one call
-        if self.optimizer is not None and not self.optimizer.built:
-            with strategy.scope():  # its state exists before the step is traced
-                self.optimizer.build(variables)
+        tracker = self._new_tracker(variables, strategy)
         # The checkpoint first: it names the variables as the run's logs do.
         checkpoint = load_checkpoint(self._path("checkpoint"), model, self.optimizer,
                                      tracker) if options.resume else None
@@ -149,10 +143,19 @@ class InsightRecorder:
             raise ValueError(
                 f"log_dir {self.log_dir!r} holds a run but no checkpoint to resume "
                 "from (checkpoint_freq was 0 or it stopped in its first epoch)")
+        self.names, self.sizes = list(tracker.names), dict(zip(tracker.names, tracker.sizes))
+        self.variable_changes = []
+        if checkpoint is not None and os.path.exists(self._path("insight.json")):
+            meta = read_json(self._path("insight.json"))["meta"]
+            self.sizes.update(zip(meta["variables"], meta["variable_sizes"]))
+            self.names = meta["variables"] + [n for n in self.names
+                                              if n not in meta["variables"]]
+            self.variable_changes = [c for c in meta.get("variable_changes", [])
+                                     if c["step"] <= checkpoint["step"]]
         keys = metric_names(options.thresholds, options.ema_decay)
-        self.history = RunHistory(tracker.names, keys, keys + ["train_loss"])
+        self.history = RunHistory(self.names, keys, keys + ["train_loss"])
         if chief:
-            self.writer = RunWriter(self.log_dir, tracker.names, options)
+            self.writer = RunWriter(self.log_dir, self.names, options)
         self.tracker = tracker
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -162,6 +165,50 @@ class InsightRecorder:
         if self.step == 0:
             for probe in options.probes:  # the starting point: step 0
                 self._run_probe(probe)
+
+    def _new_tracker(self, variables, strategy):
+        """A DynamicsTracker of `variables`, its step counter at the run's; the
+        optimizer built for them if it is not yet."""
+        options = self.options
+        tracker = DynamicsTracker(
+            variables, options.thresholds, options.ema_decay, options.histogram_freq,
+            options.histogram_bins, buffer_size=READ_EVERY_STEPS + self.steps_per_call,
+            # A custom op cannot run inside an XLA-compiled train step.
+            kernel="xla" if self.jit_compile else "auto", strategy=strategy)
+        tracker.ensure_buffer(0, self.steps_per_call)  # histogram steps of one call
+        tracker.step.assign(self.step)
+        if self.optimizer is not None and not self.optimizer.built:
+            with strategy.scope():  # its state exists before the step is traced
+                self.optimizer.build(variables)
+        return tracker
+
+    def trainable_changed(self):
+        """Record the model's trainable variables as they are now (fine-tuning: layers
+        unfrozen or frozen). Call between steps, outside the compiled step, and trace
+        the step again. Variables that stop training have null rows from the next step
+        on; new ones have null rows before it; `meta.variable_changes` in insight.json
+        lists each change. The first step after it has no previous gradient: its
+        metrics that compare with step t-1 are null, as at a run's first step."""
+        old = self.tracker
+        variables = list(self.model.trainable_variables)
+        if old is None or tuple(map(id, variables)) == tuple(map(id, old.tracked_variables)):
+            return
+        if self.writer is not None:
+            self._read_rows()
+        strategy = getattr(self.model, "distribute_strategy", None) \
+            or tf.distribute.get_strategy()
+        tracker = self._new_tracker(variables, strategy)
+        added = [n for n in tracker.names if n not in old.names]
+        removed = [n for n in old.names if n not in tracker.names]
+        self.variable_changes.append({"step": self.step, "added": added, "removed": removed})
+        new = [n for n in added if n not in self.names]
+        self.names += new
+        self.sizes.update(zip(tracker.names, tracker.sizes))
+        if self.writer is not None and new:
+            self.writer.add_variables(new)
+        if new:
+            self.history.add_variables(new)
+        self.tracker = tracker
 
     def __enter__(self):
         return self
@@ -217,8 +264,9 @@ class InsightRecorder:
                 raise ValueError(
                     f"variable {getattr(v, 'path', v.name)!r} is not among the "
                     f"{len(tracked)} trainable variables the recorder of "
-                    f"{self.model.name!r} records (made trainable after recording "
-                    "started, as in fine-tuning? record that phase into a new log_dir)")
+                    f"{self.model.name!r} records now (made trainable after recording "
+                    "started, as in fine-tuning? call recorder.trainable_changed() "
+                    "before the next step, and trace the step again)")
             grads[tracked[id(v)]] = g
         grads = [tf.zeros(v.shape) if g is None else g
                  for g, v in zip(grads, self.tracker.tracked_variables)]
@@ -266,12 +314,20 @@ class InsightRecorder:
                   f"recorded: more than {self.tracker.buffer_size} steps ran between two "
                   "batch_end calls (raise steps_per_call)", file=sys.stderr)
         self._read = rows[-1][0]
+        if list(self.tracker.names) != self.names:  # the run's variables in the run's order
+            slots = [self.names.index(n) for n in self.tracker.names]
+            expanded = []
+            for step, loss, has_prev, stats in rows:
+                full = np.full((len(self.names), stats.shape[1]), np.nan)
+                full[slots] = stats
+                expanded.append((step, loss, has_prev, full))
+            rows = expanded
         self.writer.rows(rows, self.epoch, self.epoch_start_step)
 
     def _record_histograms(self):
         for step, histograms in self.tracker.read_histograms(self._histogram_step):
             self._histogram_step = step
-            self.writer.histograms(step, self.epoch, histograms)
+            self.writer.histograms(step, self.epoch, histograms, self.tracker.names)
 
     def _record_sign_map(self, label):
         self.writer.sign_map(label, self.step, self.epoch, self.tracker.last_gradients(
@@ -328,10 +384,12 @@ class InsightRecorder:
 
     def summary(self):
         """The insight.json document (docs/logs.md) of the finished epochs."""
-        options, tracker = self.options, self.tracker
+        options = self.options
         return self.history.document({
             "thresholds": list(options.thresholds), "ema_decay": options.ema_decay,
-            "variables": list(tracker.names), "variable_sizes": list(tracker.sizes),
+            "variables": list(self.names),
+            "variable_sizes": [self.sizes[n] for n in self.names],
+            "variable_changes": self.variable_changes,
             "steps": self.step, "histogram_freq": options.histogram_freq,
             "histogram_bins": options.histogram_bins, "sign_map_freq": options.sign_map_freq,
             "update_freq": options.update_freq,
@@ -379,5 +437,5 @@ class InsightRecorder:
             self.history.load(read_json(self._path("insight.json")), self.epoch, self.step)
         thinned = self.writer.step_log.history  # refilled from layers/, part by part
         for path in part_paths(self._path("layers")):
-            steps, values = part_matrix(path, thinned.keys, self.tracker.names)
+            steps, values = part_matrix(path, thinned.keys, self.names)
             thinned.append(steps, values)

@@ -201,33 +201,58 @@ def test_a_larger_steps_per_execution_after_recompiling_loses_no_step(tmp_path):
     assert [r["step"] for r in step_records(tmp_path)] == list(range(1, 6 + 96 + 1))
 
 
-def test_unfreezing_a_layer_between_fits_is_refused_in_one_line(tmp_path):
-    """Fine-tuning changes the trainable set: refused (never recorded under the
-    wrong variable's name), and the model keeps its own train step."""
+def test_fine_tuning_records_the_variables_each_fit_trains(tmp_path):
+    """Frozen hidden layer, then unfrozen (recompiled), then frozen again: each fit
+    records the variables it trains, under their own names (Δw = -lr·g for each, so a
+    gradient logged under another variable's name would show), the others null; the
+    whole model sums what trained; meta.variable_changes lists the changes."""
+    x, y = tiny_data(n=32)
+    model = tiny_relu_model()
+    hidden = model.get_layer("hidden")
+    cb = oi.OptimizationInsightCallback(tmp_path, histogram_freq=1)
+    for trainable in (False, True, False):
+        hidden.trainable = trainable
+        compiled(model).fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                            callbacks=[cb])
+    run = oi.read_log(tmp_path)
+    assert run.variables == ["out/kernel", "out/bias", "hidden/kernel", "hidden/bias"]
+    assert run.summary["meta"]["variable_changes"] == [
+        {"step": 2, "added": ["hidden/kernel", "hidden/bias"], "removed": []},
+        {"step": 4, "added": [], "removed": ["hidden/kernel", "hidden/bias"]}]
+    records = step_records(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for record in records:
+        trained = ["out/kernel", "out/bias"] + (
+            ["hidden/kernel", "hidden/bias"] if record["step"] in (3, 4) else [])
+        for name, layer in record["layers"].items():
+            if name in trained:
+                assert layer["wdiff"] == pytest.approx(0.1 * layer["grad_norm"], rel=1e-4)
+            else:
+                assert set(layer.values()) == {None}, (record["step"], name)
+        assert record["model"]["grad_norm"] == pytest.approx(np.sqrt(sum(
+            record["layers"][n]["grad_norm"] ** 2 for n in trained)), rel=1e-6)
+    assert records[2]["model"]["no_zero_e7_grad_retained"] is None  # no g_{t-1} yet
+    assert records[3]["model"]["no_zero_e7_grad_retained"] is not None
+    hidden_means = run.summary["layers"]["hidden/kernel"]["epoch_wise"]["grad_norm"]
+    assert hidden_means[0] is None and hidden_means[1] > 0 and hidden_means[2] is None
+    assert [sorted(h["gradients"]) for h in run.histograms()][1:4] == [
+        ["out/bias", "out/kernel"], ["hidden/bias", "hidden/kernel", "out/bias", "out/kernel"],
+        ["hidden/bias", "hidden/kernel", "out/bias", "out/kernel"]]
+    assert "train_step" not in model.__dict__
+
+
+def test_resume_after_fine_tuning_continues_the_run(tmp_path):
     x, y = tiny_data(n=32)
     model = tiny_relu_model()
     model.get_layer("hidden").trainable = False
     cb = oi.OptimizationInsightCallback(tmp_path)
     compiled(model).fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
     model.get_layer("hidden").trainable = True
-    with pytest.raises(ValueError, match="'hidden/kernel' is not among the 2 trainable"):
-        compiled(model).fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
-    assert "train_step" not in model.__dict__
-    assert oi.read_log(tmp_path).variables == ["out/kernel", "out/bias"]
-
-
-def test_every_histogram_step_is_kept_with_steps_per_execution(tmp_path):
-    """steps_per_execution=8, histogram_freq=3: histograms at 3, 6, 9, ... as with one
-    step per execution, and equal to them."""
-    x, y = tiny_data(n=48)
-    runs = {}
-    for per_call in (1, 8):
-        model = tiny_relu_model()
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy",
-                      steps_per_execution=per_call)
-        model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[
-            oi.OptimizationInsightCallback(tmp_path / str(per_call), histogram_freq=3,
-                                           histogram_bins=16)])
-        runs[per_call] = oi.read_log(tmp_path / str(per_call)).histograms()
-    assert [h["step"] for h in runs[8]] == list(range(3, 25, 3))
-    assert runs[8] == runs[1]
+    compiled(model).fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    again = tiny_relu_model()
+    compiled(again).fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[
+        oi.OptimizationInsightCallback(tmp_path, resume=True)])
+    run = oi.read_log(tmp_path)
+    assert run.variables == ["out/kernel", "out/bias", "hidden/kernel", "hidden/bias"]
+    assert run.layer("hidden/kernel")["grad_norm"].notna().tolist() == [False] * 2 + [True] * 4
+    assert len(run.summary["meta"]["variable_changes"]) == 1

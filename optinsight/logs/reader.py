@@ -127,10 +127,15 @@ class Run:
 
     def layer(self, variable):
         """Every step's metrics of one variable: `step`, `epoch`, `batch` and the keys
-        (read from layers/ on demand; nulls are NaN)."""
+        (read from layers/ on demand; nulls are NaN, also at steps where the variable
+        was not trained: before it was added, see meta.variable_changes)."""
         if variable not in self.variables:
             raise KeyError(f"no variable {variable!r} in this run; it has {self.variables}")
-        return self.variable_data.layer(variable)
+        frame = self.variable_data.layer(variable)
+        if "epoch" in frame and len(frame) < len(self.steps):  # added after step 1
+            frame = self.steps[list(_INDEX)].merge(
+                frame.drop(columns=["epoch", "batch"]), on="step", how="left")
+        return frame
 
     def key(self, key):
         """One key for every variable: a `step` column and one column per variable

@@ -84,18 +84,27 @@ class RunWriter:
         first step is epoch_start + 1."""
         self._submit(self.step_log.write, rows, epoch, epoch_start)
 
-    def histograms(self, step, epoch, histograms):
-        """A histogram step ({"gradients"|"weights": (counts, ranges)})."""
-        self._submit(self._write_histograms, step, epoch, histograms)
+    def histograms(self, step, epoch, histograms, names):
+        """A histogram step ({"gradients"|"weights": (counts, ranges)}) of the
+        variables `names` (those trained at that step)."""
+        self._submit(self._write_histograms, step, epoch, histograms, names)
 
-    def _write_histograms(self, step, epoch, histograms):
+    def _write_histograms(self, step, epoch, histograms, names):
         self._write("histograms/", self._histogram_store.write,
-                    histogram_table(step, epoch, histograms, self.names), epoch)
+                    histogram_table(step, epoch, histograms, names), epoch)
         if self.options.tensorboard:
             self._write("tensorboard/", self._tb.histograms, {
                 f"{kind}/{name}": (counts[i], ranges[i, 0], ranges[i, 1])
                 for kind, (counts, ranges) in histograms.items()
-                for i, name in enumerate(self.names)}, step)
+                for i, name in enumerate(names)}, step)
+
+    def add_variables(self, names):
+        """Variables trained from now on that were not before (see
+        `StepLog.add_variables`); histograms/ starts a new part too."""
+        self.flush()
+        self.names += tuple(names)
+        self.step_log.add_variables(names)
+        self._write("histograms/", self._histogram_store.close)
 
     def sign_map(self, label, step, epoch, gradients):
         """signs/<label>.npz of {name: (strided gradient, stride)}, and TensorBoard

@@ -68,6 +68,12 @@ class ThinnedHistory:
         self.values = np.zeros((0, n_vars, len(self.keys)), np.float32)
         self._stride, self._seen = 1, 0
 
+    def add_variables(self, count):
+        """`count` more variables, NaN at the steps held so far."""
+        self.values = np.concatenate(
+            [self.values, np.full(self.values.shape[:1] + (count,) + self.values.shape[2:],
+                                  np.nan, np.float32)], axis=1)
+
     def append(self, steps, values):
         """Offer steps [s] with values [s, n_vars, len(keys)]."""
         index = self._seen + np.arange(len(steps))
@@ -111,6 +117,16 @@ class StepLog:
         self.history = ThinnedHistory([self.keys[i] for i in self._history_columns],
                                       len(self.names))
         self._new_epoch()
+
+    def add_variables(self, names):
+        """Variables trained from now on that were not before (their rows were null):
+        every later row has them. The stores start new parts, whose dictionaries name
+        them."""
+        self.close()
+        self.names += tuple(names)
+        pad = np.zeros((len(names), len(self.keys)))
+        self._sum, self._count = np.vstack([self._sum, pad]), np.vstack([self._count, pad])
+        self.history.add_variables(len(names))
 
     def _new_epoch(self):
         self._steps, self._model = [], []

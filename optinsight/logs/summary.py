@@ -54,6 +54,10 @@ class RunHistory:
         for key, value in values.items():
             self.epoch_wise[key].append(None if value is None else float(value))
 
+    def add_variables(self, names):
+        """Variables recorded from now on (null in the epochs before)."""
+        self.names += tuple(names)
+
     def add_probe(self, name, step, scalars):
         history = self.probes.setdefault(name, {"step": []})
         history["step"].append(step)
@@ -70,7 +74,11 @@ class RunHistory:
                 lists.setdefault(key, JsonList()).append(model[:, i].tolist())
             for v, name in enumerate(self.names):
                 for i, key in enumerate(self.keys):
-                    lists.setdefault((name, key), JsonList()).append(means[v, i])
+                    if (name, key) not in lists:  # a variable added in epoch e
+                        lists[(name, key)] = JsonList()
+                        for _ in range(e):
+                            lists[(name, key)].append(None)
+                    lists[(name, key)].append(means[v, i] if v < len(means) else None)
         self._json_epochs = len(self.model)
         empty = JsonFragment([])
         batch_wise = {k: lists[k].fragment() if k in lists else empty
