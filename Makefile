@@ -13,7 +13,24 @@ CXX_COMPILER := /usr/bin/g++
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 EPOCHS ?= 10
 
-.PHONY: run test setup data lint
+# The oldest supported TensorFlow and Keras (optinsight/compat.py, setup.cfg): `make
+# test` also runs a fast subset of the tests on them, in a second environment.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PY := $(OLDEST_VENV)/bin/python
+OLDEST_PINS := tensorflow==2.16.2 keras==3.3.3
+OLDEST_INSTALLED := $(OLDEST_VENV)/.installed
+OLDEST_TESTS := tests/test_dynamics.py tests/test_native.py \
+	tests/test_callback.py::test_plain_sequential_is_instrumented_and_restored \
+	tests/test_callback.py::test_resume_continues_steps_epochs_and_state \
+	tests/test_recorder.py::test_custom_loop_records_what_fit_records \
+	tests/test_recorder.py::test_the_clipped_gradient_is_recorded \
+	tests/test_workflows.py::test_loss_scale_growing_every_step_in_fit \
+	tests/test_workflows.py::test_fine_tuning_records_the_variables_each_fit_trains \
+	tests/test_probes.py::test_gradient_covariance_and_noise_scale \
+	tests/test_hessian.py::test_hvp_matches_dense tests/test_hessian.py::test_lanczos_top_eigenvalues \
+	tests/test_compat.py
+
+.PHONY: run test test-newest test-oldest setup data lint
 
 setup: $(INSTALLED)
 
@@ -22,6 +39,13 @@ $(INSTALLED): setup.cfg pyproject.toml optinsight/native/step_statistics.cc | $(
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m optinsight.native  # compile the fused kernel now, not in the first fit
+	touch $@
+
+$(OLDEST_INSTALLED): setup.cfg pyproject.toml optinsight/native/step_statistics.cc | $(CXX_COMPILER)
+	[ -x $(OLDEST_PY) ] || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_PY) -m pip install -q --upgrade pip
+	$(OLDEST_PY) -m pip install -q -e ".[test]" $(OLDEST_PINS)
+	$(OLDEST_PY) -m optinsight.native
 	touch $@
 
 data: $(FASHION_MNIST)
@@ -41,9 +65,15 @@ $(CHROMIUM):
 run: $(INSTALLED) $(FASHION_MNIST)
 	$(PY) main.py --dataset fashion-mnist --epochs $(EPOCHS)
 
-test: $(INSTALLED) $(FASHION_MNIST) $(CHROMIUM)
+test: test-newest test-oldest
+
+test-newest: $(INSTALLED) $(FASHION_MNIST) $(CHROMIUM)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+test-oldest: $(OLDEST_INSTALLED)
+	$(OLDEST_PY) -c "import tensorflow as tf, keras; print('oldest supported:', tf.__version__, keras.__version__)"
+	$(OLDEST_PY) -m pytest -p no:cacheprovider $(OLDEST_TESTS)
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check .

@@ -6,9 +6,14 @@ The public API is re-exported here and imported on first use, so that the
 
 import importlib
 
+from optinsight.compat import check_versions
+
 # Imported now: the function `diagnose` shares its name with its module, and binding
 # it here keeps the function, not the module, as `optinsight.diagnose`.
 from optinsight.diagnose import Finding, diagnose
+
+# An unsupported TensorFlow or Keras: one line naming them and the supported range.
+check_versions()
 
 __version__ = "0.1.0"
 

@@ -11,6 +11,7 @@ import functools
 
 import keras
 
+from optinsight import compat
 from optinsight.model import InsightModel, insight_train_step
 from optinsight.options import InsightOptions, validate_log_dir
 from optinsight.recorder import InsightRecorder
@@ -92,7 +93,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                                  "(an Input first, or model.build(input_shape))")
             self.recorder = recorder
             if recorder.initial_epoch:  # resumed: fit continues after the checkpoint
-                model._initial_epoch = recorder.initial_epoch  # as BackupAndRestore does
+                compat.set_initial_epoch(model, recorder.initial_epoch)
         self.recorder.optimizer = model.optimizer  # recompiling may have changed it
         self.recorder.trainable_changed()  # fine-tuning: layers unfrozen or frozen
         self.recorder.ensure_steps_per_call(self._steps_per_call(model))

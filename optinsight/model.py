@@ -8,8 +8,8 @@ which applies and records the step. The callback installs it on any Keras model;
 
 import keras
 import tensorflow as tf
-from keras.src import tree
-from keras.src.losses import loss as loss_module
+
+from optinsight import compat
 
 
 def insight_train_step(model, data, recorder):
@@ -20,15 +20,14 @@ def insight_train_step(model, data, recorder):
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     with tf.GradientTape() as tape:
-        if model._call_has_training_arg:
+        if compat.call_has_training_arg(model):
             y_pred = model(x, training=True)
         else:
             y_pred = model(x)
-        loss = model._compute_loss(  # this replica's share of the loss
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-        model._loss_tracker.update_state(
-            loss_module.unscale_loss_for_distribution(loss),
-            sample_weight=tf.shape(next(i for i in tree.flatten(x) if i is not None))[0],
+        loss, batch_loss = compat.train_loss(model, x, y, y_pred, sample_weight)
+        compat.loss_metric(model).update_state(
+            batch_loss,
+            sample_weight=tf.shape(next(i for i in tf.nest.flatten(x) if i is not None))[0],
         )
         scaled_loss = model.optimizer.scale_loss(loss)
     variables = model.trainable_weights

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from optinsight import compat
 from optinsight.checkpoint import load_checkpoint, save_checkpoint
 from optinsight.diagnose import diagnose_run
 from optinsight.dynamics import DynamicsTracker, metric_names
@@ -63,7 +64,7 @@ def applied_gradients(optimizer, gradients):
         out.append(g)
     if getattr(optimizer, "clipnorm", None) or getattr(optimizer, "global_clipnorm", None) \
             or getattr(optimizer, "clipvalue", None):
-        return list(optimizer._clip_gradients(out)), out
+        return compat.clip_gradients(optimizer, out), out
     return out, None
 
 

@@ -15,6 +15,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from optinsight import compat
+
 _PER_EXAMPLE = weakref.WeakKeyDictionary()  # model -> {key: tf.function}
 _EXTRACTORS = weakref.WeakKeyDictionary()  # model -> {layer names: keras.Model}
 
@@ -47,7 +49,7 @@ def loss_function(model, loss=None):
 
         def compiled(x, y, training):
             y_pred = model(x, training=training)
-            return model.compute_loss(x=x, y=y, y_pred=y_pred, training=training)
+            return compat.compute_loss(model, x, y, y_pred, training)
         return compiled
 
     def given(x, y, training):
