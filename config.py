@@ -60,6 +60,7 @@ class TrainConfig:
     resume: bool = False
     checkpoint_every: int = 1
     strategy: str = "none"  # tf.distribute: none, mirrored (local devices), multiworker
+    verbose: bool = False  # show TensorFlow's start-up lines (CUDA probing, CPU notices)
 
     def __post_init__(self):
         _positive_int("epochs", self.epochs)
@@ -175,6 +176,8 @@ def build_parser():
                    help=f"tf.distribute strategy, one of {STRATEGIES} (multiworker reads "
                    "TF_CONFIG and trains in a custom loop with InsightRecorder; only the "
                    "chief writes logs)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show TensorFlow's start-up lines (CUDA probing, CPU notices)")
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every,
                    help="epochs between checkpoints (0: none)")
     p.add_argument("--thresholds", type=_number_list, default=i.thresholds,
@@ -200,7 +203,7 @@ def parse_args(argv=None):
     return Config(
         data=DataConfig(a.dataset, a.data_dir, a.batch_size, a.validation_split, a.limit),
         train=TrainConfig(a.epochs, a.lr, a.seed, a.log_dir, a.resume, a.checkpoint_every,
-                          a.strategy),
+                          a.strategy, a.verbose),
         insight=InsightConfig(a.thresholds, a.ema_decay, a.histogram_freq, a.histogram_bins,
                               a.sign_map_freq, a.update_freq, a.variable_update_freq, a.probes,
                               a.probe_examples),

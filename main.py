@@ -66,6 +66,20 @@ def distribution_strategy(name):
     return tf.distribute.get_strategy()
 
 
+def start_tensorflow(strategy_name, verbose=False):
+    """Import TensorFlow, make the --strategy strategy (MultiWorkerMirroredStrategy must
+    exist before TensorFlow runs any op) and start the runtime; TensorFlow's start-up
+    lines are hidden unless `verbose`. Returns the strategy."""
+    from optinsight.quiet import start_up_lines_hidden
+
+    with start_up_lines_hidden(not verbose):
+        import tensorflow as tf
+
+        strategy = distribution_strategy(strategy_name)
+        tf.zeros(())  # the runtime starts here (and probes for CUDA)
+    return strategy
+
+
 def probe_batch(dataset, n):
     """The first n examples of a batched (x, y) dataset, as numpy arrays."""
     x, y = next(iter(dataset.unbatch().batch(n)))
@@ -79,8 +93,7 @@ def run(config):
 
     import optinsight as oi
 
-    # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs any op.
-    strategy = distribution_strategy(config.train.strategy)
+    strategy = start_tensorflow(config.train.strategy, config.train.verbose)
     (x_train, y_train), _ = load_dataset(config.data.dataset, config.data.data_dir)
     if config.data.limit:
         x_train, y_train = x_train[: config.data.limit], y_train[: config.data.limit]

@@ -84,6 +84,12 @@ def clip_gradients(optimizer, gradients):
     return list(optimizer._clip_gradients(gradients))
 
 
+def optimizer_slot(optimizer, slot, variable):
+    """An optimizer's state for `variable`, e.g. slot "velocities" of Adam (every Keras
+    3: the optimizer's `_<slot>` list and `_get_variable_index`)."""
+    return getattr(optimizer, f"_{slot}")[optimizer._get_variable_index(variable)]
+
+
 def set_initial_epoch(model, epoch):
     """Make the running `fit` start at `epoch` (every Keras 3: Trainer._initial_epoch,
     as keras.callbacks.BackupAndRestore sets it)."""

@@ -1,4 +1,4 @@
-"""Rules over a run's logs that name what is wrong, in plain words (DESIGN.md section 6).
+"""Rules over a run's logs that name what is wrong, in plain words (README, "Diagnosis").
 
 `diagnose(log_dir)` (or `diagnose_run(run)`) returns a list of `Finding`s. Each rule
 reads the recorded metrics only; its thresholds are the module constants below,
@@ -20,8 +20,8 @@ LATE_FRACTION = 0.25
 #: (a healthy run's loss falls; noise alone does not raise a median by half).
 DIVERGENCE_FACTOR = 1.5
 #: lr·λmax above this: plain gradient descent is unstable along the sharpest
-#: direction (a step overshoots when lr > 2/λmax). Adaptive optimisers rescale
-#: steps, so for them this is a warning, not a verdict.
+#: direction (a step overshoots when lr > 2/λmax). Used for logs written before the
+#: Hessian probe wrote each optimizer's own stability_ratio (warning when above 1).
 EDGE_OF_STABILITY = 2.0
 #: Late over early median gradient norm at or above this: exploding gradients
 #: (a hundredfold growth is far beyond the drift of a converging run).
@@ -121,7 +121,19 @@ def _learning_rate(run):
             f"the loss diverged: median {early.median():.4g} over the first steps, "
             f"{late.median():.4g} over the last",
             "Lower the learning rate (try 10x smaller) or add warm-up"))
-    if not run.probes.empty and "lr_times_lambda_max" in run.probes:
+    if not run.probes.empty and "stability_ratio" in run.probes:
+        over = run.probes[run.probes["stability_ratio"] > 1]
+        if not over.empty:
+            row = over.iloc[-1]
+            findings.append(Finding(
+                "lr_too_high", "warning", None, int(row["step"]),
+                f"the optimizer's sharpness {row['sharpness']:.4g} is "
+                f"{row['stability_ratio']:.3g}x its stability limit "
+                f"{row['stability_limit']:.4g}: its steps overshoot along the sharpest "
+                "direction", "Lower the learning rate below limit-to-sharpness times "
+                "the current one, or add warm-up; if the loss still falls, training is "
+                "at the edge of stability, which can be benign"))
+    elif not run.probes.empty and "lr_times_lambda_max" in run.probes:  # older logs
         over = run.probes[run.probes["lr_times_lambda_max"] > EDGE_OF_STABILITY]
         if not over.empty:
             row = over.iloc[-1]

@@ -1,4 +1,4 @@
-"""In-graph per-batch optimization dynamics (DESIGN.md section 3).
+"""In-graph per-batch optimization dynamics (README, "What each metric means").
 
 `DynamicsTracker` owns the device-side state of one training run: the previous
 gradient, the moving averages of gradient and weights, and a small ring buffer of
@@ -8,7 +8,7 @@ compiled train step, `DynamicsTracker.update` reduces a step's gradients and wei
 the CPU with the fused kernel of `optinsight.native` (one pass over the parameters),
 elsewhere with `_step_statistics` under XLA (all trainable variables flattened into
 one float32 vector). On the host,
-`summarize` turns one such matrix into the named metrics of DESIGN section 3, per
+`summarize` turns one such matrix into the named metrics of the README, per
 variable and for the whole model. Nothing of size O(parameters) leaves the device
 per step, and memory is constant in the number of steps.
 """

@@ -413,7 +413,9 @@ class InsightRecorder:
             return
         scalars, arrays = {}, {}
         for key, value in result.items():
-            if np.ndim(value) == 0:
+            if value is None:  # undefined (e.g. no stability limit): written as null
+                scalars[key] = math.nan
+            elif np.ndim(value) == 0:
                 scalars[key] = float(value)
             else:
                 arrays[key] = np.asarray(value)

@@ -51,9 +51,9 @@ def test_learning_rate_far_too_high(tmp_path):
     findings = train(mlp(), tmp_path, keras.optimizers.SGD(40.0), data=(x, y * 1.0),
                      probe_list=[probes.HessianProbe(every=4, per_layer=False)])
     assert ("lr_too_high", "error") in codes(findings) or ("nonfinite", "error") in codes(findings)
-    assert ("lr_too_high", "warning") in codes(findings)  # lr·λmax > 2
+    assert ("lr_too_high", "warning") in codes(findings)  # SGD: lr·λmax > 2
     edge = [f for f in findings if f.code == "lr_too_high" and f.severity == "warning"][0]
-    assert "lr·λmax" in edge.evidence
+    assert "its stability limit" in edge.evidence
 
 
 def test_dead_layer(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Every per-batch metric of DESIGN.md section 3 against an independent numpy computation.
+"""Every per-batch metric (README, "What each metric means") against numpy.
 
 The test records the weights before and after every batch itself, recomputes each
 batch's gradient eagerly with its own GradientTape, and derives every key in plain

@@ -177,3 +177,80 @@ def test_hessian_probe(setup):
     block = dense_hessian(model, x, y, model.get_layer("h").trainable_variables)
     assert out["lambda_max/h"] == pytest.approx(np.linalg.eigvalsh(block).max(), rel=1e-4)
     assert out["density"].shape == out["density_grid"].shape
+
+
+OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(0.3),
+    "momentum": lambda: keras.optimizers.SGD(0.3, momentum=0.9),
+    "nesterov": lambda: keras.optimizers.SGD(0.3, momentum=0.9, nesterov=True),
+    "adam": lambda: keras.optimizers.Adam(1e-2),
+    "amsgrad": lambda: keras.optimizers.Adam(1e-2, amsgrad=True),
+    "adamw": lambda: keras.optimizers.AdamW(1e-2),
+    "rmsprop": lambda: keras.optimizers.RMSprop(1e-2),
+    "adagrad": lambda: keras.optimizers.Adagrad(1e-2),
+}
+
+
+def _slot(optimizer, variable, suffix):
+    """The optimizer variable named after `variable` and `suffix` (Keras names slots
+    <variable path with _>_<suffix>)."""
+    name = variable.path.replace("/", "_") + "_" + suffix
+    return next(np.asarray(v, np.float64) for v in optimizer.variables if v.name == name)
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_each_optimizers_sharpness_and_limit_against_the_dense_hessian(kind):
+    """After a few steps: the sharpness and limit of the module docstring of
+    probes.stability, from the optimizer's slots and the dense Hessian."""
+    keras.config.set_floatx("float64")
+    try:
+        model = small_model()
+        model.compile(optimizer=OPTIMIZERS[kind](), loss="categorical_crossentropy")
+        x, y = small_data()
+        model.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0)
+        h = dense_hessian(model, x, y)
+        out = hessian.HessianProbe(per_layer=False, tol=1e-7, max_iter=200)(model, x, y)
+    finally:
+        keras.config.set_floatx("float32")
+    opt, variables = model.optimizer, model.trainable_variables
+    lr = float(np.asarray(opt.learning_rate))
+    p, limit = np.ones(len(h)), None
+    if kind == "sgd":
+        limit = 2 / lr
+    elif kind == "momentum":
+        limit = (2 + 2 * 0.9) / lr
+    elif kind == "nesterov":
+        limit = (2 + 2 * 0.9) / ((1 + 2 * 0.9) * lr)
+    elif kind in ("adam", "amsgrad", "adamw"):
+        suffix = "velocity_hat" if kind == "amsgrad" else "velocity"
+        v = np.concatenate([_slot(opt, var, suffix).ravel() for var in variables])
+        s = int(opt.iterations) + 1
+        p = (1 - 0.9 ** s) / np.sqrt(1 - 0.999 ** s) * (np.sqrt(v) + opt.epsilon)
+        limit = (2 + 2 * 0.9) / ((1 - 0.9) * lr)
+    elif kind == "rmsprop":
+        v = np.concatenate([_slot(opt, var, "velocity").ravel() for var in variables])
+        p = np.sqrt(v + opt.epsilon)
+        limit = 2 / lr
+    scaled = h / np.sqrt(np.outer(p, p))
+    expected = np.linalg.eigvalsh((scaled + scaled.T) / 2).max()
+    assert out["sharpness"] == pytest.approx(expected, rel=1e-5)
+    if limit is None:
+        assert out["stability_limit"] is None and out["stability_ratio"] is None
+    else:
+        assert out["stability_limit"] == pytest.approx(limit, rel=1e-12)
+        assert out["stability_ratio"] == pytest.approx(expected / limit, rel=1e-5)
+    if kind in ("adam", "amsgrad", "adamw", "rmsprop"):  # not the plain λmax
+        assert abs(out["sharpness"] / out["lambda_1"] - 1) > 0.5
+
+
+def test_adam_before_its_first_step_has_no_limit():
+    keras.config.set_floatx("float64")
+    try:
+        model = small_model()
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+        model.optimizer.build(model.trainable_variables)
+        x, y = small_data()
+        out = hessian.HessianProbe(per_layer=False)(model, x, y)
+    finally:
+        keras.config.set_floatx("float32")
+    assert out["sharpness"] == out["lambda_1"] and out["stability_limit"] is None

@@ -91,3 +91,29 @@ def test_multiworker_trains_in_a_custom_loop_and_only_the_chief_logs(cifar_dir, 
     probes = read_jsonl(tmp_path / "worker0" / "probes.jsonl")
     assert {p["probe"] for p in probes} >= {"hessian", "ntk", "neural_collapse"}
     assert not [p for p in probes if "error" in p]
+
+
+def test_tensorflow_start_up_lines_are_hidden_unless_verbose(cifar_dir, tmp_path):
+    """What TensorFlow prints while it starts (here: CUDA probing on a CPU-only
+    machine) is left out of main.py's output; --verbose shows it."""
+    import subprocess
+    import sys
+
+    plain = subprocess.run([sys.executable, "-c", "import tensorflow as tf; tf.zeros(())"],
+                           capture_output=True, text=True, env={**os.environ,
+                                                                "TF_CPP_MIN_LOG_LEVEL": "2"})
+    start_up = [line for line in plain.stderr.splitlines() if line.strip()]
+    outputs = {}
+    for flags in ([], ["--verbose"]):
+        done = subprocess.run(
+            [sys.executable, main.__file__, "--dataset", "cifar10", "--data-dir",
+             str(cifar_dir), "--epochs", "1", "--batch-size", "32", "--no-probes",
+             "--log-dir", str(tmp_path / f"run{len(flags)}"), *flags],
+            capture_output=True, text=True, timeout=600,
+            env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[bool(flags)] = done.stderr
+    for line in start_up:  # e.g. "I0000 ... cudart_stub.cc:31] Could not find cuda drivers"
+        tail = line.split("]", 1)[-1].strip()
+        assert tail not in outputs[False]
+        assert tail in outputs[True]

@@ -1,12 +1,13 @@
-"""Probes of the loss landscape and the network (DESIGN.md section 5).
+"""Probes of the loss landscape and the network (README, five-minute tour; each
+function and probe class documents what it computes).
 
-`hessian` and `ntk` are used as modules (`probes.hessian.top_eigenvalues`); every
+`hessian`, `ntk` and `stability` are used as modules (`probes.hessian.top_eigenvalues`); every
 other function and every probe class is available here directly. A probe object has
 `name`, `every` (steps or "epoch") and `__call__(model, x, y) -> dict` of scalars and
 arrays, for `OptimizationInsightCallback(probes=..., probe_data=(x, y))`.
 """
 
-from optinsight.probes import hessian, ntk
+from optinsight.probes import hessian, ntk, stability
 from optinsight.probes.collapse import NeuralCollapseProbe, neural_collapse
 from optinsight.probes.gradients import (
     GradientNoiseProbe,
@@ -39,7 +40,7 @@ from optinsight.probes.spectra import (
 )
 
 __all__ = [
-    "hessian", "ntk",
+    "hessian", "ntk", "stability",
     "ActivationProbe", "AugmentationProbe", "GradientNoiseProbe", "HessianProbe",
     "NTKProbe", "NeuralCollapseProbe", "RepresentationProbe", "WeightNormProbe",
     "WeightSpectrumProbe",

@@ -1,7 +1,7 @@
 """What the probes share: choosing variables, evaluating the loss, walking the data,
 and moving between per-variable tensors and one flat vector.
 
-Conventions (DESIGN.md section 5): a probe takes `model, x, y`, where x may also be a
+Conventions: a probe takes `model, x, y`, where x may also be a
 tf.data.Dataset or an iterable of (x, y) batches (then y is None); `loss=None` means
 the model's compiled loss (batch mean, regularisation included); `variables=None`
 means all trainable variables. Flat vectors concatenate the variables in that order,
@@ -213,3 +213,13 @@ def layer_features(model, x, layers=None, batch_size=256):
         outputs = [outputs]
     return {layer.name: np.asarray(out, np.float64).reshape(len(x), -1)
             for layer, out in zip(chosen, outputs)}
+
+
+def optimizer_learning_rate(optimizer):
+    """An optimizer's current learning rate as a float (schedules evaluated; a
+    LossScaleOptimizer's inner one)."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    lr = optimizer.learning_rate
+    if callable(lr):
+        lr = lr(optimizer.iterations)
+    return float(np.asarray(lr))

@@ -22,6 +22,7 @@ from optinsight.probes.common import (
     layer_name,
     loss_function,
     num_parameters,
+    optimizer_learning_rate,
     resolve_variables,
     unflatten,
 )
@@ -255,12 +256,8 @@ def density(model, x, y=None, steps=30, samples=8, grid=None, sigma=None, seed=0
 
 
 def learning_rate(model):
-    """The optimizer's current learning rate as a float (schedules evaluated)."""
-    optimizer = model.optimizer
-    lr = optimizer.learning_rate
-    if callable(lr):
-        lr = lr(optimizer.iterations)
-    return float(np.asarray(lr))
+    """The model's optimizer's current learning rate as a float."""
+    return optimizer_learning_rate(model.optimizer)
 
 
 class HessianProbe:
@@ -268,8 +265,10 @@ class HessianProbe:
 
     Writes `lambda_1`..`lambda_k`, `trace` and `trace_stderr` (with trace_samples),
     `lambda_max/<layer>` (with per_layer), `lr_times_lambda_max` (the stability
-    limit of gradient descent is 2), and the arrays `density_grid`, `density` (with
-    density=True; density_steps Lanczos steps from each of density_samples vectors).
+    limit of plain gradient descent is 2), the optimizer's own `sharpness`,
+    `stability_limit` and `stability_ratio` (`probes.stability`), and the arrays
+    `density_grid`, `density` (with density=True; density_steps Lanczos steps from
+    each of density_samples vectors).
     Cost, in HVPs over the probe batch: about 10 per eigenvalue and per layer at the
     default tol, trace_samples, and density_steps × density_samples.
     """
@@ -287,7 +286,11 @@ class HessianProbe:
                                  tol=self.tol, seed=self.seed)
         out = {f"lambda_{i + 1}": float(v) for i, v in enumerate(values)}
         if model.optimizer is not None:
+            from optinsight.probes.stability import sharpness
+
             out["lr_times_lambda_max"] = learning_rate(model) * float(values[0])
+            out.update(sharpness(model, x, y, max_iter=self.max_iter, tol=self.tol,
+                                 seed=self.seed, plain=values[0]))
         if self.trace_samples:
             out["trace"], out["trace_stderr"] = trace(model, x, y, self.trace_samples,
                                                       seed=self.seed)

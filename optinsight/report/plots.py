@@ -234,7 +234,13 @@ def sharpness(run):
     rows = _probe(run, "hessian", "lambda_1")
     fig, ax = plt.subplots(figsize=(11, 3.4))
     ax.plot(rows["step"], rows["lambda_1"], "o-", label="λmax (top Hessian eigenvalue)")
-    if "lr_times_lambda_max" in rows:
+    if "stability_limit" in rows and rows["stability_limit"].notna().any():
+        # the optimizer's own sharpness (preconditioned for Adam, RMSprop) and limit
+        if not np.allclose(rows["sharpness"], rows["lambda_1"], equal_nan=True):
+            ax.plot(rows["step"], rows["sharpness"], "s-", label="the optimizer's sharpness")
+        ax.plot(rows["step"], rows["stability_limit"], "k--",
+                label="the optimizer's stability limit")
+    elif "lr_times_lambda_max" in rows:
         lr = rows["lr_times_lambda_max"] / rows["lambda_1"]
         ax.plot(rows["step"], 2 / lr, "k--", label="2 / learning rate (stability limit)")
     layers = [c for c in rows.columns if c.startswith("lambda_max/")]

@@ -1,0 +1,83 @@
+"""Each optimizer's own edge of stability: the sharpness its update sees, and the limit
+past which that update diverges along the sharpest direction (Cohen et al., "Gradient
+Descent on Neural Networks Typically Occurs at the Edge of Stability", 2021, and
+"Adaptive Gradient Methods at the Edge of Stability", 2022).
+
+On a quadratic of curvature λ, with learning rate lr and Keras's update rules:
+
+* SGD, w ← w − lr·g: stable while λ < 2/lr.
+* SGD with momentum β, m ← βm − lr·g, w ← w + m: while λ < (2 + 2β)/lr.
+* Nesterov, m ← βm − lr·g, w ← w + βm − lr·g: while λ < (2 + 2β)/((1 + 2β)·lr)
+  (the iteration's characteristic root reaches −1 there).
+* Adam, AdamW: w ← w − α·m/(√v + ε), m the β1 average of g, α = lr·√(1−β2^s)/(1−β1^s)
+  at the next step s = iterations + 1. With v frozen this is heavy-ball momentum β1
+  on the preconditioned loss, so the sharpness is λmax(P^{-1/2} H P^{-1/2}) with
+  P = (1 − β1^s)/√(1 − β2^s) · diag(√v + ε) (Cohen et al.'s (1 − β1^s)·diag(√v̂ + ε),
+  with ε where Keras puts it), and the limit (2 + 2β1)/((1 − β1)·lr). AMSGrad uses its
+  running maximum of v. AdamW's decoupled weight decay is left out.
+* RMSprop without momentum and not centered, w ← w − lr·g/√(v + ε): P = diag(√(v + ε))
+  (ε inside the root, as Keras has it), limit 2/lr.
+
+Any other optimizer, and Adam, AdamW and RMSprop before their first step (v is not
+estimated yet): the plain sharpness λmax(H) and no limit (None).
+"""
+
+import keras
+import numpy as np
+
+from optinsight import compat
+from optinsight.probes.common import optimizer_learning_rate
+from optinsight.probes.hessian import HessianOperator, _tridiagonal, lanczos
+
+
+def preconditioner(optimizer, variables):
+    """(P as a flat float64 vector over `variables`, or None for the identity; the
+    stability limit, or None). See the module docstring."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    lr = optimizer_learning_rate(optimizer)
+    if type(optimizer) is keras.optimizers.SGD:
+        beta = float(optimizer.momentum)
+        if optimizer.nesterov and beta > 0:
+            return None, (2 + 2 * beta) / ((1 + 2 * beta) * lr)
+        return None, (2 + 2 * beta) / lr
+    if int(optimizer.iterations) == 0 and type(optimizer) in (
+            keras.optimizers.Adam, keras.optimizers.AdamW, keras.optimizers.RMSprop):
+        return None, None  # no estimate of v yet: the frozen-v analysis does not apply
+    if type(optimizer) in (keras.optimizers.Adam, keras.optimizers.AdamW):
+        beta_1, beta_2 = float(optimizer.beta_1), float(optimizer.beta_2)
+        s = int(optimizer.iterations) + 1
+        slot = "velocity_hats" if optimizer.amsgrad else "velocities"
+        v = np.concatenate([np.ravel(compat.optimizer_slot(optimizer, slot, var))
+                            for var in variables]).astype(np.float64)
+        scale = (1 - beta_1 ** s) / np.sqrt(1 - beta_2 ** s)
+        return scale * (np.sqrt(v) + optimizer.epsilon), (2 + 2 * beta_1) / ((1 - beta_1) * lr)
+    if type(optimizer) is keras.optimizers.RMSprop and not optimizer.momentum \
+            and not optimizer.centered:
+        v = np.concatenate([np.ravel(compat.optimizer_slot(optimizer, "velocities", var))
+                            for var in variables]).astype(np.float64)
+        return np.sqrt(v + optimizer.epsilon), 2 / lr
+    return None, None
+
+
+def sharpness(model, x, y, optimizer=None, max_iter=100, tol=1e-3, seed=0, plain=None):
+    """{"sharpness", "stability_limit", "stability_ratio"} of `optimizer` (default the
+    model's) on (x, y): see the module docstring. `plain`: λmax(H) if already known
+    (it is the sharpness of the optimizers without a preconditioner). The limit and
+    ratio are None for other optimizers."""
+    optimizer = optimizer or model.optimizer
+    op = HessianOperator(model, x, y)
+    p, limit = preconditioner(optimizer, op.variables)
+    if p is None and plain is not None:
+        value = float(plain)
+    else:
+        scale = np.ones(op.size) if p is None else 1 / np.sqrt(p)
+
+        def matvec(vector):
+            return scale * op(scale * vector)
+
+        alphas, betas, _ = lanczos(matvec, op.size, max_iter,
+                                   np.random.default_rng(seed).standard_normal(op.size), tol)
+        value = float(np.linalg.eigvalsh(_tridiagonal(alphas, betas)).max())
+    return {"sharpness": value, "stability_limit": limit,
+            "stability_ratio": None if limit is None else value / limit}
