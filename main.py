@@ -18,20 +18,21 @@ from config import parse_args  # noqa: E402
 from data_loader import load_dataset, make_datasets  # noqa: E402
 
 
-def build_model(input_shape, num_classes=10):
-    """The reference CNN of the seed experiment, as an InsightModel."""
+def build_model(input_shape, num_classes=10, activation="relu"):
+    """The reference CNN of the seed experiment, as an InsightModel (`activation` of
+    its hidden layers: ReLU as in the seed)."""
     import keras
 
     import optinsight as oi
 
     inputs = keras.Input(input_shape)
-    x = keras.layers.Conv2D(32, 3, activation="relu", name="conv1")(inputs)
+    x = keras.layers.Conv2D(32, 3, activation=activation, name="conv1")(inputs)
     x = keras.layers.MaxPooling2D(name="pool1")(x)
-    x = keras.layers.Conv2D(64, 3, activation="relu", name="conv2")(x)
+    x = keras.layers.Conv2D(64, 3, activation=activation, name="conv2")(x)
     x = keras.layers.MaxPooling2D(name="pool2")(x)
-    x = keras.layers.Conv2D(64, 3, activation="relu", name="conv3")(x)
+    x = keras.layers.Conv2D(64, 3, activation=activation, name="conv3")(x)
     x = keras.layers.Flatten(name="flatten")(x)
-    x = keras.layers.Dense(64, activation="relu", name="dense1")(x)
+    x = keras.layers.Dense(64, activation=activation, name="dense1")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="output")(x)
     return oi.InsightModel(inputs=inputs, outputs=outputs, name="reference_cnn")
 

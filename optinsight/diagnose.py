@@ -33,6 +33,13 @@ VANISHING_RATIO = 1e-3
 #: at or above this: a dead layer (essentially no entry gets a gradient; ReLU units
 #: that never fire give exact zeros).
 DEAD_FRACTION = 0.99
+#: Units of a kernel (its last axis) whose gradients were all zero at every step of
+#: the late quarter: a warning from this fraction of the kernel's units (and at least
+#: DEAD_UNITS_MIN units: one dead unit of a small layer is not a pattern), an error
+#: from DEAD_UNITS_ERROR (half the layer's capacity gone).
+DEAD_UNITS_WARNING = 0.10
+DEAD_UNITS_ERROR = 0.5
+DEAD_UNITS_MIN = 2
 #: A layer whose late median update ratio is below this multiple of the median of
 #: the other layers' stalls (three orders of magnitude: well past any sensible
 #: per-layer learning-rate schedule).
@@ -223,6 +230,36 @@ def _dead(run):
     return findings
 
 
+def _dead_units(run):
+    """Kernels with some, not all, output units whose gradients have been all zero at
+    every step of the last quarter (units.npz; a whole dead kernel is dead_layer's)."""
+    zero_since = run.zero_since()
+    kernels, _ = _kernels(run)
+    steps = run.steps["step"]
+    if not zero_since or len(steps) < 4:
+        return []
+    window_start = int(steps.iloc[int(len(steps) * (1 - LATE_FRACTION))])
+    threshold = min(run.summary.get("meta", {}).get("thresholds") or [1e-7])
+    findings = []
+    for name in kernels:
+        since = zero_since.get(name)
+        if since is None:
+            continue
+        dead = (since > 0) & (since <= window_start)
+        count, units = int(dead.sum()), len(since)
+        if count < max(DEAD_UNITS_MIN, DEAD_UNITS_WARNING * units) or count == units:
+            continue
+        findings.append(Finding(
+            "dead_units", "error" if count >= DEAD_UNITS_ERROR * units else "warning",
+            name, int(steps.iloc[-1]),
+            f"{count} of {units} units have had zero gradients (|g| <= {threshold:g}) at "
+            f"every step since step {int(since[dead].max())} at the latest (the first "
+            f"since step {int(since[dead].min())}): they no longer learn",
+            "Their ReLUs never fire: lower the learning rate, start biases slightly "
+            "positive, add normalisation before the activation, or use LeakyReLU/GELU"))
+    return findings
+
+
 def _stalled(run):
     kernels, _ = _kernels(run)
     if not kernels:
@@ -264,7 +301,7 @@ def _saturation(run):
         if fraction >= SATURATION_FRACTION]
 
 
-RULES = (_nonfinite, _learning_rate, _exploding, _vanishing, _dead, _stalled,
+RULES = (_nonfinite, _learning_rate, _exploding, _vanishing, _dead, _dead_units, _stalled,
          _rank_collapse, _saturation)
 
 

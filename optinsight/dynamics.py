@@ -29,8 +29,25 @@ BAND_STATS = (
     "grad1", "grad2", "retained", "flipped", "min", "max", "wdiff_sum", "wdiff_max",
 )
 #: Statistics after the blocks, computed outside the fused kernel: the squared norm of
-#: the gradient before the optimizer clipped it.
-EXTRA_STATS = ("raw_grad_sq",)
+#: the gradient before the optimizer clipped it, and the units (see `unit_count`) whose
+#: gradient is entirely in the smallest zero band.
+EXTRA_STATS = ("raw_grad_sq", "zero_units")
+
+
+def unit_count(shape):
+    """Output units of a variable of `shape`: its last axis for a kernel (rank >= 2),
+    each entry of a vector, 1 for a scalar."""
+    shape = tuple(int(d) for d in shape)
+    return shape[-1] if len(shape) >= 2 else (shape[0] if shape else 1)
+
+
+def _zero_units(g, shape, threshold):
+    """bool [units]: whether every gradient entry of each unit is in the zero band
+    (False for a variable without entries)."""
+    units = unit_count(shape)
+    if int(np.prod(shape)) == 0:
+        return tf.zeros([units], tf.bool)
+    return tf.reduce_all(tf.reshape(tf.abs(g) <= threshold, [-1, units]), axis=0)
 
 
 def _flatten(tensors):
@@ -262,6 +279,10 @@ class DynamicsTracker(tf.Module):
             "ema_weight_offset", [n_params if self.ema_decay is not None else 0])
         self.step = state("step", [], tf.int64)
         self.has_prev = state("has_prev", [], tf.bool)
+        self.units = tuple(unit_count(v.shape) for v in variables)
+        # Per unit: the step from which its gradient has been all zero (smallest band)
+        # at every step, or 0 if it was not at the last step.
+        self.zero_since = state("zero_since", [sum(self.units)], tf.int64)
         self._n_stats = n_stats
         self._make_buffer(self.buffer_size)
         bins = max(self.histogram_bins, 1)
@@ -379,8 +400,15 @@ class DynamicsTracker(tf.Module):
         else:
             raw_sq = tf.stack([tf.reduce_sum(tf.square(tf.where(tf.math.is_finite(g), g, 0.0)))
                                for g in raw])[:, None]
-        stats = tf.concat([stats, tf.cast(raw_sq, tf.float64)], axis=1)
         step = self.step.read_value() + 1
+        zero = tf.concat([_zero_units(g, v.shape, self.thresholds[0])
+                          for g, v in zip(grads, self.tracked_variables)], axis=0)
+        since = self.zero_since.read_value()
+        self.zero_since.assign(tf.where(zero, tf.where(since > 0, since, step), 0))
+        zero_counts = tf.math.segment_sum(
+            tf.cast(zero, tf.float64),
+            tf.constant(np.repeat(np.arange(len(self.units)), self.units), tf.int32))
+        stats = tf.concat([stats, tf.cast(raw_sq, tf.float64), zero_counts[:, None]], axis=1)
         self.step.assign(step)
         row = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)
         for buffer, value in ((self.stats, stats), (self.row_step, step),
@@ -432,7 +460,14 @@ class DynamicsTracker(tf.Module):
             offset += size
         return out
 
-    _STATE = ("prev_grad", "ema_grad", "ema_weight_offset", "step", "has_prev")
+    def read_zero_since(self):
+        """{name: int64 [units]} of `zero_since`: per unit, the first step of its
+        current run of all-zero gradients, 0 if its last gradient was not all zero."""
+        values = self.zero_since.numpy()
+        bounds = np.cumsum((0,) + self.units)
+        return {name: values[a:b] for name, a, b in zip(self.names, bounds[:-1], bounds[1:])}
+
+    _STATE = ("prev_grad", "ema_grad", "ema_weight_offset", "step", "has_prev", "zero_since")
 
     def state_dict(self):
         """The state needed to resume: numpy arrays keyed by name."""
@@ -458,7 +493,8 @@ class DynamicsTracker(tf.Module):
             raise ValueError("saved insight state has a different ema_decay setting "
                              "(None vs. a value); resume with the same setting")
         for k in self._STATE:
-            getattr(self, k).assign(state[k])
+            if k in state:  # checkpoints before zero_since lack it: it starts at 0
+                getattr(self, k).assign(state[k])
         self.names = tuple(names)
 
 
@@ -481,7 +517,7 @@ def _keys(tag, suffix):
 def metric_names(thresholds, ema_decay):
     """Every per-variable metric key, in output order (whole model adds `train_loss`)."""
     names = ["grad_norm", "raw_grad_norm", "weight_norm", "wdiff", "update_ratio",
-             "nonfinite_grads"]
+             "nonfinite_grads", "zero_units"]
     suffixes = [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)])
     for suffix in suffixes:
         for threshold in thresholds:
@@ -495,7 +531,7 @@ def _ratio(num, den):
 
 def count_keys(thresholds, ema_decay):
     """The keys of `metric_names` whose values are counts (ints)."""
-    counts = {"nonfinite_grads"}
+    counts = {"nonfinite_grads", "zero_units"}
     suffixes = [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)])
     for suffix in suffixes:
         for threshold in thresholds:
@@ -537,6 +573,7 @@ def metric_table(stats, has_prev, thresholds, ema_decay):
     columns = {  # key: values [..., n_vars + 1]
         "grad_norm": np.sqrt(grad_sq),
         "raw_grad_norm": np.sqrt(rows[..., n_global + n_band_columns]),
+        "zero_units": rows[..., n_global + n_band_columns + 1],
         "weight_norm": np.sqrt(weight_sq),
         "wdiff": np.sqrt(wdiff_sq),
         # undefined for a variable whose previous weights are all zero

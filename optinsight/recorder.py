@@ -227,6 +227,7 @@ class InsightRecorder:
         self._read_rows()
         self.writer.flush()
         self.writer.epoch_summary(self.summary(), {}, self.step)
+        self.writer.zero_since(self.tracker.read_zero_since(), self.step)
         self.writer.close()
 
     def ensure_steps_per_call(self, steps):
@@ -364,6 +365,7 @@ class InsightRecorder:
         document = self.summary()
         self.writer.epoch_summary(
             document, {k: v[-1] for k, v in self.history.epoch_wise.items()}, self.step)
+        self.writer.zero_since(self.tracker.read_zero_since(), self.step)
         if options.checkpoint_freq and (epoch + 1) % options.checkpoint_freq == 0:
             self.writer.guard.run("checkpoint/", save_checkpoint, self._path("checkpoint"),
                                   epoch + 1, self.step, self.model, self.optimizer,

@@ -162,14 +162,34 @@ def test_activation_saturation_and_rank_collapse(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists(data_loader.DEBIAN_FASHION_DIR),
                     reason="needs Debian's dataset-fashion-mnist (make test installs it)")
-def test_healthy_reference_run_has_no_warning(tmp_path):
+def reference_run(log_dir, activation):
+    """The reference CNN (main.py) on 3,072 Fashion-MNIST images, 2 epochs, Adam, with
+    main.py's probes: its findings."""
     (x, y), _ = data_loader.load_fashion_mnist()
     x = x[:3072].astype("float32") / 255
     y = keras.utils.to_categorical(y[:3072], 10).astype("float32")
     keras.utils.set_random_seed(0)
-    model = main.build_model(x.shape[1:])
-    findings = train(model, tmp_path, keras.optimizers.Adam(1e-3), data=(x, y), batch=128,
-                     epochs=2, probe_list=main.build_probes(every=12))
+    model = main.build_model(x.shape[1:], activation=activation)
+    return train(model, log_dir, keras.optimizers.Adam(1e-3), data=(x, y), batch=128,
+                 epochs=2, probe_list=main.build_probes(every=12))
+
+
+def test_the_reference_cnn_reports_its_dead_units(tmp_path):
+    """With ReLU, some of conv3's and dense1's units never get a gradient from the
+    first steps on: dead_units names them, and nothing else is reported."""
+    findings = [f for f in reference_run(tmp_path, "relu") if f.severity != "info"]
+    assert {(f.code, f.layer) for f in findings} == {("dead_units", "conv3/kernel"),
+                                                     ("dead_units", "dense1/kernel")}
+    run = oi.read_log(tmp_path)
+    since, start = run.zero_since(), run.steps["step"].iloc[36]  # the last quarter's first
+    for f in findings:
+        count = int(f.evidence.split(" of ")[0])
+        assert count == int(((since[f.layer] > 0) & (since[f.layer] <= start)).sum()) >= 2
+
+
+def test_healthy_reference_run_has_no_warning(tmp_path):
+    """The reference CNN with LeakyReLU: no unit can die, and nothing is reported."""
+    findings = reference_run(tmp_path, "leaky_relu")
     assert [str(f) for f in findings if f.severity != "info"] == []
     assert cli(["diagnose", str(tmp_path)]) == 0
 
@@ -185,3 +205,34 @@ def test_cli_diagnose_exit_codes(tmp_path, capsys):
     (tmp_path / "insight.json").write_text('{"broken')
     assert cli(["summary", str(tmp_path)]) == 2
     assert "insight.json is not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dead, severity", [(2, "warning"), (5, "error")])
+def test_dead_units_found_exactly(tmp_path, dead, severity):
+    """`dead` of 8 ReLU units start with a bias of -5 and never fire: exactly those
+    units have zero gradients since step 1, and the finding names how many."""
+    from conftest import tiny_data
+
+    keras.utils.set_random_seed(1)
+    x_in = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="relu", name="hidden", bias_initializer=(
+        keras.initializers.Constant([-5.0] * dead + [0.1] * (8 - dead))))(x_in)
+    model = keras.Model(x_in, keras.layers.Dense(3, activation="softmax", name="out")(h))
+    x, y = tiny_data(n=96)
+    findings = train(model, tmp_path, keras.optimizers.Adam(1e-2), data=(x, y), batch=16,
+                     epochs=2)
+    since = oi.read_log(tmp_path).zero_since()
+    assert since["hidden/kernel"].tolist() == [1] * dead + [0] * (8 - dead)
+    assert since["hidden/bias"].tolist() == [1] * dead + [0] * (8 - dead)
+    assert since["out/kernel"].tolist() == [0, 0, 0]
+    found = [f for f in findings if f.code == "dead_units"]
+    assert [(f.layer, f.severity) for f in found] == [("hidden/kernel", severity)]
+    assert f"{dead} of 8 units" in found[0].evidence and "since step 1" in found[0].evidence
+
+
+def test_leaky_relu_has_no_dead_units(tmp_path):
+    model = mlp(activation=keras.layers.LeakyReLU(0.1),
+                bias_initializer=keras.initializers.Constant(-5.0))
+    findings = train(model, tmp_path, keras.optimizers.Adam(1e-3))
+    assert "dead_units" not in {f.code for f in findings}
+    assert not any(s.any() for s in oi.read_log(tmp_path).zero_since().values())

@@ -128,6 +128,10 @@ def expected_metrics(run, t, select):
     g, w_prev, w = cat(run["grads"][t]), cat(run["weights"][t]), cat(run["weights"][t + 1])
     out = {
         "grad_norm": np.linalg.norm(g), "raw_grad_norm": np.linalg.norm(g),  # no clipping
+        # units (last axis; each entry of a vector) whose every gradient is <= 1e-7
+        "zero_units": sum(int(np.all(np.abs(run["grads"][t][i].reshape(
+            -1, run["grads"][t][i].shape[-1])) <= THRESHOLDS[0], axis=0).sum())
+            for i in select),
         "weight_norm": np.linalg.norm(w),
         "wdiff": np.linalg.norm(w - w_prev),
         "update_ratio": (np.linalg.norm(w - w_prev) / np.linalg.norm(w_prev)
@@ -190,6 +194,7 @@ def test_the_model_really_has_zeros_flips_and_turns(run):
     assert sum(r["model"]["no_min_e5"] for r in records) > 0
     assert sum(r["model"]["no_max_e5"] for r in records) > 0
     assert sum(r["model"]["w_diff_0_0_e5_max"] for r in records) > 0
+    assert min(r["model"]["zero_units"] for r in records) >= 4  # 2 dead units: kernel, bias
 
 
 def test_train_loss_is_the_batch_loss(run):

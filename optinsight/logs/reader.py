@@ -173,6 +173,16 @@ class Run:
                         out.append((int(step), dict(arrays)))
         return out
 
+    def zero_since(self):
+        """{variable: int64 [units]} of units.npz (docs/logs.md): per output unit, the
+        first step of its current run of all-zero gradients, 0 if its last gradient
+        was not all zero; {} when the run has none."""
+        path = os.path.join(self.log_dir, "units.npz")
+        if not os.path.exists(path):
+            return {}
+        with np.load(path) as arrays:
+            return {k: arrays[k] for k in arrays.files if k != "_step"}
+
     def sign_maps(self):
         """[(label, {variable: int8 codes}, meta)] of signs/*.npz, in order."""
         directory = os.path.join(self.log_dir, "signs")

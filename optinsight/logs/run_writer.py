@@ -129,6 +129,21 @@ class RunWriter:
                 self._write("tensorboard/", self._tb.image, f"signs/{name}",
                             sign_map_image(c), step)
 
+    def zero_since(self, arrays, step):
+        """units.npz: {variable: zero_since [units]} as of `step`, replaced atomically
+        (written now, not on the writer thread: the diagnosis reads it next)."""
+        path = self.path("units.npz")
+
+        def save():
+            try:
+                np.savez(f"{path}.tmp.npz", _step=np.array(step), **arrays)
+                os.replace(f"{path}.tmp.npz", path)
+            finally:
+                if os.path.exists(f"{path}.tmp.npz"):
+                    os.remove(f"{path}.tmp.npz")
+
+        self._write("units.npz", save)
+
     # ---------------------------------------------------------------- probes
     def probe(self, record, scalars, arrays):
         """A probe's result: `record` ({"step", "epoch", "probe"}) with its scalars to
