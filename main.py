@@ -90,11 +90,11 @@ def probe_batch(dataset, n):
 def run(config):
     """Train as `config` says; returns the final logs dict and the log dir (None on a
     worker that writes no logs)."""
+    strategy = start_tensorflow(config.train.strategy, config.train.verbose)  # first
     import keras
 
     import optinsight as oi
 
-    strategy = start_tensorflow(config.train.strategy, config.train.verbose)
     (x_train, y_train), _ = load_dataset(config.data.dataset, config.data.data_dir)
     if config.data.limit:
         x_train, y_train = x_train[: config.data.limit], y_train[: config.data.limit]

@@ -137,9 +137,9 @@ def _learning_rate(run):
                 f"the optimizer's sharpness {row['sharpness']:.4g} is "
                 f"{row['stability_ratio']:.3g}x its stability limit "
                 f"{row['stability_limit']:.4g}: its steps overshoot along the sharpest "
-                "direction", "Lower the learning rate below limit-to-sharpness times "
-                "the current one, or add warm-up; if the loss still falls, training is "
-                "at the edge of stability, which can be benign"))
+                "direction", f"Lower the learning rate {row['stability_ratio']:.3g}x or "
+                "more, or add warm-up; if the loss still falls, training is at the edge "
+                "of stability, which can be benign"))
     elif not run.probes.empty and "lr_times_lambda_max" in run.probes:  # older logs
         over = run.probes[run.probes["lr_times_lambda_max"] > EDGE_OF_STABILITY]
         if not over.empty:

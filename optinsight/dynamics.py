@@ -47,7 +47,8 @@ def _zero_units(g, shape, threshold):
     units = unit_count(shape)
     if int(np.prod(shape)) == 0:
         return tf.zeros([units], tf.bool)
-    return tf.reduce_all(tf.reshape(tf.abs(g) <= threshold, [-1, units]), axis=0)
+    # max |g| per unit (NaN propagates: a unit with a NaN gradient is not zero)
+    return tf.reduce_max(tf.abs(tf.reshape(g, [-1, units])), axis=0) <= threshold
 
 
 def _flatten(tensors):

@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from optinsight.signs import SIGN_COLOURS  # noqa: E402
 
@@ -174,11 +175,19 @@ def sign_map(run, zoom=200):
                       interpolation="nearest")
             ax.set_yticks(ticks, [labels[t].replace("_", " ") for t in ticks])
             ax.tick_params(labelsize=7)
-        row[0].set_title(f"{name} ({codes.shape[1]} entries)", fontsize=8, loc="left")
-        row[1].set_title(f"first {min(zoom, codes.shape[1])}", fontsize=8, loc="left")
-    fig.suptitle("Gradient sign maps over time: white |g| > 1e-5, red −1e-5 ≤ g < 0, "
-                 "green 0 < g ≤ 1e-5, black g = 0", fontsize=9)
-    fig.tight_layout()
+        row[0].set_title(f"{name} ({codes.shape[1]} entries)", fontsize=9, loc="left")
+        row[1].set_title(f"its first {min(zoom, codes.shape[1])} entries", fontsize=9,
+                         loc="left")
+    axes[-1][0].set_xlabel("entry (in the variable's order; strided when large)", fontsize=8)
+    axes[-1][1].set_xlabel("entry", fontsize=8)
+    legend = [Patch(facecolor=np.array(SIGN_COLOURS[code]) / 255, edgecolor="0.5",
+                    label=label) for code, label in (
+                        (0, "|g| > 1e-5"), (-1, "−1e-5 ≤ g < 0"), (1, "0 < g ≤ 1e-5"),
+                        (2, "g = 0 (dead)"))]
+    fig.legend(handles=legend, loc="upper right", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("Gradient sign maps over time (rows: sign-map epochs or steps)",
+                 fontsize=10, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     return fig
 
 
@@ -216,17 +225,26 @@ def activations_over_time(run):
     evaluations = _arrays(run, "activations",
                           "no 'activations' probe in this run (ActivationProbe)")
     layers = [k[len("hist/"):] for k in evaluations[-1][1] if k.startswith("hist/")]
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.0 * len(layers), 3.2), squeeze=False)
-    for ax, layer in zip(axes[0], layers):
+    cols = min(3, len(layers))  # panels of about 3.6 in (≥ 250 px at the page's width)
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.7 * cols, 3.0 * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(layers):]:
+        ax.set_visible(False)
+    steps = [step for step, _ in evaluations]
+    for ax, layer in zip(axes.flat, layers):
         counts = np.array([a[f"hist/{layer}"] for _, a in evaluations], dtype=float).T
         fractions = counts / np.maximum(counts.sum(axis=0, keepdims=True), 1)
-        ax.imshow(np.log10(fractions + 1e-6), aspect="auto", origin="lower", cmap="magma")
-        ax.set(title=layer, xlabel="evaluation", ylabel="activation bin (low → high)")
-        ax.title.set_fontsize(8)
-        ax.tick_params(labelsize=7)
-    fig.suptitle("Activations over time (log fraction per bin): mass piling into the "
-                 "lowest bin is collapse", fontsize=9)
-    fig.tight_layout()
+        image = ax.imshow(np.log10(fractions + 1e-6), aspect="auto", origin="lower",
+                          cmap="magma", extent=(steps[0] - 0.5, steps[-1] + 0.5, 0,
+                                                counts.shape[0]))
+        ax.set(title=layer, xlabel="step", ylabel="activation bin (low → high)")
+        ax.title.set_fontsize(10)
+        ax.tick_params(labelsize=8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="log10 fraction of activations",
+                 shrink=0.8)
+    fig.suptitle("Activations over time: mass piling into the lowest bin is collapse",
+                 fontsize=11)
     return fig
 
 
@@ -258,12 +276,16 @@ def hessian_density(run):
     if not evaluations:
         raise MissingData(missing)
     fig, ax = plt.subplots(figsize=(11, 3.4))
+    floor = np.inf
     for i, (step, arrays) in enumerate(evaluations):
         colour = _ramp(i, len(evaluations))
-        ax.plot(arrays["density_grid"], arrays["density"], color=colour, lw=0.9,
+        density = np.asarray(arrays["density"], dtype=float)
+        floor = min(floor, 1e-6 * density.max())  # as PyHessian draws it
+        ax.plot(arrays["density_grid"], np.maximum(density, floor), color=colour, lw=0.9,
                 label=f"step {step}" if i in (0, len(evaluations) - 1) else None)
-    ax.set(xlabel="eigenvalue", ylabel="density", yscale="log",
-           title="Hessian spectral density (stochastic Lanczos quadrature)")
+    ax.set(xlabel="eigenvalue", ylabel="density", yscale="log", ylim=(floor, None),
+           title="Hessian spectral density (stochastic Lanczos quadrature), from 1e-6 of "
+                 "its peak")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
