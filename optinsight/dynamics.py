@@ -402,13 +402,12 @@ class DynamicsTracker(tf.Module):
             raw_sq = tf.stack([tf.reduce_sum(tf.square(tf.where(tf.math.is_finite(g), g, 0.0)))
                                for g in raw])[:, None]
         step = self.step.read_value() + 1
-        zero = tf.concat([_zero_units(g, v.shape, self.thresholds[0])
-                          for g, v in zip(grads, self.tracked_variables)], axis=0)
+        zeros = [_zero_units(g, v.shape, self.thresholds[0])
+                 for g, v in zip(grads, self.tracked_variables)]
+        zero = tf.concat(zeros, axis=0)
         since = self.zero_since.read_value()
         self.zero_since.assign(tf.where(zero, tf.where(since > 0, since, step), 0))
-        zero_counts = tf.math.segment_sum(
-            tf.cast(zero, tf.float64),
-            tf.constant(np.repeat(np.arange(len(self.units)), self.units), tf.int32))
+        zero_counts = tf.stack([tf.reduce_sum(tf.cast(z, tf.float64)) for z in zeros])
         stats = tf.concat([stats, tf.cast(raw_sq, tf.float64), zero_counts[:, None]], axis=1)
         self.step.assign(step)
         row = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)

@@ -41,21 +41,22 @@ def preconditioner(optimizer, variables):
         if optimizer.nesterov and beta > 0:
             return None, (2 + 2 * beta) / ((1 + 2 * beta) * lr)
         return None, (2 + 2 * beta) / lr
-    if int(optimizer.iterations) == 0 and type(optimizer) in (
+    if int(optimizer.iterations.numpy()) == 0 and type(optimizer) in (
             keras.optimizers.Adam, keras.optimizers.AdamW, keras.optimizers.RMSprop):
         return None, None  # no estimate of v yet: the frozen-v analysis does not apply
     if type(optimizer) in (keras.optimizers.Adam, keras.optimizers.AdamW):
         beta_1, beta_2 = float(optimizer.beta_1), float(optimizer.beta_2)
-        s = int(optimizer.iterations) + 1
+        s = int(optimizer.iterations.numpy()) + 1
         slot = "velocity_hats" if optimizer.amsgrad else "velocities"
-        v = np.concatenate([np.ravel(compat.optimizer_slot(optimizer, slot, var))
+        v = np.concatenate([np.ravel(compat.optimizer_slot(optimizer, slot, var).numpy())
                             for var in variables]).astype(np.float64)
         scale = (1 - beta_1 ** s) / np.sqrt(1 - beta_2 ** s)
         return scale * (np.sqrt(v) + optimizer.epsilon), (2 + 2 * beta_1) / ((1 - beta_1) * lr)
     if type(optimizer) is keras.optimizers.RMSprop and not optimizer.momentum \
             and not optimizer.centered:
-        v = np.concatenate([np.ravel(compat.optimizer_slot(optimizer, "velocities", var))
-                            for var in variables]).astype(np.float64)
+        v = np.concatenate([np.ravel(
+            compat.optimizer_slot(optimizer, "velocities", var).numpy())
+            for var in variables]).astype(np.float64)
         return np.sqrt(v + optimizer.epsilon), 2 / lr
     return None, None
 
