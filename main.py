@@ -94,6 +94,7 @@ def run(config):
     import keras
 
     import optinsight as oi
+    from optinsight.recorder import is_chief
 
     (x_train, y_train), _ = load_dataset(config.data.dataset, config.data.data_dir)
     if config.data.limit:
@@ -102,7 +103,7 @@ def run(config):
     train_ds, val_ds = make_datasets(x_train, y_train, config.data.batch_size,
                                      config.data.validation_split, seed=config.train.seed)
     log_dir = config.train.run_dir(config.data.dataset)
-    if _is_chief(strategy):
+    if is_chief(strategy):
         print(f"{config.data.dataset}: {len(x_train)} examples of shape {x_train.shape[1:]}, "
               f"logging to {log_dir}")
     with strategy.scope():
@@ -122,17 +123,13 @@ def run(config):
     if config.train.strategy == "multiworker":
         recorder = oi.InsightRecorder(log_dir, model, optimizer, **options)
         final = custom_loop(strategy, model, recorder, train_ds, val_ds, config)
-        return final, log_dir if _is_chief(strategy) else None
+        return final, log_dir if is_chief(strategy) else None
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.train.epochs,
                         callbacks=[oi.OptimizationInsightCallback(log_dir, **options)],
                         shuffle=False,  # the pipeline shuffles
                         verbose=1 if sys.stdout.isatty() else 2)
     final = {k: v[-1] for k, v in history.history.items() if v}
     return final, log_dir
-
-
-def _is_chief(strategy):
-    return bool(getattr(strategy.extended, "should_checkpoint", True))
 
 
 def custom_loop(strategy, model, recorder, train_ds, val_ds, config):
@@ -142,6 +139,8 @@ def custom_loop(strategy, model, recorder, train_ds, val_ds, config):
     gradients are those of the global batch's mean. Returns the last epoch's logs."""
     import keras
     import tensorflow as tf
+
+    from optinsight.recorder import is_chief
 
     def replica_losses(x, y, training):
         y_pred = model(x, training=training)
@@ -183,7 +182,7 @@ def custom_loop(strategy, model, recorder, train_ds, val_ds, config):
                 on_batch()
         return loss / max(count, 1), correct / max(count, 1)
 
-    chief = _is_chief(strategy)
+    chief = is_chief(strategy)
     logs = {}
     with recorder:
         for epoch in range(recorder.initial_epoch, config.train.epochs):

@@ -68,7 +68,9 @@ def applied_gradients(optimizer, gradients):
     return out, None
 
 
-def _is_chief(strategy):
+def is_chief(strategy):
+    """Whether this process writes the logs: the chief of a multi-worker strategy, and
+    any process under a single-worker one."""
     return bool(getattr(strategy.extended, "should_checkpoint", True))
 
 
@@ -125,8 +127,8 @@ class InsightRecorder:
         if not variables:
             raise ValueError(f"model {model.name!r} has no trainable variables; "
                              "there is no optimization to record")
-        strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
-        chief = _is_chief(strategy)
+        strategy = self._strategy()
+        chief = is_chief(strategy)
         if chief:
             prepare_log_dir(self.log_dir)
             if not options.resume and os.path.exists(self._path("steps.jsonl")):
@@ -146,8 +148,10 @@ class InsightRecorder:
                 "from (checkpoint_freq was 0 or it stopped in its first epoch)")
         self.names, self.sizes = list(tracker.names), dict(zip(tracker.names, tracker.sizes))
         self.variable_changes = []
-        if checkpoint is not None and os.path.exists(self._path("insight.json")):
-            meta = read_json(self._path("insight.json"))["meta"]
+        document = read_json(self._path("insight.json")) if checkpoint is not None \
+            and os.path.exists(self._path("insight.json")) else None
+        if document is not None:
+            meta = document["meta"]
             self.sizes.update(zip(meta["variables"], meta["variable_sizes"]))
             self.names = meta["variables"] + [n for n in self.names
                                               if n not in meta["variables"]]
@@ -159,13 +163,17 @@ class InsightRecorder:
             self.writer = RunWriter(self.log_dir, self.names, options)
         self.tracker = tracker
         if checkpoint is not None:
-            self._restore(checkpoint)
+            self._restore(checkpoint, document)
         if options.verbose and chief:
             print(f"optinsight: logging to {self.log_dir}", file=sys.stderr)
         self._next_read = time.monotonic() + READ_EVERY_SECONDS
         if self.step == 0:
             for probe in options.probes:  # the starting point: step 0
                 self._run_probe(probe)
+
+    def _strategy(self):
+        """The tf.distribute strategy the model trains under."""
+        return getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
 
     def _new_tracker(self, variables, strategy):
         """A DynamicsTracker of `variables`, its step counter at the run's; the
@@ -196,9 +204,7 @@ class InsightRecorder:
             return
         if self.writer is not None:
             self._read_rows()
-        strategy = getattr(self.model, "distribute_strategy", None) \
-            or tf.distribute.get_strategy()
-        tracker = self._new_tracker(variables, strategy)
+        tracker = self._new_tracker(variables, self._strategy())
         added = [n for n in tracker.names if n not in old.names]
         removed = [n for n in old.names if n not in tracker.names]
         self.variable_changes.append({"step": self.step, "added": added, "removed": removed})
@@ -427,8 +433,9 @@ class InsightRecorder:
         self.history.add_probe(probe.name, self.step, scalars)
 
     # ---------------------------------------------------------------- resume
-    def _restore(self, state):
-        """Continue after the checkpoint `state` (its state.json): counters, and the
+    def _restore(self, state, document):
+        """Continue after the checkpoint `state` (its state.json): counters, the
+        finished epochs of insight.json's `document` (None if there is none), and the
         logs truncated to its step."""
         self.step = self._read = self.epoch_start_step = int(state["step"])
         self.epoch = self.initial_epoch = int(state["epoch"])
@@ -438,8 +445,8 @@ class InsightRecorder:
             truncate_parts(self._path(name), self.step)
         truncate_events(self._path("tensorboard", "train"), self.step)
         self._histogram_step = self.step
-        if os.path.exists(self._path("insight.json")):
-            self.history.load(read_json(self._path("insight.json")), self.epoch, self.step)
+        if document is not None:
+            self.history.load(document, self.epoch, self.step)
         thinned = self.writer.step_log.history  # refilled from layers/, part by part
         for path in part_paths(self._path("layers")):
             steps, values = part_matrix(path, thinned.keys, self.names)

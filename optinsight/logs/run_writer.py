@@ -23,6 +23,19 @@ from optinsight.logs.tensorboard import TensorBoardWriter
 from optinsight.signs import sign_codes, sign_map_image
 
 
+def save_npz_atomic(path, arrays, compressed):
+    """Replace `path` with an .npz of `arrays` through a temporary file and a rename, so
+    that it is always a whole file; its folder is created if missing."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.npz"
+    try:
+        (np.savez_compressed if compressed else np.savez)(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 class RunWriter:
     """The writers of one log dir.
 
@@ -111,19 +124,9 @@ class RunWriter:
         images."""
         codes = {name: sign_codes(g) for name, (g, _) in gradients.items()}
         strides = {name: stride for name, (_, stride) in gradients.items()}
-        path = self.path("signs", f"{label}.npz")
         meta = json.dumps({"step": step, "epoch": epoch, "strides": strides})
-
-        def save():
-            os.makedirs(self.path("signs"), exist_ok=True)
-            try:
-                np.savez_compressed(f"{path}.tmp.npz", _meta=np.array(meta), **codes)
-                os.replace(f"{path}.tmp.npz", path)
-            finally:
-                if os.path.exists(f"{path}.tmp.npz"):
-                    os.remove(f"{path}.tmp.npz")
-
-        self._write("signs/", save)
+        self._write("signs/", save_npz_atomic, self.path("signs", f"{label}.npz"),
+                    {"_meta": np.array(meta), **codes}, True)
         if self.options.tensorboard:
             for name, c in codes.items():
                 self._write("tensorboard/", self._tb.image, f"signs/{name}",
@@ -132,17 +135,8 @@ class RunWriter:
     def zero_since(self, arrays, step):
         """units.npz: {variable: zero_since [units]} as of `step`, replaced atomically
         (written now, not on the writer thread: the diagnosis reads it next)."""
-        path = self.path("units.npz")
-
-        def save():
-            try:
-                np.savez(f"{path}.tmp.npz", _step=np.array(step), **arrays)
-                os.replace(f"{path}.tmp.npz", path)
-            finally:
-                if os.path.exists(f"{path}.tmp.npz"):
-                    os.remove(f"{path}.tmp.npz")
-
-        self._write("units.npz", save)
+        self._write("units.npz", save_npz_atomic, self.path("units.npz"),
+                    {"_step": np.array(step), **arrays}, False)
 
     # ---------------------------------------------------------------- probes
     def probe(self, record, scalars, arrays):

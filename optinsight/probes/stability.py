@@ -30,6 +30,12 @@ from optinsight.probes.common import optimizer_learning_rate
 from optinsight.probes.hessian import HessianOperator, _tridiagonal, lanczos
 
 
+def _slot_vector(optimizer, slot, variables):
+    """An optimizer slot (e.g. "velocities") over `variables`, flat float64."""
+    return np.concatenate([np.ravel(compat.optimizer_slot(optimizer, slot, var).numpy())
+                           for var in variables]).astype(np.float64)
+
+
 def preconditioner(optimizer, variables):
     """(P as a flat float64 vector over `variables`, or None for the identity; the
     stability limit, or None). See the module docstring."""
@@ -48,15 +54,12 @@ def preconditioner(optimizer, variables):
         beta_1, beta_2 = float(optimizer.beta_1), float(optimizer.beta_2)
         s = int(optimizer.iterations.numpy()) + 1
         slot = "velocity_hats" if optimizer.amsgrad else "velocities"
-        v = np.concatenate([np.ravel(compat.optimizer_slot(optimizer, slot, var).numpy())
-                            for var in variables]).astype(np.float64)
+        v = _slot_vector(optimizer, slot, variables)
         scale = (1 - beta_1 ** s) / np.sqrt(1 - beta_2 ** s)
         return scale * (np.sqrt(v) + optimizer.epsilon), (2 + 2 * beta_1) / ((1 - beta_1) * lr)
     if type(optimizer) is keras.optimizers.RMSprop and not optimizer.momentum \
             and not optimizer.centered:
-        v = np.concatenate([np.ravel(
-            compat.optimizer_slot(optimizer, "velocities", var).numpy())
-            for var in variables]).astype(np.float64)
+        v = _slot_vector(optimizer, "velocities", variables)
         return np.sqrt(v + optimizer.epsilon), 2 / lr
     return None, None
 
