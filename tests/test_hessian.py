@@ -101,7 +101,7 @@ def test_lanczos_needs_fewer_products_than_power(setup):
         op = hessian.HessianOperator(model, x, y)
         rng = np.random.default_rng(0)
         if method == "lanczos":
-            hessian.lanczos(op, op.size, 100, rng.standard_normal(op.size), 1e-3, 1)
+            hessian.top_eigenpairs(op.matvec, op.random(rng), 1, 100, 1e-3)
         else:
             hessian._power(op, op.size, 1, 1000, 1e-6, rng)
         ops[method] = op.products
@@ -254,3 +254,98 @@ def test_adam_before_its_first_step_has_no_limit():
     finally:
         keras.config.set_floatx("float32")
     assert out["sharpness"] == out["lambda_1"] and out["stability_limit"] is None
+
+
+def test_thick_restart_with_a_small_basis_matches_the_dense_spectrum(setup):
+    model, x, y, H = setup
+    dense = np.sort(np.linalg.eigvalsh(H))[::-1]
+    op = hessian.HessianOperator(model, x, y)
+    values, vectors, products = hessian.top_eigenpairs(
+        op.matvec, op.random(np.random.default_rng(0)), 3, 500, 1e-9, basis_size=5)
+    assert products > 5  # the basis of 5 was restarted
+    np.testing.assert_allclose(values, dense[:3], rtol=1e-7)
+    for lam, vec in zip(values, np.asarray(vectors)):
+        np.testing.assert_allclose(H @ vec, lam * vec, atol=1e-6 * abs(dense[0]))
+        assert np.linalg.norm(vec) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_warm_start_from_the_top_eigenvector_converges_at_once(setup):
+    model, x, y, H = setup
+    _, vectors = hessian.top_eigenvalues(model, x, y, k=2, tol=1e-9, return_vectors=True)
+    op = hessian.HessianOperator(model, x, y)
+    values, _, products = hessian.top_eigenpairs(op.matvec, tf.constant(vectors.sum(0)), 2,
+                                                 100, 1e-6)
+    np.testing.assert_allclose(values, np.sort(np.linalg.eigvalsh(H))[::-1][:2], rtol=1e-6)
+    assert products <= 3
+    with pytest.raises(ValueError, match="start has 3 entries"):
+        hessian.top_eigenvalues(model, x, y, start=np.ones(3))
+
+
+def test_quadrature_moments_survive_local_reorthogonalisation(setup):
+    """Gauss quadrature over the Lanczos tridiagonal reproduces vᵀ H^j v for j < 2·steps;
+    with only local reorthogonalisation (ghost Ritz values appear after 30 steps on 51
+    parameters) the low moments are still those of the dense H."""
+    model, x, y, H = setup
+    v = np.random.default_rng(5).standard_normal(H.shape[0])
+    v /= np.linalg.norm(v)
+    dense = tf.constant(H)
+
+    def matvec(u):
+        return tf.linalg.matvec(dense, u)
+
+    scale = np.abs(np.linalg.eigvalsh(H)).max()
+    for full in (False, True):
+        alphas, betas = hessian.lanczos(matvec, tf.constant(v), 40, full)
+        theta, s = np.linalg.eigh(hessian._tridiagonal(alphas, betas))
+        for j in range(1, 7):
+            exact = v @ np.linalg.matrix_power(H, j) @ v
+            assert (s[0] ** 2) @ theta ** j == pytest.approx(exact, abs=1e-9 * scale ** j)
+
+
+def test_hessian_probe_starts_from_its_previous_eigenvectors(setup):
+    model, x, y, H = setup
+    probe = oi.probes.HessianProbe(k=2, per_layer=True, tol=1e-6)
+    first = probe(model, x, y)
+    again = probe(model, x, y)
+    dense = np.sort(np.linalg.eigvalsh(H))[::-1]
+    for out in (first, again):
+        assert out["lambda_1"] == pytest.approx(dense[0], rel=1e-5)
+        assert out["lambda_2"] == pytest.approx(dense[1], rel=1e-5)
+    assert again["hvps"] < first["hvps"] / 2
+    fresh = oi.probes.HessianProbe(k=2, per_layer=True, tol=1e-6)(model, x, y)
+    assert fresh["hvps"] == first["hvps"]
+
+
+MEMORY_CHILD = """
+import json, resource, sys
+import numpy as np, tensorflow as tf
+from optinsight.probes import hessian
+size = 2_000_000  # 8 MB a float32 vector
+diagonal = tf.constant(np.linspace(0.0, 1.0, size) ** 0.1, tf.float32)  # a slow top cluster
+start = tf.constant(np.random.default_rng(0).standard_normal(size), tf.float32)
+hessian.top_eigenpairs(lambda v: diagonal * v, start, 1, 3, 1e-12, basis_size=4)  # warm up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+_, vectors, products = hessian.top_eigenpairs(lambda v: diagonal * v, start, 1, 60, 1e-12,
+                                              basis_size=8)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"products": products, "vectors": (after - before) / (4 * size),
+                  "dtype": vectors.dtype.name}))
+"""
+
+
+def test_lanczos_memory_is_its_basis_not_its_iterations():
+    """60 products with a basis of 8 float32 vectors: the peak grows by at most the basis,
+    the restart's kept Ritz vectors and two more (a full basis would be 60 vectors)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    # glibc's adaptive threshold would serve freed 8 MB buffers from the heap, which
+    # the peak then counts twice; a fixed threshold returns every buffer to the system
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD], capture_output=True,
+                         text=True, env=env, check=True).stdout
+    result = json.loads(out.splitlines()[-1])
+    assert result["products"] == 60 and result["dtype"] == "float32"
+    assert result["vectors"] <= 8 + 3 + 2

@@ -64,6 +64,23 @@ def test_symmetric_psd_and_x2_none(setup):
                                    atol=1e-7 * np.abs(K).max())
 
 
+def test_one_variable_at_a_time_equals_the_whole_jacobian(setup):
+    """max_bytes=1 puts each variable in its own group (its own backward pass): the
+    kernel is the same, with x2 and without, in every mode."""
+    from optinsight.probes.common import parameter_groups
+
+    model, x1, x2, _, _ = setup
+    variables = model.trainable_variables
+    assert parameter_groups(variables, 4, 1) == [[v] for v in variables]
+    assert parameter_groups(variables, 4, 4 * 25) == [variables[:2], variables[2:]]
+    for mode in ntk.MODES:
+        for other in (None, x2):
+            whole = ntk.kernel(model, x1, other, mode=mode)
+            np.testing.assert_allclose(
+                ntk.kernel(model, x1, other, mode=mode, chunk_size=2, max_bytes=1), whole,
+                rtol=1e-6, atol=1e-7 * np.abs(whole).max())
+
+
 def test_per_layer_parts_sum_to_the_whole(setup):
     model, x1, x2, _, _ = setup
     whole = ntk.kernel(model, x1, x2, mode="trace")

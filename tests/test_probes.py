@@ -200,6 +200,10 @@ def test_gradient_covariance_and_noise_scale(mlp):
     assert probes.noise_scale(model, x, y) == pytest.approx(expected, rel=1e-4)
     out = probes.GradientNoiseProbe(k=2)(model, x, y)
     assert out["noise_scale"] == pytest.approx(expected, rel=1e-4)
+    # one group of variables at a time, 3 examples at a time: the same Gram matrix
+    from optinsight.probes.gradients import gradient_gram
+    np.testing.assert_allclose(gradient_gram(model, x, y, chunk_size=3, max_bytes=1), g @ g.T,
+                               rtol=1e-4, atol=1e-7 * np.abs(g @ g.T).max())
     assert out["covariance_trace"] == pytest.approx(np.trace(cov), rel=1e-4)
 
 
@@ -212,11 +216,14 @@ def test_noise_scale_is_unbiased_where_the_plug_in_form_is_not():
     d, n = 2000, 256
     mean = rng.normal(size=d)
     mean /= np.linalg.norm(mean)  # ‖G‖² = 1
-    estimates = [_noise_scale(mean + rng.normal(scale=np.sqrt(200 / d), size=(n, d)))
+    def gram(g):
+        return g @ g.T
+
+    estimates = [_noise_scale(gram(mean + rng.normal(scale=np.sqrt(200 / d), size=(n, d))))
                  for _ in range(20)]
     assert np.mean(estimates) == pytest.approx(200, rel=0.05)
     v = rng.normal(size=d)
-    assert np.isnan(_noise_scale(np.stack([v, -v])))  # a zero mean gradient: no B
+    assert np.isnan(_noise_scale(gram(np.stack([v, -v]))))  # a zero mean gradient: no B
 
 
 def test_correlations_leave_out_self_correlation_and_constant_float64_features():

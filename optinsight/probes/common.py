@@ -157,13 +157,69 @@ def per_example_jacobian(model, variables, outputs, key):
 
 
 def in_chunks(fn, arrays, chunk_size=None):
-    """numpy concatenation of fn(*chunk) over chunks of `chunk_size` examples."""
+    """fn(*chunk) over chunks of `chunk_size` examples, concatenated (a tensor)."""
     n = len(arrays[0])
     step = n if chunk_size is None else chunk_size
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    return np.concatenate([np.asarray(fn(*[a[i:i + step] for a in arrays]))
-                           for i in range(0, n, step)])
+    return tf.concat([fn(*[a[i:i + step] for a in arrays]) for i in range(0, n, step)], 0)
+
+
+#: Default bound on the per-example Jacobian a kernel probe holds at once (bytes).
+MAX_JACOBIAN_BYTES = 1 << 30
+
+
+def parameter_groups(variables, bytes_per_parameter, max_bytes=MAX_JACOBIAN_BYTES):
+    """`variables` split, in order, into groups whose parameters take at most
+    `max_bytes` at `bytes_per_parameter` each (a larger variable is a group alone)."""
+    if not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+    groups, size = [[]], 0
+    for v in variables:
+        cost = int(np.prod(v.shape)) * bytes_per_parameter
+        if groups[-1] and size + cost > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(v)
+        size += cost
+    return groups
+
+
+def jacobian_gram(model, variables, outputs, key, arrays, others=None, chunk_size=None,
+                  max_bytes=MAX_JACOBIAN_BYTES, full=False):
+    """Σ over parameter groups of J_g(arrays) J_g(others)ᵀ, float64 numpy.
+
+    J(arrays) is the per-example Jacobian of `outputs` (per_example_jacobian), [n, k,
+    P]; `others` None means arrays itself. Returns [n1, n2] (the k outputs of each
+    example flattened into the contraction), or with `full` [n1, n2, k, k]. The
+    Jacobians of one group at a time are held (at most max_bytes, or one variable's
+    worth), in chunks of `chunk_size` examples through the backward pass; each group
+    costs a backward pass down to its first variable.
+    """
+    n = len(arrays[0]) + (0 if others is None else len(others[0]))
+    k = int(np.prod(outputs(*[tf.constant(a[:1]) for a in arrays]).shape))
+    itemsize = max(tf.as_dtype(v.dtype).size for v in variables)
+    total = None
+    for group in parameter_groups(variables, n * k * itemsize, max_bytes):
+        fn = per_example_jacobian(model, group, outputs, key)
+        j1 = in_chunks(fn, arrays, chunk_size)
+        j2 = j1 if others is None else in_chunks(fn, others, chunk_size)
+        part = _contract(j1, j2, full).numpy().astype(np.float64)
+        del j1, j2
+        total = part if total is None else total + part
+    if others is None:  # exactly symmetric, as J Jᵀ is (a float32 product is not bitwise)
+        total = (total + (total.transpose(1, 0, 3, 2) if full else total.T)) / 2
+    return total
+
+
+def _contract(j1, j2, full):
+    """[n1, k, p] and [n2, k, p] -> Σ_p over flattened (k, p): [n1, n2], or [n1, n2, k, k]."""
+    n1, n2, k = j1.shape[0], j2.shape[0], j1.shape[1]
+    if not full:
+        return tf.matmul(tf.reshape(j1, [n1, -1]), tf.reshape(j2, [n2, -1]), transpose_b=True)
+    product = tf.matmul(tf.reshape(j1, [n1 * k, -1]), tf.reshape(j2, [n2 * k, -1]),
+                        transpose_b=True)
+    return tf.transpose(tf.reshape(product, [n1, k, n2, k]), [0, 2, 1, 3])
 
 
 def kernels(model):

@@ -18,8 +18,10 @@ import numpy as np
 import tensorflow as tf
 
 from optinsight.probes.common import (
+    MAX_JACOBIAN_BYTES,
     class_labels,
     in_chunks,
+    jacobian_gram,
     per_example_jacobian,
     resolve_variables,
 )
@@ -43,6 +45,13 @@ def logits(model, x):
         last.activation = activation
 
 
+def _outputs(model, summed):
+    def outputs(xi):
+        out = logits(model, xi)
+        return tf.reduce_sum(out) if summed else out
+    return outputs
+
+
 def jacobian(model, x, variables=None, chunk_size=None, summed=False):
     """Per-example Jacobian of the logits: numpy [n, k, n_params] in the variables'
     dtype; with `summed`, of the summed logits ([n, 1, n_params])."""
@@ -50,39 +59,37 @@ def jacobian(model, x, variables=None, chunk_size=None, summed=False):
     x = np.asarray(x)
     if len(x) == 0:
         raise ValueError("x is empty: the kernel needs at least one example")
-
-    def outputs(xi):
-        out = logits(model, xi)
-        return tf.reduce_sum(out) if summed else out
-
-    fn = per_example_jacobian(model, variables, outputs, ("ntk", summed))
-    return in_chunks(fn, [x], chunk_size)
+    fn = per_example_jacobian(model, variables, _outputs(model, summed), ("ntk", summed))
+    return in_chunks(fn, [x], chunk_size).numpy()
 
 
-def kernel(model, x1, x2=None, mode="sum_logits", variables=None, chunk_size=None):
+def kernel(model, x1, x2=None, mode="sum_logits", variables=None, chunk_size=None,
+           max_bytes=MAX_JACOBIAN_BYTES):
     """The empirical NTK between the examples of x1 and x2 (x2=None: x1 with itself).
 
     mode "sum_logits": the kernel of the summed outputs, Σ_a J_a(x) · Σ_b J_b(x')
     (n1×n2); "trace": Σ_a J_a(x) · J_a(x') (n1×n2); "full": every output pair,
     [n1, n2, k, k] with K[i, j, a, b] = J_a(x1_i) · J_b(x2_j). float64 numpy.
+
+    Computed as Σ over groups of variables of J_g J_gᵀ (`common.jacobian_gram`): the
+    Jacobians held at once take at most `max_bytes` (or one variable's worth), the
+    products are float32 matrix products in the variables' dtype, summed in float64.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    variables = resolve_variables(model, variables)
     x1 = np.asarray(x1)
+    if len(x1) == 0:
+        raise ValueError("x is empty: the kernel needs at least one example")
     if x2 is not None:
         x2 = np.asarray(x2)
         if x2.shape[1:] != x1.shape[1:]:
             raise ValueError(f"x1 examples have shape {x1.shape[1:]} but x2 examples have "
                              f"{x2.shape[1:]}; they must match")
     summed = mode == "sum_logits"
-    j1 = jacobian(model, x1, variables, chunk_size, summed).astype(np.float64)
-    j2 = j1 if x2 is None else jacobian(model, x2, variables, chunk_size,
-                                        summed).astype(np.float64)
-    if summed:
-        return j1[:, 0] @ j2[:, 0].T
-    if mode == "trace":
-        return np.einsum("iap,jap->ij", j1, j2)
-    return np.einsum("iap,jbp->ijab", j1, j2)
+    return jacobian_gram(model, variables, _outputs(model, summed), ("ntk", summed), [x1],
+                         None if x2 is None else [x2], chunk_size, max_bytes,
+                         full=mode == "full")
 
 
 def _similarity(K, labels):

@@ -24,10 +24,11 @@ estimated yet): the plain sharpness λmax(H) and no limit (None).
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from optinsight import compat
 from optinsight.probes.common import optimizer_learning_rate
-from optinsight.probes.hessian import HessianOperator, _tridiagonal, lanczos
+from optinsight.probes.hessian import HessianOperator, top_eigenpairs
 
 
 def _slot_vector(optimizer, slot, variables):
@@ -64,24 +65,27 @@ def preconditioner(optimizer, variables):
     return None, None
 
 
+def preconditioned(op, optimizer):
+    """(v -> P^{-1/2} H P^{-1/2} v on op's flat tensors, or None when P is the identity;
+    the stability limit, or None) for a HessianOperator `op`."""
+    p, limit = preconditioner(optimizer, op.variables)
+    if p is None:
+        return None, limit
+    scale = tf.constant(1 / np.sqrt(p), op.dtype)
+    return (lambda vector: scale * op.matvec(scale * vector)), limit
+
+
 def sharpness(model, x, y, optimizer=None, max_iter=100, tol=1e-3, seed=0, plain=None):
     """{"sharpness", "stability_limit", "stability_ratio"} of `optimizer` (default the
     model's) on (x, y): see the module docstring. `plain`: λmax(H) if already known
     (it is the sharpness of the optimizers without a preconditioner). The limit and
     ratio are None for other optimizers."""
-    optimizer = optimizer or model.optimizer
     op = HessianOperator(model, x, y)
-    p, limit = preconditioner(optimizer, op.variables)
-    if p is None and plain is not None:
+    matvec, limit = preconditioned(op, optimizer or model.optimizer)
+    if matvec is None and plain is not None:
         value = float(plain)
     else:
-        scale = np.ones(op.size) if p is None else 1 / np.sqrt(p)
-
-        def matvec(vector):
-            return scale * op(scale * vector)
-
-        alphas, betas, _ = lanczos(matvec, op.size, max_iter,
-                                   np.random.default_rng(seed).standard_normal(op.size), tol)
-        value = float(np.linalg.eigvalsh(_tridiagonal(alphas, betas)).max())
+        start = op.random(np.random.default_rng(seed))
+        value = float(top_eigenpairs(matvec or op.matvec, start, 1, max_iter, tol)[0][0])
     return {"sharpness": value, "stability_limit": limit,
             "stability_ratio": None if limit is None else value / limit}
