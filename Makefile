@@ -30,7 +30,13 @@ OLDEST_TESTS := tests/test_dynamics.py tests/test_native.py \
 	tests/test_hessian.py::test_hvp_matches_dense tests/test_hessian.py::test_lanczos_top_eigenvalues \
 	tests/test_compat.py
 
-.PHONY: run test test-newest test-oldest setup data lint
+# Benchmark-only extras (PyTorch and PyHessian, JAX: the references benchmarks/hessian.py
+# and benchmarks/ntk.py compare against) live in their own environment.
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_INSTALLED := $(BENCH_VENV)/.installed
+
+.PHONY: run test test-newest test-oldest setup bench-setup data lint
 
 setup: $(INSTALLED)
 
@@ -46,6 +52,15 @@ $(OLDEST_INSTALLED): setup.cfg pyproject.toml optinsight/native/step_statistics.
 	$(OLDEST_PY) -m pip install -q --upgrade pip
 	$(OLDEST_PY) -m pip install -q -e ".[test]" $(OLDEST_PINS)
 	$(OLDEST_PY) -m optinsight.native
+	touch $@
+
+bench-setup: $(BENCH_INSTALLED) $(FASHION_MNIST)
+
+$(BENCH_INSTALLED): setup.cfg pyproject.toml benchmarks/requirements.txt | $(CXX_COMPILER)
+	[ -x $(BENCH_PY) ] || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q -e . -r benchmarks/requirements.txt
+	$(BENCH_PY) -m optinsight.native
 	touch $@
 
 data: $(FASHION_MNIST)

@@ -1,6 +1,12 @@
-"""The vectorised empirical NTK against loops, and its memory with chunks.
+"""The vectorised empirical NTK against loops and against JAX, and its memory.
 
-For the reference CNN (CIFAR-10 shape) and a small MLP, n = 256, sum_logits mode:
+Part "jax" (needs the benchmark extras, `make bench-setup`): the 784-128-64-10 ReLU
+MLP, n = 256, each mode of `ntk.kernel` at its defaults against a jitted JAX
+`vmap(jacrev)` Jacobian contracted the same way, on identical weights and inputs,
+timed alternately (targets: sum_logits <= 1.0x, trace and full <= 1.5x), and the
+largest difference between the two kernels relative to the largest entry.
+
+Part "loops", for the reference CNN (CIFAR-10 shape) and that MLP, n = 256, sum_logits mode:
 * time of `ntk.kernel` (vectorised per-example gradients) against the per-pair loop
   (for each of the n(n+1)/2 pairs, two compiled gradient calls and a dot product;
   timed on 200 pairs and scaled to all of them) — target >= 10x — and against a
@@ -9,9 +15,10 @@ For the reference CNN (CIFAR-10 shape) and a small MLP, n = 256, sum_logits mode
   a fresh subprocess.
 Prints the figures and writes benchmarks/results/ntk.json.
 
-    python benchmarks/ntk.py
+    .venv-bench/bin/python benchmarks/ntk.py [--parts jax loops] [--repeats 3]
 """
 
+import argparse
 import json
 import os
 import resource
@@ -26,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from common import write_results  # noqa: E402
+from common import RESULTS_DIR, write_results  # noqa: E402
 
 from main import build_model  # noqa: E402
 from optinsight.probes import ntk  # noqa: E402
@@ -93,9 +100,7 @@ def memory_child(kind, chunk):
     print(json.dumps({"peak_mib": peak / 1024, "added_mib": (peak - before) / 1024}))
 
 
-def main():
-    if len(sys.argv) == 4 and sys.argv[1] == "--memory-child":
-        return memory_child(sys.argv[2], int(sys.argv[3]))
+def loops_part(args):
     results = {}
     for kind in ("cnn", "mlp"):
         model, x = model_and_data(kind)
@@ -116,6 +121,97 @@ def main():
               f"loop {t_slow:.2f} s, {r['speedup_vs_example_loop']:.1f}x; peak memory "
               f"{r['peak_mib_chunk_none']:.0f} MiB unchunked, "
               f"{r['peak_mib_chunk_32']:.0f} MiB with chunk_size=32", flush=True)
+    return results
+
+
+def jax_kernels(model):
+    """Jitted JAX functions (params, x) -> kernel per mode, for the Dense-ReLU MLP."""
+    import jax
+    import jax.numpy as jnp
+
+    def logits(params, xi):
+        h = xi
+        for i, (w, b) in enumerate(params):
+            h = h @ w + b
+            h = jax.nn.relu(h) if i < len(params) - 1 else h
+        return h
+
+    def jacobian(params, x, summed):
+        f = (lambda p, xi: logits(p, xi).sum()) if summed else logits
+        leaves = jax.tree_util.tree_leaves(jax.vmap(jax.jacrev(f), (None, 0))(params, x))
+        outputs = 1 if summed else leaves[0].shape[1]  # leaves: [n, (k,) *parameter shape]
+        return jnp.concatenate([leaf.reshape(x.shape[0], outputs, -1) for leaf in leaves], 2)
+
+    def sum_logits(params, x):
+        j = jacobian(params, x, True)[:, 0]
+        return j @ j.T
+
+    def trace(params, x):
+        j = jacobian(params, x, False)
+        return jnp.einsum("iap,jap->ij", j, j)
+
+    def full(params, x):
+        j = jacobian(params, x, False)
+        return jnp.einsum("iap,jbp->ijab", j, j)
+
+    params = [(jnp.asarray(layer.kernel.numpy()), jnp.asarray(layer.bias.numpy()))
+              for layer in model.layers if layer.weights]
+    return params, {"sum_logits": jax.jit(sum_logits), "trace": jax.jit(trace),
+                    "full": jax.jit(full)}
+
+
+def jax_part(args):
+    import jax.numpy as jnp
+
+    model, x = model_and_data("mlp")
+    params, functions = jax_kernels(model)
+    x_jax = jnp.asarray(x)
+    results = {"n": N, "targets": {"sum_logits": 1.0, "trace": 1.5, "full": 1.5}}
+    for mode, fn in functions.items():
+        times = {"optinsight": [], "jax": []}
+        ours = ntk.kernel(model, x, mode=mode)  # trace and compile both
+        theirs = np.asarray(fn(params, x_jax).block_until_ready())
+        for _ in range(args.repeats):
+            ours, t = timed_once(lambda mode=mode: ntk.kernel(model, x, mode=mode))
+            times["optinsight"].append(t)
+            theirs, t = timed_once(lambda fn=fn: np.asarray(fn(params, x_jax)
+                                                            .block_until_ready()))
+            times["jax"].append(t)
+        row = {f"{k}_s": float(np.median(v)) for k, v in times.items()}
+        row["ratio"] = row["optinsight_s"] / row["jax_s"]
+        row["largest_difference"] = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+        results[mode] = row
+        print(f"eNTK {mode}, MLP, n = {N}: optinsight {row['optinsight_s']:.2f} s, JAX "
+              f"{row['jax_s']:.2f} s, ratio {row['ratio']:.2f} (target <= "
+              f"{results['targets'][mode]}); largest difference "
+              f"{row['largest_difference']:.1e} of the largest entry", flush=True)
+    return results
+
+
+def timed_once(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+PARTS = {"jax": jax_part, "loops": loops_part}
+
+
+def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--memory-child":
+        return memory_child(sys.argv[2], int(sys.argv[3]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    path = os.path.join(RESULTS_DIR, "ntk.json")
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = {k: v for k, v in json.load(f).items() if k != "machine"}
+    for part in args.parts:
+        result = PARTS[part](args)
+        results.update(result if part == "loops" else {part: result})
     write_results("ntk", results)
 
 

@@ -349,3 +349,19 @@ def test_lanczos_memory_is_its_basis_not_its_iterations():
     result = json.loads(out.splitlines()[-1])
     assert result["products"] == 60 and result["dtype"] == "float32"
     assert result["vectors"] <= 8 + 3 + 2
+
+
+def test_time_budget_keeps_the_eigenvalues_and_leaves_out_the_rest(setup, capsys):
+    model, x, y, H = setup
+    dense = np.sort(np.linalg.eigvalsh(H))[::-1]
+    out = oi.probes.HessianProbe(k=2, trace_samples=10, density=True, tol=1e-8,
+                                 time_budget=0)(model, x, y)
+    assert out["lambda_1"] == pytest.approx(dense[0], rel=1e-6)
+    assert out["sharpness"] == out["lambda_1"]  # SGD: no extra Lanczos run to skip
+    assert not {"trace", "density", "lambda_max/h", "lambda_max/out"} & set(out)
+    assert "left out this time: the trace, the density, 2 of 2 layers' λmax" in \
+        capsys.readouterr().err
+    unlimited = oi.probes.HessianProbe(k=2, trace_samples=10, density=True,
+                                       time_budget=None)(model, x, y)
+    assert {"trace", "density", "lambda_max/h", "lambda_max/out"} <= set(unlimited)
+    assert capsys.readouterr().err == ""

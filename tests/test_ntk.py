@@ -81,6 +81,24 @@ def test_one_variable_at_a_time_equals_the_whole_jacobian(setup):
                 rtol=1e-6, atol=1e-7 * np.abs(whole).max())
 
 
+def test_probe_bounded_to_the_variables_nearest_the_outputs(setup):
+    from optinsight.probes.common import nearest_outputs
+
+    model, x1, _, _, _ = setup
+    variables = model.trainable_variables  # h: 20 + 5, out: 15 + 3
+    assert nearest_outputs(variables, 18) == variables[2:]
+    assert nearest_outputs(variables, 1) == variables[3:]
+    assert nearest_outputs(variables, None) == variables
+    with pytest.raises(ValueError, match="max_parameters"):
+        nearest_outputs(variables, 0)
+    y = np.array([0, 1, 2, 0, 1, 2, 0])
+    out = oi.probes.NTKProbe(n=7, max_parameters=18)(model, x1, y)
+    assert out["parameters"] == 18
+    K = ntk.kernel(model, x1, variables=variables[2:])
+    assert out["trace"] == pytest.approx(np.trace(K), rel=1e-6)
+    assert oi.probes.NTKProbe(n=7)(model, x1, y)["parameters"] == 43
+
+
 def test_per_layer_parts_sum_to_the_whole(setup):
     model, x1, x2, _, _ = setup
     whole = ntk.kernel(model, x1, x2, mode="trace")

@@ -204,6 +204,12 @@ def test_gradient_covariance_and_noise_scale(mlp):
     from optinsight.probes.gradients import gradient_gram
     np.testing.assert_allclose(gradient_gram(model, x, y, chunk_size=3, max_bytes=1), g @ g.T,
                                rtol=1e-4, atol=1e-7 * np.abs(g @ g.T).max())
+    # bounded to the last variable (the output bias): the statistics of its columns
+    last = int(np.prod(model.trainable_variables[-1].shape))
+    bounded = probes.GradientNoiseProbe(k=2, max_parameters=last)(model, x, y)
+    assert bounded["parameters"] == last
+    assert bounded["covariance_trace"] == pytest.approx(
+        np.trace(np.cov(g[:, -last:].T, bias=True)), rel=1e-4)
     assert out["covariance_trace"] == pytest.approx(np.trace(cov), rel=1e-4)
 
 
@@ -365,3 +371,26 @@ def test_collapse_metrics_with_more_features_than_examples():
     sb = (mu - features.mean(0)).T @ (mu - features.mean(0)) / 4
     assert nc["nc1"] == pytest.approx(np.trace(sw @ np.linalg.pinv(sb)) / 4, rel=1e-6)
     assert nc["nc4"] == pytest.approx(0.0)
+
+
+def test_deep_models_are_read_at_evenly_spaced_layers():
+    from optinsight.probes.common import sampled_layers
+
+    keras.utils.set_random_seed(0)
+    x_in = keras.Input((4,))
+    h = x_in
+    for i in range(20):
+        h = keras.layers.Dense(3, activation="relu", name=f"d{i}")(h)
+    model = keras.Model(x_in, h)
+    names = sampled_layers(model, max_layers=5)
+    assert names == ["d0", "d5", "d10", "d14", "d19"]  # round(linspace(0, 19, 5))
+    assert sampled_layers(model, ["d3"], 5) == ["d3"]
+    assert len(sampled_layers(model, max_layers=None)) == 20
+    x = np.random.default_rng(0).normal(size=(12, 4)).astype("float32")
+    out = probes.RepresentationProbe(max_layers=5)(model, x, None)
+    assert out["cka"].shape == (5, 5)
+    _, whole = probes.cka(model, x)
+    picked = [int(n[1:]) for n in names]
+    np.testing.assert_allclose(out["cka"], whole[np.ix_(picked, picked)], rtol=1e-9)
+    assert {k.split("/")[1] for k in probes.ActivationProbe(max_layers=5)(model, x, None)
+            if k.startswith("hist/")} == set(names)

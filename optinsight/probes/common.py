@@ -30,6 +30,25 @@ def resolve_variables(model, variables=None):
     return chosen
 
 
+def nearest_outputs(variables, max_parameters):
+    """The last of `variables` (those nearest the outputs, in a functional model's
+    order) that hold at most `max_parameters` together, at least the last one; all
+    of them when max_parameters is None."""
+    if max_parameters is None:
+        return list(variables)
+    if isinstance(max_parameters, bool) or not isinstance(max_parameters, int) \
+            or max_parameters < 1:
+        raise ValueError(f"max_parameters must be a positive integer or None, got "
+                         f"{max_parameters!r}")
+    chosen, total = [], 0
+    for v in reversed(list(variables)):
+        total += int(np.prod(v.shape))
+        if chosen and total > max_parameters:
+            break
+        chosen.insert(0, v)
+    return chosen
+
+
 def variable_name(variable):
     return getattr(variable, "path", None) or variable.name
 
@@ -240,6 +259,20 @@ def feature_layers(model, layers=None):
         raise ValueError(f"no layer named {missing} in model {model.name!r}; it has "
                          f"{[layer.name for layer in candidates]}")
     return [by_name[name] for name in layers]
+
+
+def sampled_layers(model, layers=None, max_layers=None):
+    """`layers` if given; else every feature layer's name, or `max_layers` of them
+    evenly spaced by depth (the first and the last included) when there are more."""
+    if layers is not None:
+        return list(layers)
+    names = [layer.name for layer in feature_layers(model)]
+    if max_layers is None or len(names) <= max_layers:
+        return names
+    if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 2:
+        raise ValueError(f"max_layers must be an integer >= 2 or None, got {max_layers!r}")
+    return [names[i] for i in np.unique(np.linspace(0, len(names) - 1, max_layers).round()
+                                        .astype(int))]
 
 
 def layer_features(model, x, layers=None, batch_size=256):

@@ -16,6 +16,8 @@ from optinsight.probes.common import (
     in_chunks,
     jacobian_gram,
     loss_function,
+    nearest_outputs,
+    num_parameters,
     per_example_jacobian,
     resolve_variables,
 )
@@ -88,17 +90,28 @@ def noise_scale(model, x, y, loss=None, variables=None, chunk_size=None,
 
 
 class GradientNoiseProbe:
-    """Writes `noise_scale`, `covariance_trace` (tr Σ, 1/n) and `cov_eig_1..k`."""
+    """Writes `noise_scale`, `covariance_trace` (tr Σ, 1/n), `cov_eig_1..k`, and
+    `parameters`, how many parameters the gradients cover.
 
-    def __init__(self, every="epoch", k=5, chunk_size=64, max_bytes=MAX_JACOBIAN_BYTES,
-                 name="gradient_noise"):
+    Bounded work: the per-example gradients are those of the variables nearest the
+    outputs holding at most `max_parameters` (default 2 M; None for all), so on a
+    large model these are the statistics of its last layers' gradients (the
+    reference CNN is covered whole; a ResNet50 by its classifier and last
+    convolution), and the backward pass stops there.
+    """
+
+    def __init__(self, every="epoch", k=5, chunk_size=64, max_parameters=2_000_000,
+                 max_bytes=MAX_JACOBIAN_BYTES, name="gradient_noise"):
         self.every, self.k, self.chunk_size, self.name = every, k, chunk_size, name
-        self.max_bytes = max_bytes
+        self.max_parameters, self.max_bytes = max_parameters, max_bytes
 
     def __call__(self, model, x, y):
-        gram = gradient_gram(model, x, y, chunk_size=self.chunk_size, max_bytes=self.max_bytes)
+        variables = nearest_outputs(model.trainable_variables, self.max_parameters)
+        gram = gradient_gram(model, x, y, variables=variables, chunk_size=self.chunk_size,
+                             max_bytes=self.max_bytes)
         values = _covariance_eigenvalues(gram)
         out = {f"cov_eig_{i + 1}": float(v) for i, v in enumerate(values[: self.k])}
         out["covariance_trace"] = float(values.sum())
         out["noise_scale"] = _noise_scale(gram)
+        out["parameters"] = num_parameters(variables)
         return out

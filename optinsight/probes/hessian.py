@@ -11,6 +11,8 @@ Eigenvalues and traces are in units of loss per parameter squared. Flat vectors
 (eigenvectors) concatenate the variables in order, each flattened row-major.
 """
 
+import sys
+import time
 import weakref
 
 import numpy as np
@@ -390,18 +392,24 @@ class HessianProbe:
     sum; random the first time or when the variables change), which converges in a
     few products while the curvature moves slowly. That keeps one vector of the
     parameters' size per run (top k, sharpness, each layer) between evaluations.
+
     Cost, in HVPs over the probe batch: about 10 per eigenvalue and per layer at the
     default tol from a random start, trace_samples, and density_steps ×
-    density_samples. Memory: k + 10 vectors of the parameters' size at most.
+    density_samples. `time_budget` (seconds, None for no limit) bounds it on large
+    models: λ1..λk are always computed; then the sharpness, the trace, the density
+    and the layers (in order) each start only while the budget lasts, and what did
+    not fit is left out of that evaluation (with one line on stderr). Memory: k + 10
+    vectors of the parameters' size at most.
     """
 
     def __init__(self, every="epoch", k=1, trace_samples=0, density=False, per_layer=True,
                  max_iter=100, tol=1e-3, seed=0, density_steps=30, density_samples=8,
-                 name="hessian"):
+                 time_budget=60.0, name="hessian"):
         self.every, self.k, self.trace_samples = every, k, trace_samples
         self.density, self.per_layer = density, per_layer
         self.density_steps, self.density_samples = density_steps, density_samples
         self.max_iter, self.tol, self.seed, self.name = max_iter, tol, seed, name
+        self.time_budget = time_budget
         self._starts = {}  # run -> sum of its last top eigenvectors, flat tensor
 
     def _top(self, run, matvec, op, k, rng):
@@ -415,6 +423,15 @@ class HessianProbe:
         return values
 
     def __call__(self, model, x, y):
+        deadline = None if self.time_budget is None else time.monotonic() + self.time_budget
+        skipped = []
+
+        def time_left(part):
+            if deadline is None or time.monotonic() < deadline:
+                return True
+            skipped.append(part)
+            return False
+
         rng = np.random.default_rng(self.seed)
         op = HessianOperator(model, x, y)
         values = self._top("top", op.matvec, op, self.k, rng)
@@ -425,23 +442,29 @@ class HessianProbe:
 
             out["lr_times_lambda_max"] = learning_rate(model) * float(values[0])
             matvec, limit = preconditioned(op, model.optimizer)
-            sharp = float(values[0]) if matvec is None else \
-                float(self._top("sharpness", matvec, op, 1, rng)[0])
-            out.update(sharpness=sharp, stability_limit=limit,
-                       stability_ratio=None if limit is None else sharp / limit)
-        if self.trace_samples:
+            if matvec is None or time_left("the sharpness"):
+                sharp = float(values[0]) if matvec is None else \
+                    float(self._top("sharpness", matvec, op, 1, rng)[0])
+                out.update(sharpness=sharp, stability_limit=limit,
+                           stability_ratio=None if limit is None else sharp / limit)
+        if self.trace_samples and time_left("the trace"):
             out["trace"], out["trace_stderr"] = _trace(op, self.trace_samples, rng)
+        if self.density and time_left("the density"):
+            out["density_grid"], out["density"] = _density(
+                op, self.density_steps, self.density_samples, rng)
         if self.per_layer:
             layers = {}
             for v in model.trainable_variables:
                 layers.setdefault(layer_name(v), []).append(v)
-            for layer, variables in layers.items():
+            for i, (layer, variables) in enumerate(layers.items()):
+                if not time_left(f"{len(layers) - i} of {len(layers)} layers' λmax"):
+                    break
                 block = HessianOperator(model, x, y, variables=variables)
                 out[f"lambda_max/{layer}"] = float(
                     self._top(("layer", layer), block.matvec, block, 1, rng)[0])
                 products += block.products
-        if self.density:
-            out["density_grid"], out["density"] = _density(
-                op, self.density_steps, self.density_samples, rng)
         out["hvps"] = op.products + products
+        if skipped:
+            print(f"optinsight: {self.name}: its time budget of {self.time_budget:g} s was "
+                  f"spent; left out this time: {', '.join(skipped)}", file=sys.stderr)
         return out

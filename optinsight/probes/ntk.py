@@ -22,6 +22,8 @@ from optinsight.probes.common import (
     class_labels,
     in_chunks,
     jacobian_gram,
+    nearest_outputs,
+    num_parameters,
     per_example_jacobian,
     resolve_variables,
 )
@@ -142,27 +144,39 @@ class NTKProbe:
     """NTK quantities for the callback, on the first `n` probe examples.
 
     Writes same/different/ratio (class similarity), alignment, trace (tr K),
-    eig_1..eig_k, and kernel_change ‖K_t − K_0‖_F / ‖K_0‖_F against the kernel of
-    its first evaluation (small: the lazy, kernel regime; large: features move).
+    eig_1..eig_k, kernel_change ‖K_t − K_0‖_F / ‖K_0‖_F against the kernel of
+    its first evaluation (small: the lazy, kernel regime; large: features move), and
+    `parameters`, how many parameters the kernel covers.
+
+    Bounded work: the kernel is that of the variables nearest the outputs holding at
+    most `max_parameters` (default 2 M; None for all): their exact contribution to
+    the full eNTK (contributions of variables add up). The reference CNN has fewer and
+    is covered whole; on a ResNet50 it is the classifier and the last block's last
+    convolution (about 1.1 M of 23.6 M), and the backward pass stops there.
     """
 
     def __init__(self, every="epoch", n=256, k=5, mode="sum_logits", chunk_size=64,
-                 name="ntk"):
+                 max_parameters=2_000_000, max_bytes=MAX_JACOBIAN_BYTES, name="ntk"):
         self.every, self.n, self.k, self.mode = every, n, k, mode
-        self.chunk_size, self.name = chunk_size, name
+        self.chunk_size, self.max_parameters, self.max_bytes = chunk_size, max_parameters, \
+            max_bytes
+        self.name = name
         self.initial = None
 
     def __call__(self, model, x, y):
         x, y = np.asarray(x)[: self.n], np.asarray(y)[: self.n]
-        K = kernel(model, x, mode=self.mode, chunk_size=self.chunk_size)
+        variables = nearest_outputs(model.trainable_variables, self.max_parameters)
+        K = kernel(model, x, mode=self.mode, variables=variables, chunk_size=self.chunk_size,
+                   max_bytes=self.max_bytes)
         try:
             out = _similarity(K, class_labels(y))
         except ValueError:  # a batch without two classes or a repeated class
             out = {"same": np.nan, "different": np.nan, "ratio": np.nan}
-        out.update(alignment=alignment(K, y), trace=float(np.trace(K)))
+        out.update(alignment=alignment(K, y), trace=float(np.trace(K)),
+                   parameters=num_parameters(variables))
         values, _ = eigen(K, min(self.k, len(K)))
         out.update({f"eig_{i + 1}": float(v) for i, v in enumerate(values)})
-        if self.initial is None:
+        if self.initial is None or self.initial.shape != K.shape:
             self.initial = K
         out["kernel_change"] = float(np.linalg.norm(K - self.initial)
                                      / np.linalg.norm(self.initial))

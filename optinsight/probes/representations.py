@@ -12,7 +12,11 @@ import os
 import keras
 import numpy as np
 
-from optinsight.probes.common import layer_features
+from optinsight.probes.common import layer_features, sampled_layers
+
+#: Layers the representation probes read by default on a deeper model: this many,
+#: evenly spaced by depth (`common.sampled_layers`); pass max_layers=None for all.
+MAX_LAYERS = 16
 
 
 def activation_histograms(model, x, bins=40, range=(0, 10), layers=None):  # noqa: A002
@@ -78,21 +82,28 @@ def intra_layer_correlation(model, x, layer, max_features=1024):
             "samples": _correlation(f.T, f.T)}
 
 
-def linear_cka(a, b):
-    """Linear CKA of two feature matrices over the same n examples, in [0, 1]:
-    ‖Bᵀ A‖_F² / (‖Aᵀ A‖_F ‖Bᵀ B‖_F) on centred features, through n×n Gram matrices."""
-    a = a - a.mean(axis=0)
-    b = b - b.mean(axis=0)
-    ka, kb = a @ a.T, b @ b.T
+def _centred_gram(f):
+    f = f - f.mean(axis=0)
+    return f @ f.T
+
+
+def _cka_of_grams(ka, kb):
     denominator = np.linalg.norm(ka) * np.linalg.norm(kb)
     return float((ka * kb).sum() / denominator) if denominator > 0 else np.nan
 
 
+def linear_cka(a, b):
+    """Linear CKA of two feature matrices over the same n examples, in [0, 1]:
+    ‖Bᵀ A‖_F² / (‖Aᵀ A‖_F ‖Bᵀ B‖_F) on centred features, through n×n Gram matrices."""
+    return _cka_of_grams(_centred_gram(a), _centred_gram(b))
+
+
 def cka(model, x, layers=None):
-    """(names, linear CKA matrix [L, L]) between every pair of layers on x."""
-    features = layer_features(model, x, layers)
-    names = list(features)
-    matrix = np.array([[linear_cka(features[a], features[b]) for b in names] for a in names])
+    """(names, linear CKA matrix [L, L]) between every pair of layers on x; each
+    layer's n×n Gram matrix is computed once."""
+    grams = {k: _centred_gram(f) for k, f in layer_features(model, x, layers).items()}
+    names = list(grams)
+    matrix = np.array([[_cka_of_grams(grams[a], grams[b]) for b in names] for a in names])
     return names, matrix
 
 
@@ -197,16 +208,19 @@ class ActivationProbe:
     """Writes per layer the array `hist/<layer>` (activation histogram counts), the
     scalar `<layer>/zero_fraction` (outputs exactly 0: dead ReLUs) and, for tanh and
     sigmoid layers, `<layer>/saturated_fraction`; the histograms over time make the
-    'activations over time' heatmap."""
+    'activations over time' heatmap. Layers: `layers`, else at most `max_layers`
+    evenly spaced by depth (all of the reference CNN's)."""
 
     def __init__(self, every=100, bins=40, range=(0, 10), layers=None,  # noqa: A002
-                 name="activations"):
+                 max_layers=MAX_LAYERS, name="activations"):
         self.every, self.bins, self.range, self.layers, self.name = (
             every, bins, range, layers, name)
+        self.max_layers = max_layers
 
     def __call__(self, model, x, y):
         out = {}
-        for k, f in layer_features(model, x, self.layers).items():
+        layers = sampled_layers(model, self.layers, self.max_layers)
+        for k, f in layer_features(model, x, layers).items():
             out[f"hist/{k}"] = np.histogram(f, bins=self.bins, range=self.range)[0]
             out[f"{k}/zero_fraction"] = float(np.mean(f == 0))
             saturated = saturated_fraction(model.get_layer(k), f)
@@ -217,31 +231,39 @@ class ActivationProbe:
 
 class RepresentationProbe:
     """Writes the arrays `cka` and `correlations` ([L, L]) and, per layer,
-    `<layer>/effective_rank`."""
+    `<layer>/effective_rank`. Layers: `layers`, else at most `max_layers` evenly
+    spaced by depth (all of the reference CNN's; 16 of a ResNet50's 176), each read
+    at no more than `max_features` features for the correlations."""
 
-    def __init__(self, every="epoch", layers=None, name="representations"):
+    def __init__(self, every="epoch", layers=None, max_layers=MAX_LAYERS, max_features=1024,
+                 name="representations"):
         self.every, self.layers, self.name = every, layers, name
+        self.max_layers, self.max_features = max_layers, max_features
 
     def __call__(self, model, x, y):
-        _, cka_matrix = cka(model, x, self.layers)
-        _, correlations = layer_correlations(model, x, self.layers)
+        layers = sampled_layers(model, self.layers, self.max_layers)
+        _, cka_matrix = cka(model, x, layers)
+        _, correlations = layer_correlations(model, x, layers, self.max_features)
         out = {"cka": cka_matrix, "correlations": correlations}
-        for k, s in feature_spectrum(model, x, self.layers).items():
+        for k, s in feature_spectrum(model, x, layers).items():
             out[f"{k}/effective_rank"] = s["effective_rank"]
         return out
 
 
 class AugmentationProbe:
-    """Writes `<layer>/variance` and `<layer>/relative` of augmentation_variance."""
+    """Writes `<layer>/variance` and `<layer>/relative` of augmentation_variance.
+    Layers: `layers`, else at most `max_layers` evenly spaced by depth."""
 
     def __init__(self, every="epoch", augment=None, n=30, layers=None, seed=0,
-                 name="augmentation"):
+                 max_layers=MAX_LAYERS, name="augmentation"):
         self.every, self.augment, self.n, self.layers, self.seed, self.name = (
             every, augment, n, layers, seed, name)
+        self.max_layers = max_layers
 
     def __call__(self, model, x, y):
         out = {}
+        layers = sampled_layers(model, self.layers, self.max_layers)
         for k, v in augmentation_variance(model, x, self.augment, self.n, self.seed,
-                                          self.layers).items():
+                                          layers).items():
             out[f"{k}/variance"], out[f"{k}/relative"] = v["variance"], v["relative"]
         return out

@@ -1,0 +1,107 @@
+"""Time and peak memory of every probe of main.py's set, on the reference CNN and on
+Keras's ResNet50 (weights=None, 32×32×3 inputs, 10 classes), compiled with Adam.
+
+Each probe runs in a fresh process: the model takes two training steps on batches of
+32 (so the optimizer has its slots), then the probe evaluates once on a 128-example
+probe batch. Reported per probe: wall time, and its peak resident memory above the
+training steps' peak in the same process (what the probe needs beyond training).
+A probe still running after --timeout seconds is stopped and reported as such.
+Prints a table and writes benchmarks/results/probes.json.
+
+    python benchmarks/probes.py [--models cnn resnet50] [--timeout 300]
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+MODELS = ("cnn", "resnet50")
+PROBE_EXAMPLES = 128
+TARGETS = {"seconds": 60, "mib_above_training": 2048}
+
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(model_name, index):
+    import keras
+    import numpy as np
+
+    import main
+
+    keras.utils.set_random_seed(0)
+    if model_name == "cnn":
+        model = main.build_model((32, 32, 3))
+    else:
+        model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x = rng.random((32 + PROBE_EXAMPLES, 32, 32, 3), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, len(x)), 10)
+    for _ in range(2):
+        model.train_on_batch(x[:32], y[:32])
+    training = peak_mib()
+    probe = main.build_probes()[index]
+    start = time.perf_counter()
+    probe(model, x[32:], y[32:])
+    seconds = time.perf_counter() - start
+    print(json.dumps({"probe": type(probe).__name__, "seconds": seconds,
+                      "training_peak_mib": training,
+                      "mib_above_training": peak_mib() - training}))
+
+
+def measure(model_name, index, timeout):
+    try:
+        out = subprocess.run([sys.executable, __file__, "--child", model_name, str(index)],
+                             capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"timeout_s": timeout}
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--timeout", type=float, default=300)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child[0], int(args.child[1]))
+    from common import write_results
+
+    import main as job
+
+    names = [type(p).__name__ for p in job.build_probes()]
+    results = {"probe_examples": PROBE_EXAMPLES, "targets": TARGETS}
+    for model_name in args.models:
+        rows = {}
+        for index, name in enumerate(names):
+            row = measure(model_name, index, args.timeout)
+            rows[name] = row
+            if "seconds" in row:
+                verdict = "ok" if (row["seconds"] <= TARGETS["seconds"] and row[
+                    "mib_above_training"] <= TARGETS["mib_above_training"]) else "over"
+                text = (f"{row['seconds']:7.1f} s  {row['mib_above_training']:7.0f} MiB above "
+                        f"training ({row['training_peak_mib']:.0f} MiB)  {verdict}")
+            elif "timeout_s" in row:
+                text = f"still running after {row['timeout_s']:.0f} s"
+            else:
+                text = f"failed: {row['error']}"
+            print(f"{model_name:9s} {name:22s} {text}", flush=True)
+        results[model_name] = rows
+    write_results("probes", results)
+
+
+if __name__ == "__main__":
+    main()
