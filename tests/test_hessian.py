@@ -260,9 +260,10 @@ def test_thick_restart_with_a_small_basis_matches_the_dense_spectrum(setup):
     model, x, y, H = setup
     dense = np.sort(np.linalg.eigvalsh(H))[::-1]
     op = hessian.HessianOperator(model, x, y)
-    values, vectors, products = hessian.top_eigenpairs(
+    values, vectors, products, residuals = hessian.top_eigenpairs(
         op.matvec, op.random(np.random.default_rng(0)), 3, 500, 1e-9, basis_size=5)
     assert products > 5  # the basis of 5 was restarted
+    assert residuals.max() <= 1e-9
     np.testing.assert_allclose(values, dense[:3], rtol=1e-7)
     for lam, vec in zip(values, np.asarray(vectors)):
         np.testing.assert_allclose(H @ vec, lam * vec, atol=1e-6 * abs(dense[0]))
@@ -273,7 +274,7 @@ def test_warm_start_from_the_top_eigenvector_converges_at_once(setup):
     model, x, y, H = setup
     _, vectors = hessian.top_eigenvalues(model, x, y, k=2, tol=1e-9, return_vectors=True)
     op = hessian.HessianOperator(model, x, y)
-    values, _, products = hessian.top_eigenpairs(op.matvec, tf.constant(vectors.sum(0)), 2,
+    values, _, products, _ = hessian.top_eigenpairs(op.matvec, tf.constant(vectors.sum(0)), 2,
                                                  100, 1e-6)
     np.testing.assert_allclose(values, np.sort(np.linalg.eigvalsh(H))[::-1][:2], rtol=1e-6)
     assert products <= 3
@@ -325,8 +326,8 @@ diagonal = tf.constant(np.linspace(0.0, 1.0, size) ** 0.1, tf.float32)  # a slow
 start = tf.constant(np.random.default_rng(0).standard_normal(size), tf.float32)
 hessian.top_eigenpairs(lambda v: diagonal * v, start, 1, 3, 1e-12, basis_size=4)  # warm up
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-_, vectors, products = hessian.top_eigenpairs(lambda v: diagonal * v, start, 1, 60, 1e-12,
-                                              basis_size=8)
+_, vectors, products, _ = hessian.top_eigenpairs(lambda v: diagonal * v, start, 1, 60, 1e-12,
+                                                 basis_size=8)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"products": products, "vectors": (after - before) / (4 * size),
                   "dtype": vectors.dtype.name}))
@@ -353,10 +354,9 @@ def test_lanczos_memory_is_its_basis_not_its_iterations():
 
 def test_time_budget_keeps_the_eigenvalues_and_leaves_out_the_rest(setup, capsys):
     model, x, y, H = setup
-    dense = np.sort(np.linalg.eigvalsh(H))[::-1]
     out = oi.probes.HessianProbe(k=2, trace_samples=10, density=True, tol=1e-8,
                                  time_budget=0)(model, x, y)
-    assert out["lambda_1"] == pytest.approx(dense[0], rel=1e-6)
+    assert out["hvps"] == 3  # λ1, λ2 from k + 1 products, nothing more
     assert out["sharpness"] == out["lambda_1"]  # SGD: no extra Lanczos run to skip
     assert not {"trace", "density", "lambda_max/h", "lambda_max/out"} & set(out)
     assert "left out this time: the trace, the density, 2 of 2 layers' λmax" in \
@@ -365,3 +365,19 @@ def test_time_budget_keeps_the_eigenvalues_and_leaves_out_the_rest(setup, capsys
                                        time_budget=None)(model, x, y)
     assert {"trace", "density", "lambda_max/h", "lambda_max/out"} <= set(unlimited)
     assert capsys.readouterr().err == ""
+
+
+def test_time_budget_stops_lanczos_with_the_residual_it_reached(setup, capsys):
+    model, x, y, H = setup
+    dense = np.sort(np.linalg.eigvalsh(H))[::-1]
+    op = hessian.HessianOperator(model, x, y)
+    values, vectors, products, residuals = hessian.top_eigenpairs(
+        op.matvec, op.random(np.random.default_rng(0)), 2, 100, 1e-12, deadline=0)
+    assert products == 3  # k + 1, then the deadline
+    vectors = np.asarray(vectors)
+    for lam, vec, relative in zip(values, vectors, residuals):  # the residual is the true one
+        assert np.linalg.norm(H @ vec - lam * vec) / abs(lam) == pytest.approx(relative, rel=1e-6)
+    assert values[0] <= dense[0] * (1 + 1e-12)  # a Ritz value bounds λmax from below
+    out = oi.probes.HessianProbe(k=2, time_budget=0, per_layer=False)(model, x, y)
+    assert out["hvps"] == 3 and out["lambda_residual"] > 1e-3
+    assert "λ stopped at a relative residual of" in capsys.readouterr().err

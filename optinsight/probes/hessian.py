@@ -177,7 +177,7 @@ def _tridiagonal(alphas, betas):
     return t + np.diag(off, 1) + np.diag(off, -1)
 
 
-def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None):
+def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None, deadline=None):
     """The k largest eigenpairs of a symmetric map by thick-restart Lanczos
     (Wu & Simon, SIAM J. Matrix Anal. Appl. 22, 2000).
 
@@ -186,9 +186,13 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None):
     restarts from its best Ritz vectors (the top k and about half the rest) and the
     residual. Stops once every top-k Ritz pair has residual ‖A y − θ y‖ <= tol·|θ|
     (tol > 0; an eigenvalue error of at most that, usually far less), after
-    `max_products` products, or when the Krylov space is exhausted.
+    `max_products` products, when another product would end past `deadline` (in
+    `time.monotonic()` seconds, judged by the last one; after k + 1 products at least),
+    or when the Krylov space is exhausted.
 
-    Returns (values [k] descending float64 numpy, vectors [k, size] tensor, products).
+    Returns (values [k] descending float64 numpy, vectors [k, size] tensor, products,
+    relative residuals [k]: ‖A y − θ y‖ / |θ|, the accuracy reached). Ritz values
+    never exceed the largest eigenvalue, and each is within its residual of one.
     Memory: basis_size + 2 vectors the size of `start`; while restarting, also the
     kept Ritz vectors (max(k, (basis_size + k) // 2 - 1)).
     """
@@ -200,8 +204,10 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None):
     products = 0
     while True:
         j = len(basis) - 1
+        began = time.monotonic()
         w = matvec(basis[j])
         products += 1
+        last = time.monotonic() - began  # the next product is expected to take as long
         w, coefficients = orthogonalise(w, basis)
         projected[: j + 1, j] = projected[j, : j + 1] = np.asarray(coefficients, np.float64)
         beta = float(tf.norm(w))
@@ -210,9 +216,11 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None):
         order = np.argsort(theta)[::-1]
         top = order[:k]
         residuals = beta * np.abs(s[n - 1, top])
-        if (n >= k and tol > 0 and np.all(residuals <= tol * np.maximum(
-                np.abs(theta[top]), 1e-30))) or products >= max_products \
-                or beta <= 1e-10 * max(np.abs(theta).max(), 1.0):
+        relative = residuals / np.maximum(np.abs(theta[top]), 1e-30)
+        if (n >= k and tol > 0 and np.all(relative <= tol)) or products >= max_products \
+                or beta <= 1e-10 * max(np.abs(theta).max(), 1.0) \
+                or (deadline is not None and products > k
+                    and time.monotonic() + last > deadline):
             break
         if n == m:  # thick restart: keep the best Ritz vectors, continue from the residual
             keep = order[: max(k, (m + k) // 2 - 1)]
@@ -220,7 +228,7 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None):
             projected[:] = 0  # the next product fills row and column j, couplings included
             projected[np.arange(len(keep)), np.arange(len(keep))] = theta[keep]
         basis.append(w / beta)
-    return theta[top], tf.stack([_combine(basis, s[:, i]) for i in top]), products
+    return theta[top], tf.stack([_combine(basis, s[:, i]) for i in top]), products, relative
 
 
 def _orthogonalise(w, basis):
@@ -301,8 +309,8 @@ def top_eigenvalues(model, x, y=None, k=1, method="lanczos", max_iter=100, tol=1
     if method == "power":
         values, vectors = _power(op, op.size, k, max_iter, tol, rng)
     elif method == "lanczos":
-        values, vectors, _ = top_eigenpairs(op.matvec, _start(op, start, rng), k,
-                                            max(max_iter, k), tol, basis_size)
+        values, vectors, _, _ = top_eigenpairs(op.matvec, _start(op, start, rng), k,
+                                               max(max_iter, k), tol, basis_size)
         vectors = np.asarray(vectors)
     else:
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
@@ -396,10 +404,15 @@ class HessianProbe:
     Cost, in HVPs over the probe batch: about 10 per eigenvalue and per layer at the
     default tol from a random start, trace_samples, and density_steps ×
     density_samples. `time_budget` (seconds, None for no limit) bounds it on large
-    models: λ1..λk are always computed; then the sharpness, the trace, the density
-    and the layers (in order) each start only while the budget lasts, and what did
-    not fit is left out of that evaluation (with one line on stderr). Memory: k + 10
-    vectors of the parameters' size at most.
+    models: Lanczos for λ1..λk stops at the budget (after k + 1 products at least)
+    and `lambda_residual` says how far it got (the largest ‖H y − λ y‖ / |λ| of the
+    top k; ≤ tol when converged; λ1 is then a lower bound of the true λmax, within
+    that residual of an eigenvalue). The sharpness, the trace, the density and the
+    layers (in order) each start only while the budget lasts; what did not fit is
+    left out of that evaluation, with one line on stderr. Lanczos does not start a
+    product it expects to end past the budget; a part that started in time (a trace,
+    a density, a layer) runs to its end. Memory: k + 10 vectors of the parameters'
+    size at most.
     """
 
     def __init__(self, every="epoch", k=1, trace_samples=0, density=False, per_layer=True,
@@ -412,15 +425,16 @@ class HessianProbe:
         self.time_budget = time_budget
         self._starts = {}  # run -> sum of its last top eigenvectors, flat tensor
 
-    def _top(self, run, matvec, op, k, rng):
-        """Top-k eigenvalues of `matvec` (on op's flat vectors), warm-started."""
+    def _top(self, run, matvec, op, k, rng, deadline=None):
+        """(top-k eigenvalues of `matvec` on op's flat vectors, warm-started; their
+        largest relative residual)."""
         start = self._starts.get(run)
         if start is None or start.shape[0] != op.size or start.dtype != op.dtype:
             start = op.random(rng)
-        values, vectors, _ = top_eigenpairs(matvec, start, k, max(self.max_iter, k),
-                                            self.tol)
+        values, vectors, _, relative = top_eigenpairs(matvec, start, k, max(self.max_iter, k),
+                                                      self.tol, deadline=deadline)
         self._starts[run] = tf.reduce_sum(vectors, axis=0)
-        return values
+        return values, float(relative.max())
 
     def __call__(self, model, x, y):
         deadline = None if self.time_budget is None else time.monotonic() + self.time_budget
@@ -434,8 +448,9 @@ class HessianProbe:
 
         rng = np.random.default_rng(self.seed)
         op = HessianOperator(model, x, y)
-        values = self._top("top", op.matvec, op, self.k, rng)
+        values, residual = self._top("top", op.matvec, op, self.k, rng, deadline)
         out = {f"lambda_{i + 1}": float(v) for i, v in enumerate(values)}
+        out["lambda_residual"] = residual
         products = 0
         if model.optimizer is not None:
             from optinsight.probes.stability import preconditioned
@@ -444,7 +459,7 @@ class HessianProbe:
             matvec, limit = preconditioned(op, model.optimizer)
             if matvec is None or time_left("the sharpness"):
                 sharp = float(values[0]) if matvec is None else \
-                    float(self._top("sharpness", matvec, op, 1, rng)[0])
+                    float(self._top("sharpness", matvec, op, 1, rng)[0][0])
                 out.update(sharpness=sharp, stability_limit=limit,
                            stability_ratio=None if limit is None else sharp / limit)
         if self.trace_samples and time_left("the trace"):
@@ -461,10 +476,13 @@ class HessianProbe:
                     break
                 block = HessianOperator(model, x, y, variables=variables)
                 out[f"lambda_max/{layer}"] = float(
-                    self._top(("layer", layer), block.matvec, block, 1, rng)[0])
+                    self._top(("layer", layer), block.matvec, block, 1, rng)[0][0])
                 products += block.products
         out["hvps"] = op.products + products
-        if skipped:
+        if skipped or residual > self.tol:
+            reached = "" if residual <= self.tol else \
+                f"; λ stopped at a relative residual of {residual:.1e} (tol {self.tol:g})"
+            left = f"; left out this time: {', '.join(skipped)}" if skipped else ""
             print(f"optinsight: {self.name}: its time budget of {self.time_budget:g} s was "
-                  f"spent; left out this time: {', '.join(skipped)}", file=sys.stderr)
+                  f"spent{reached}{left}", file=sys.stderr)
         return out
