@@ -6,6 +6,23 @@ import os
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def peak_mib():
+    """This process's peak resident memory in MiB: VmHWM, which starts afresh at exec
+    (getrusage's ru_maxrss keeps the high-water mark of the process that started it)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def read_results(name):
+    """The figures last written to benchmarks/results/<name>.json (without the machine's
+    facts), so that a run of some parts keeps the others; {} when there are none."""
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {k: v for k, v in json.load(f).items() if k != "machine"}
+
+
 def write_results(name, results):
     """Write results (plus cpus and library versions) to benchmarks/results/<name>.json."""
     import keras

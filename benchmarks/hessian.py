@@ -23,7 +23,6 @@ Prints and writes benchmarks/results/hessian.json.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from common import RESULTS_DIR, write_results  # noqa: E402
+from common import read_results, write_results  # noqa: E402
 
 from main import build_model  # noqa: E402
 from optinsight.probes import hessian  # noqa: E402
@@ -218,12 +217,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warm-evaluations", type=int, default=20)
     args = parser.parse_args()
-    path = os.path.join(RESULTS_DIR, "hessian.json")
-    results = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
-        results.pop("machine", None)
+    results = read_results("hessian")
     for part in args.parts:
         results[part] = PARTS[part](args)
     write_results("hessian", results)

@@ -21,7 +21,6 @@ Prints the figures and writes benchmarks/results/ntk.json.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from common import RESULTS_DIR, write_results  # noqa: E402
+from common import peak_mib, read_results, write_results  # noqa: E402
 
 from main import build_model  # noqa: E402
 from optinsight.probes import ntk  # noqa: E402
@@ -94,10 +93,10 @@ def timed(fn):
 
 def memory_child(kind, chunk):
     model, x = model_and_data(kind)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_mib()
     ntk.kernel(model, x, chunk_size=None if chunk == 0 else chunk)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": peak / 1024, "added_mib": (peak - before) / 1024}))
+    peak = peak_mib()
+    print(json.dumps({"peak_mib": peak, "added_mib": peak - before}))
 
 
 def loops_part(args):
@@ -204,11 +203,7 @@ def main():
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    path = os.path.join(RESULTS_DIR, "ntk.json")
-    results = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = {k: v for k, v in json.load(f).items() if k != "machine"}
+    results = read_results("ntk")
     for part in args.parts:
         result = PARTS[part](args)
         results.update(result if part == "loops" else {part: result})

@@ -8,13 +8,15 @@ training steps' peak in the same process (what the probe needs beyond training).
 A probe still running after --timeout seconds is stopped and reported as such.
 Prints a table and writes benchmarks/results/probes.json.
 
-    python benchmarks/probes.py [--models cnn resnet50] [--timeout 300]
+    python benchmarks/probes.py [--models cnn resnet50] [--probes NAME ...] [--timeout 300]
+
+With --probes, only those (class names) run; the other figures already in
+probes.json are kept.
 """
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -23,13 +25,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import peak_mib, read_results, write_results  # noqa: E402
+
 MODELS = ("cnn", "resnet50")
 PROBE_EXAMPLES = 128
 TARGETS = {"seconds": 60, "mib_above_training": 2048}
-
-
-def peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(model_name, index):
@@ -74,19 +74,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--probes", nargs="+", help="probe class names (default: all)")
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args()
     if args.child:
         return child(args.child[0], int(args.child[1]))
-    from common import write_results
-
     import main as job
 
     names = [type(p).__name__ for p in job.build_probes()]
-    results = {"probe_examples": PROBE_EXAMPLES, "targets": TARGETS}
+    results = {**read_results("probes"), "probe_examples": PROBE_EXAMPLES, "targets": TARGETS}
     for model_name in args.models:
-        rows = {}
+        rows = results.get(model_name, {})
         for index, name in enumerate(names):
+            if args.probes and name not in args.probes:
+                continue
             row = measure(model_name, index, args.timeout)
             rows[name] = row
             if "seconds" in row:
