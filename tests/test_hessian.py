@@ -381,3 +381,12 @@ def test_time_budget_stops_lanczos_with_the_residual_it_reached(setup, capsys):
     out = oi.probes.HessianProbe(k=2, time_budget=0, per_layer=False)(model, x, y)
     assert out["hvps"] == 3 and out["lambda_residual"] > 1e-3
     assert "λ stopped at a relative residual of" in capsys.readouterr().err
+
+
+def test_unconverged_lambda_without_a_time_budget_is_reported_not_raised(setup, capsys):
+    model, x, y, H = setup
+    out = oi.probes.HessianProbe(k=2, max_iter=2, tol=1e-12, per_layer=False,
+                                 time_budget=None)(model, x, y)
+    assert out["hvps"] == 2 and out["lambda_residual"] > 1e-12
+    err = capsys.readouterr().err
+    assert "λ stopped at a relative residual of" in err and "time budget" not in err

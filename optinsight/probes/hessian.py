@@ -453,15 +453,14 @@ class HessianProbe:
         out["lambda_residual"] = residual
         products = 0
         if model.optimizer is not None:
-            from optinsight.probes.stability import preconditioned
+            from optinsight.probes.stability import preconditioned, stability_summary
 
             out["lr_times_lambda_max"] = learning_rate(model) * float(values[0])
             matvec, limit = preconditioned(op, model.optimizer)
             if matvec is None or time_left("the sharpness"):
                 sharp = float(values[0]) if matvec is None else \
                     float(self._top("sharpness", matvec, op, 1, rng)[0][0])
-                out.update(sharpness=sharp, stability_limit=limit,
-                           stability_ratio=None if limit is None else sharp / limit)
+                out.update(stability_summary(sharp, limit))
         if self.trace_samples and time_left("the trace"):
             out["trace"], out["trace_stderr"] = _trace(op, self.trace_samples, rng)
         if self.density and time_left("the density"):
@@ -479,10 +478,13 @@ class HessianProbe:
                     self._top(("layer", layer), block.matvec, block, 1, rng)[0][0])
                 products += block.products
         out["hvps"] = op.products + products
-        if skipped or residual > self.tol:
-            reached = "" if residual <= self.tol else \
-                f"; λ stopped at a relative residual of {residual:.1e} (tol {self.tol:g})"
-            left = f"; left out this time: {', '.join(skipped)}" if skipped else ""
-            print(f"optinsight: {self.name}: its time budget of {self.time_budget:g} s was "
-                  f"spent{reached}{left}", file=sys.stderr)
+        notes = []
+        if residual > self.tol:  # the budget, or max_iter, stopped Lanczos first
+            notes.append(f"λ stopped at a relative residual of {residual:.1e} "
+                         f"(tol {self.tol:g})")
+        if skipped:
+            notes.append(f"its time budget of {self.time_budget:g} s was spent; left out "
+                         f"this time: {', '.join(skipped)}")
+        if notes:
+            print(f"optinsight: {self.name}: {'; '.join(notes)}", file=sys.stderr)
         return out

@@ -87,5 +87,11 @@ def sharpness(model, x, y, optimizer=None, max_iter=100, tol=1e-3, seed=0, plain
     else:
         start = op.random(np.random.default_rng(seed))
         value = float(top_eigenpairs(matvec or op.matvec, start, 1, max_iter, tol)[0][0])
-    return {"sharpness": value, "stability_limit": limit,
-            "stability_ratio": None if limit is None else value / limit}
+    return stability_summary(value, limit)
+
+
+def stability_summary(sharpness_value, limit):
+    """{"sharpness", "stability_limit", "stability_ratio"}: the ratio is None with the
+    limit."""
+    return {"sharpness": sharpness_value, "stability_limit": limit,
+            "stability_ratio": None if limit is None else sharpness_value / limit}
