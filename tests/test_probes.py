@@ -392,5 +392,10 @@ def test_deep_models_are_read_at_evenly_spaced_layers():
     _, whole = probes.cka(model, x)
     picked = [int(n[1:]) for n in names]
     np.testing.assert_allclose(out["cka"], whole[np.ix_(picked, picked)], rtol=1e-9)
+    np.testing.assert_allclose(out["correlations"], probes.layer_correlations(model, x, names)[1],
+                               rtol=1e-12)
+    spectra = probes.feature_spectrum(model, x, names)
+    assert {n: out[f"{n}/effective_rank"] for n in names} == \
+        {n: spectra[n]["effective_rank"] for n in names}
     assert {k.split("/")[1] for k in probes.ActivationProbe(max_layers=5)(model, x, None)
             if k.startswith("hist/")} == set(names)

@@ -56,8 +56,12 @@ def layer_correlations(model, x, layers=None, max_features=1024, full=False):
     each feature's correlation with itself on the diagonal; layers
     wider than `max_features` are read at a deterministic stride of features.
     """
-    features = {k: _subsample(f, max_features)
-                for k, f in layer_features(model, x, layers).items()}
+    return _correlations(layer_features(model, x, layers), max_features, full)
+
+
+def _correlations(features, max_features, full=False):
+    """layer_correlations on {layer: features [n, d]}."""
+    features = {k: _subsample(f, max_features) for k, f in features.items()}
     names = list(features)
     matrix = np.zeros((len(names), len(names)))
     pairs = {}
@@ -101,10 +105,14 @@ def linear_cka(a, b):
 def cka(model, x, layers=None):
     """(names, linear CKA matrix [L, L]) between every pair of layers on x; each
     layer's n×n Gram matrix is computed once."""
-    grams = {k: _centred_gram(f) for k, f in layer_features(model, x, layers).items()}
-    names = list(grams)
-    matrix = np.array([[_cka_of_grams(grams[a], grams[b]) for b in names] for a in names])
-    return names, matrix
+    features = layer_features(model, x, layers)
+    return list(features), _cka_matrix(features)
+
+
+def _cka_matrix(features):
+    """The linear CKA matrix [L, L] of {layer: features [n, d]}."""
+    grams = [_centred_gram(f) for f in features.values()]
+    return np.array([[_cka_of_grams(a, b) for b in grams] for a in grams])
 
 
 def default_augmentation(seed=0):
@@ -153,13 +161,15 @@ def feature_spectrum(model, x, layers=None):
     """{layer: {"singular_values" (of the centred [n, d] feature matrix, descending),
     "effective_rank" (exp of the entropy of the normalised singular values,
     Roy & Vetterli 2007: 1 for rank one, up to min(n, d))}}."""
-    out = {}
-    for k, f in layer_features(model, x, layers).items():
-        s = np.linalg.svd(f - f.mean(axis=0), compute_uv=False)
-        p = s / s.sum() if s.sum() > 0 else s
-        entropy = -np.sum(p[p > 0] * np.log(p[p > 0]))
-        out[k] = {"singular_values": s, "effective_rank": float(np.exp(entropy))}
-    return out
+    return {k: _spectrum(f) for k, f in layer_features(model, x, layers).items()}
+
+
+def _spectrum(f):
+    """feature_spectrum of one feature matrix [n, d]."""
+    s = np.linalg.svd(f - f.mean(axis=0), compute_uv=False)
+    p = s / s.sum() if s.sum() > 0 else s
+    entropy = -np.sum(p[p > 0] * np.log(p[p > 0]))
+    return {"singular_values": s, "effective_rank": float(np.exp(entropy))}
 
 
 def export_projector(model, x, y, log_dir, layers=None):
@@ -231,9 +241,10 @@ class ActivationProbe:
 
 class RepresentationProbe:
     """Writes the arrays `cka` and `correlations` ([L, L]) and, per layer,
-    `<layer>/effective_rank`. Layers: `layers`, else at most `max_layers` evenly
-    spaced by depth (all of the reference CNN's; 16 of a ResNet50's 176), each read
-    at no more than `max_features` features for the correlations."""
+    `<layer>/effective_rank`, from one pass of the model over x. Layers: `layers`,
+    else at most `max_layers` evenly spaced by depth (all of the reference CNN's; 16
+    of a ResNet50's 176), each read at no more than `max_features` features for the
+    correlations."""
 
     def __init__(self, every="epoch", layers=None, max_layers=MAX_LAYERS, max_features=1024,
                  name="representations"):
@@ -241,12 +252,11 @@ class RepresentationProbe:
         self.max_layers, self.max_features = max_layers, max_features
 
     def __call__(self, model, x, y):
-        layers = sampled_layers(model, self.layers, self.max_layers)
-        _, cka_matrix = cka(model, x, layers)
-        _, correlations = layer_correlations(model, x, layers, self.max_features)
-        out = {"cka": cka_matrix, "correlations": correlations}
-        for k, s in feature_spectrum(model, x, layers).items():
-            out[f"{k}/effective_rank"] = s["effective_rank"]
+        features = layer_features(model, x, sampled_layers(model, self.layers, self.max_layers))
+        out = {"cka": _cka_matrix(features),
+               "correlations": _correlations(features, self.max_features)[1]}
+        for k, f in features.items():
+            out[f"{k}/effective_rank"] = _spectrum(f)["effective_rank"]
         return out
 
 
