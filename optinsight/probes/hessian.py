@@ -39,7 +39,9 @@ _COMPILED = weakref.WeakKeyDictionary()  # model -> {key: tf.function}
 
 
 def _hvp_function(model, variables, loss, method, training):
-    """A compiled `f(x, y, vector) -> H·vector` for one batch, cached per model."""
+    """Compiled `(f(x, y, tensors) -> H·tensors, g(x, y, flat) -> H·flat)` for one
+    batch, cached per model: per-variable tensors, or one flat vector in the widest
+    variable dtype (split, cast and concatenated inside the graph)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     cache = _COMPILED.setdefault(model, {})
@@ -47,6 +49,8 @@ def _hvp_function(model, variables, loss, method, training):
     if key in cache:
         return cache[key]
     loss_fn = loss_function(model, loss)
+    sizes = [int(np.prod(v.shape)) for v in variables]
+    dtype = _widest(variables)
 
     def gradient(x, y, tape):
         with tape:
@@ -66,8 +70,19 @@ def _hvp_function(model, variables, loss, method, training):
         return [acc.jvp(g, unconnected_gradients=_ZERO) for g in grads]
 
     fn = forward_over_reverse if method == "forward" else reverse_over_reverse
-    cache[key] = tf.function(fn, reduce_retracing=True)
+
+    def flat(x, y, vector):
+        tensors = [tf.cast(tf.reshape(p, v.shape), v.dtype)
+                   for p, v in zip(tf.split(vector, sizes), variables)]
+        return tf.concat([tf.cast(tf.reshape(o, [-1]), dtype) for o in fn(x, y, tensors)], 0)
+
+    cache[key] = (tf.function(fn, reduce_retracing=True),
+                  tf.function(flat, reduce_retracing=True))
     return cache[key]
+
+
+def _widest(variables):
+    return max((tf.as_dtype(v.dtype) for v in variables), key=lambda d: d.size)
 
 
 class HessianOperator:
@@ -79,29 +94,32 @@ class HessianOperator:
                  training=False):
         self.variables = resolve_variables(model, variables)
         self.size = num_parameters(self.variables)
-        self.dtype = max((tf.as_dtype(v.dtype) for v in self.variables),
-                         key=lambda d: d.size)  # the widest variable dtype
-        self.data = batches(x, y)
+        self.dtype = _widest(self.variables)
+        self.data = [(tf.nest.map_structure(tf.convert_to_tensor, bx),
+                      tf.nest.map_structure(tf.convert_to_tensor, by), n)
+                     for bx, by, n in batches(x, y)]
         self.total = sum(n for _, _, n in self.data)
-        self._fn = _hvp_function(model, self.variables, loss, method or DEFAULT_METHOD,
-                                 training)
+        self._fn, self._flat_fn = _hvp_function(model, self.variables, loss,
+                                                method or DEFAULT_METHOD, training)
         self.products = 0  # HVPs computed, each over all the data
 
-    def matvec_tensors(self, vector):
+    def _mean(self, fn, vector):
+        """The example-weighted mean over the batches of fn(x, y, vector)."""
         out = None
         for bx, by, n in self.data:
-            part = self._fn(bx, by, vector)
-            weighted = [p * (n / self.total) for p in part]
-            out = weighted if out is None else [a + b for a, b in zip(out, weighted)]
+            part = tf.nest.map_structure(lambda p, n=n: p * (n / self.total), fn(bx, by, vector)) \
+                if len(self.data) > 1 else fn(bx, by, vector)
+            out = part if out is None else tf.nest.map_structure(tf.add, out, part)
         self.products += 1
         return out
 
+    def matvec_tensors(self, vector):
+        """H·vector for a list of tensors shaped like `variables`."""
+        return self._mean(self._fn, vector)
+
     def matvec(self, vector):
         """H·vector for a flat tensor [size] in `dtype`; a flat tensor in `dtype`."""
-        parts = tf.split(vector, [int(np.prod(v.shape)) for v in self.variables])
-        out = self.matvec_tensors([tf.cast(tf.reshape(p, v.shape), v.dtype)
-                                   for p, v in zip(parts, self.variables)])
-        return tf.concat([tf.cast(tf.reshape(o, [-1]), self.dtype) for o in out], 0)
+        return self._mean(self._flat_fn, vector)
 
     def random(self, rng, rademacher=False):
         """A random flat tensor in `dtype`: standard normal, or ±1 with `rademacher`."""
@@ -198,7 +216,7 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None, deadlin
     """
     size = int(start.shape[0])
     m = max(min(basis_size or k + 8, size), k + 1)
-    orthogonalise = _orthogonalise_compiled if size >= _COMPILE_FROM else _orthogonalise_graph
+    orthogonalise, combine = _XLA if size >= _COMPILE_FROM else _GRAPH
     basis = [_unit(start)]
     projected = np.zeros((m, m))  # basisᵀ A basis
     products = 0
@@ -208,9 +226,9 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None, deadlin
         w = matvec(basis[j])
         products += 1
         last = time.monotonic() - began  # the next product is expected to take as long
-        w, coefficients = orthogonalise(w, basis)
+        w, coefficients, beta = orthogonalise(w, basis)
         projected[: j + 1, j] = projected[j, : j + 1] = np.asarray(coefficients, np.float64)
-        beta = float(tf.norm(w))
+        beta = float(beta)
         n = j + 1
         theta, s = np.linalg.eigh(projected[:n, :n])
         order = np.argsort(theta)[::-1]
@@ -224,39 +242,40 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None, deadlin
             break
         if n == m:  # thick restart: keep the best Ritz vectors, continue from the residual
             keep = order[: max(k, (m + k) // 2 - 1)]
-            basis = [_combine(basis, s[:, i]) for i in keep]
+            basis = [combine(basis, s[:, i]) for i in keep]
             projected[:] = 0  # the next product fills row and column j, couplings included
             projected[np.arange(len(keep)), np.arange(len(keep))] = theta[keep]
         basis.append(w / beta)
-    return theta[top], tf.stack([_combine(basis, s[:, i]) for i in top]), products, relative
+    return theta[top], tf.stack([combine(basis, s[:, i]) for i in top]), products, relative
 
 
 def _orthogonalise(w, basis):
     """(w without its components along the orthonormal vectors of `basis`, those
-    components [len(basis)]): classical Gram–Schmidt twice (Kahan–Parlett)."""
+    components [len(basis)], the norm of what is left): classical Gram–Schmidt twice
+    (Kahan–Parlett)."""
     total = 0
     for _ in range(2):
         coefficients = [tf.tensordot(w, u, 1) for u in basis]
         for c, u in zip(coefficients, basis):  # one temporary at a time
             w -= c * u
         total += tf.stack(coefficients)
-    return w, total
-
-
-#: Vectors from this size on are orthogonalised by XLA, in one pass over memory per
-#: Gram–Schmidt sweep (3x faster at 23.6 M entries; compiling once per basis length
-#: costs ~0.1-0.3 s, more than it saves on smaller vectors).
-_COMPILE_FROM = 1 << 22
-_orthogonalise_compiled = tf.function(_orthogonalise, jit_compile=True)
-_orthogonalise_graph = tf.function(_orthogonalise, reduce_retracing=True)
+    return w, total, tf.norm(w)
 
 
 def _combine(vectors, weights):
     """Σ_i weights[i]·vectors[i], one vector at a time."""
     out = tf.zeros_like(vectors[0])
-    for vector, weight in zip(vectors, weights):
-        out += float(weight) * vector
+    for i, vector in enumerate(vectors):
+        out += tf.cast(weights[i], out.dtype) * vector
     return out
+
+
+#: Vectors from this size on are orthogonalised and combined by XLA, in one pass over
+#: memory per sweep (3x faster at 23.6 M entries; compiling once per basis length
+#: costs ~0.1-0.3 s, more than it saves on smaller vectors).
+_COMPILE_FROM = 1 << 22
+_XLA = tuple(tf.function(f, jit_compile=True) for f in (_orthogonalise, _combine))
+_GRAPH = tuple(tf.function(f, reduce_retracing=True) for f in (_orthogonalise, _combine))
 
 
 def _power(matvec, size, k, max_iter, tol, rng):
