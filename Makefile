@@ -28,6 +28,7 @@ OLDEST_TESTS := tests/test_dynamics.py tests/test_native.py \
 	tests/test_workflows.py::test_fine_tuning_records_the_variables_each_fit_trains \
 	tests/test_probes.py::test_gradient_covariance_and_noise_scale \
 	tests/test_hessian.py::test_hvp_matches_dense tests/test_hessian.py::test_lanczos_top_eigenvalues \
+	tests/test_hessian.py::test_hvp_is_compiled_once \
 	tests/test_compat.py
 
 # Benchmark-only extras (PyTorch and PyHessian, JAX: the references benchmarks/hessian.py

@@ -30,6 +30,8 @@ from common import peak_mib, read_results, write_results  # noqa: E402
 MODELS = ("cnn", "resnet50")
 PROBE_EXAMPLES = 128
 TARGETS = {"seconds": 60, "mib_above_training": 2048}
+#: What a probe's result says of its own work, kept beside its time and memory.
+REPORTED = ("hessian_examples", "hvps", "lambda_1", "lambda_residual", "parameters")
 
 
 def child(model_name, index):
@@ -52,11 +54,12 @@ def child(model_name, index):
     training = peak_mib()
     probe = main.build_probes()[index]
     start = time.perf_counter()
-    probe(model, x[32:], y[32:])
+    out = probe(model, x[32:], y[32:])
     seconds = time.perf_counter() - start
     print(json.dumps({"probe": type(probe).__name__, "seconds": seconds,
                       "training_peak_mib": training,
-                      "mib_above_training": peak_mib() - training}))
+                      "mib_above_training": peak_mib() - training,
+                      **{k: float(out[k]) for k in REPORTED if k in out}}))
 
 
 def measure(model_name, index, timeout):
@@ -67,7 +70,9 @@ def measure(model_name, index, timeout):
         return {"timeout_s": timeout}
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    notices = [line for line in out.stderr.splitlines() if line.startswith("optinsight:")]
+    return {**row, "notices": notices} if notices else row
 
 
 def main():
@@ -100,6 +105,11 @@ def main():
             else:
                 text = f"failed: {row['error']}"
             print(f"{model_name:9s} {name:22s} {text}", flush=True)
+            for key in REPORTED:
+                if key in row:
+                    print(f"{'':32s} {key} = {row[key]:.4g}")
+            for notice in row.get("notices", ()):
+                print(f"{'':32s} {notice}")
         results[model_name] = rows
     write_results("probes", results)
 

@@ -68,9 +68,9 @@ def test_hvp_is_compiled_once(setup):
     fns = hessian._hvp_function(model, model.trainable_variables, None,
                                 hessian.DEFAULT_METHOD, False)
     counts = [fn.experimental_get_tracing_count() for fn in fns]
-    for _ in range(3):
+    for n in (40, 10, 25):  # any batch size reuses the flat HVP's one trace
         hessian.hvp(model, x, y, v * 2)
-        hessian.top_eigenvalues(model, x, y, seed=1)
+        hessian.top_eigenvalues(model, x[:n], y[:n], seed=1)
     assert [fn.experimental_get_tracing_count() for fn in fns] == counts
 
 
@@ -357,7 +357,7 @@ def test_lanczos_memory_is_its_basis_not_its_iterations():
 def test_time_budget_keeps_the_eigenvalues_and_leaves_out_the_rest(setup, capsys):
     model, x, y, H = setup
     out = oi.probes.HessianProbe(k=2, trace_samples=10, density=True, tol=1e-8,
-                                 time_budget=0)(model, x, y)
+                                 time_budget=0, max_examples=None)(model, x, y)
     assert out["hvps"] == 3  # λ1, λ2 from k + 1 products, nothing more
     assert out["sharpness"] == out["lambda_1"]  # SGD: no extra Lanczos run to skip
     assert not {"trace", "density", "lambda_max/h", "lambda_max/out"} & set(out)
@@ -380,9 +380,10 @@ def test_time_budget_stops_lanczos_with_the_residual_it_reached(setup, capsys):
     for lam, vec, relative in zip(values, vectors, residuals):  # the residual is the true one
         assert np.linalg.norm(H @ vec - lam * vec) / abs(lam) == pytest.approx(relative, rel=1e-6)
     assert values[0] <= dense[0] * (1 + 1e-12)  # a Ritz value bounds λmax from below
-    out = oi.probes.HessianProbe(k=2, time_budget=0, per_layer=False)(model, x, y)
+    out = oi.probes.HessianProbe(k=2, time_budget=0, per_layer=False,
+                                 max_examples=None)(model, x, y)
     assert out["hvps"] == 3 and out["lambda_residual"] > 1e-3
-    assert "λ stopped at a relative residual of" in capsys.readouterr().err
+    assert "stopped at a relative residual above tol 0.001: λ at" in capsys.readouterr().err
 
 
 def test_unconverged_lambda_without_a_time_budget_is_reported_not_raised(setup, capsys):
@@ -391,4 +392,42 @@ def test_unconverged_lambda_without_a_time_budget_is_reported_not_raised(setup, 
                                  time_budget=None)(model, x, y)
     assert out["hvps"] == 2 and out["lambda_residual"] > 1e-12
     err = capsys.readouterr().err
-    assert "λ stopped at a relative residual of" in err and "time budget" not in err
+    assert "stopped at a relative residual above tol 1e-12: λ at" in err
+    assert "time budget" not in err
+
+
+def test_max_examples_measures_the_curvature_of_the_first_examples(setup):
+    model, x, y, _ = setup
+    dense = np.sort(np.linalg.eigvalsh(dense_hessian(model, x[:12], y[:12])))[::-1]
+    probe = oi.probes.HessianProbe(k=2, tol=1e-8, max_examples=12, per_layer=False)
+    out = probe(model, x, y)
+    assert out["hessian_examples"] == 12
+    np.testing.assert_allclose([out["lambda_1"], out["lambda_2"]], dense[:2], rtol=1e-6)
+    assert oi.probes.HessianProbe(max_examples=100)(model, x, y)["hessian_examples"] == 40
+    with pytest.raises(ValueError, match="max_examples must be"):
+        oi.probes.HessianProbe(max_examples=0)
+
+
+def test_auto_examples_fit_the_products_in_the_time_budget(setup, monkeypatch):
+    """"auto" keeps every example when _AUTO_PRODUCTS products fit the budget, else as
+    many as the timed product over _AUTO_FROM examples says fit (at least _AUTO_FROM),
+    and keeps that count; the two timing products count in hvps."""
+    from types import SimpleNamespace
+
+    model, x, y, H = setup
+    ample = oi.probes.HessianProbe(per_layer=False, time_budget=1e6)
+    out = ample(model, x, y)
+    assert out["hessian_examples"] == 40
+    assert out["lambda_1"] == pytest.approx(np.linalg.eigvalsh(H).max(), rel=1e-3)
+    fixed = oi.probes.HessianProbe(per_layer=False, time_budget=1e6, max_examples=40)
+    assert out["hvps"] == fixed(model, x, y)["hvps"] + 2
+    assert ample(model, x, y)["hvps"] == fixed(model, x, y)["hvps"]  # warm, no timing
+    for seconds, expected in ((1.0, 8), (0.0625, 30)):  # 8 · 6 s / (25 · seconds)
+        clock = iter([0.0, 0.0, seconds] + [0.0] * 10_000)  # deadline, began, timed
+        monkeypatch.setattr(hessian, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+        probe = oi.probes.HessianProbe(per_layer=False, time_budget=6.0)
+        assert probe(model, x, y)["hessian_examples"] == expected
+        monkeypatch.undo()
+        assert probe(model, x, y)["hessian_examples"] == expected
+    unlimited = oi.probes.HessianProbe(per_layer=False, time_budget=None)
+    assert unlimited(model, x, y)["hessian_examples"] == 40

@@ -76,7 +76,8 @@ def loss_function(model, loss=None):
     return given
 
 
-def _length(a):
+def num_examples(a):
+    """The examples in an array or a nest of arrays (its first dimension)."""
     return int(tf.shape(tf.nest.flatten(a)[0])[0])
 
 
@@ -98,7 +99,7 @@ def batches(x, y=None):
         items = [(x, y)]
     out = []
     for bx, by in items:
-        n, ny = _length(bx), _length(by)
+        n, ny = num_examples(bx), num_examples(by)
         if n != ny:
             raise ValueError(f"x has {n} examples but y has {ny}; they must match")
         if n:

@@ -23,6 +23,7 @@ from optinsight.probes.common import (
     flatten,
     layer_name,
     loss_function,
+    num_examples,
     num_parameters,
     optimizer_learning_rate,
     resolve_variables,
@@ -102,6 +103,19 @@ class HessianOperator:
         self._fn, self._flat_fn = _hvp_function(model, self.variables, loss,
                                                 method or DEFAULT_METHOD, training)
         self.products = 0  # HVPs computed, each over all the data
+        self._relaxed = False
+
+    def _relax(self):
+        """Trace the flat HVP once for any batch size (a sub-batch or a dataset's last
+        batch then reuses it; tracing a large model takes seconds)."""
+        def spec(t):
+            return tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
+
+        bx, by, _ = self.data[0]
+        self._flat_fn.get_concrete_function(tf.nest.map_structure(spec, bx),
+                                            tf.nest.map_structure(spec, by),
+                                            tf.TensorSpec([self.size], self.dtype))
+        self._relaxed = True
 
     def _mean(self, fn, vector):
         """The example-weighted mean over the batches of fn(x, y, vector)."""
@@ -119,6 +133,8 @@ class HessianOperator:
 
     def matvec(self, vector):
         """H·vector for a flat tensor [size] in `dtype`; a flat tensor in `dtype`."""
+        if not self._relaxed:
+            self._relax()
         return self._mean(self._flat_fn, vector)
 
     def random(self, rng, rademacher=False):
@@ -204,7 +220,7 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None, deadlin
     restarts from its best Ritz vectors (the top k and about half the rest) and the
     residual. Stops once every top-k Ritz pair has residual ‖A y − θ y‖ <= tol·|θ|
     (tol > 0; an eigenvalue error of at most that, usually far less), after
-    `max_products` products, when another product would end past `deadline` (in
+    `max_products` products, when another step would end past `deadline` (in
     `time.monotonic()` seconds, judged by the last one; after k + 1 products at least),
     or when the Krylov space is exhausted.
 
@@ -226,7 +242,6 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None, deadlin
         began = time.monotonic()
         w = matvec(basis[j])
         products += 1
-        last = time.monotonic() - began  # the next product is expected to take as long
         w, coefficients, beta = orthogonalise(w, basis)
         projected[: j + 1, j] = projected[j, : j + 1] = np.asarray(coefficients, np.float64)
         beta = float(beta)
@@ -236,6 +251,7 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None, deadlin
         top = order[:k]
         residuals = beta * np.abs(s[n - 1, top])
         relative = residuals / np.maximum(np.abs(theta[top]), 1e-30)
+        last = time.monotonic() - began  # the next step is expected to take as long
         if (n >= k and tol > 0 and np.all(relative <= tol)) or products >= max_products \
                 or beta <= 1e-10 * max(np.abs(theta).max(), 1.0) \
                 or (deadline is not None and products > k
@@ -415,6 +431,18 @@ def _density(op, steps, samples, rng, grid=None, sigma=None, full_reorthogonaliz
     return grid, (gauss / (sigma * np.sqrt(2 * np.pi))) @ weights
 
 
+#: max_examples="auto": the products λ and the sharpness should fit in the time budget
+#: (each takes about 13 from a random start at the default tol, 5 warm-started), and
+#: the examples the first product is timed on.
+_AUTO_PRODUCTS = 25
+_AUTO_FROM = 8
+
+
+def _first(a, n):
+    """The first n examples of an array or a nest of arrays."""
+    return tf.nest.map_structure(lambda t: t[:n], a)
+
+
 def learning_rate(model):
     """The model's optimizer's current learning rate as a float."""
     return optimizer_learning_rate(model.optimizer)
@@ -444,15 +472,32 @@ class HessianProbe:
     top k; ≤ tol when converged; λ1 is then a lower bound of the true λmax, within
     that residual of an eigenvalue). The sharpness, the trace, the density and the
     layers (in order) each start only while the budget lasts; what did not fit is
-    left out of that evaluation, with one line on stderr. Lanczos does not start a
-    product it expects to end past the budget; a part that started in time (a trace,
-    a density, a layer) runs to its end. Memory: k + 10 vectors of the parameters'
+    left out of that evaluation, with one line on stderr. Lanczos (λ, the sharpness, a
+    layer's λmax) does not start a step it expects to end past the budget, and the same
+    line names what it left unconverged; a trace or a density that started in time
+    runs to its end. Memory: k + 10 vectors of the parameters'
     size at most.
+
+    `max_examples` bounds the batch the curvature is measured on to its first that
+    many examples (the probe batch should be shuffled), written as
+    `hessian_examples`; None uses them all, and so does a dataset of batches. "auto"
+    (the default) uses them all unless `_AUTO_PRODUCTS` products over them would not
+    fit the time budget: on its first evaluation the probe times a product over
+    `_AUTO_FROM` examples and keeps the largest count expected to fit (at least
+    `_AUTO_FROM`), for every evaluation after (λ on a ResNet50 with 128 probe
+    examples: about 15 examples, where one product over all 128 takes 14 s).
     """
 
     def __init__(self, every="epoch", k=1, trace_samples=0, density=False, per_layer=True,
                  max_iter=100, tol=1e-3, seed=0, density_steps=30, density_samples=8,
-                 time_budget=60.0, name="hessian"):
+                 time_budget=60.0, max_examples="auto", name="hessian"):
+        if not (max_examples in (None, "auto") or (
+                isinstance(max_examples, int) and not isinstance(max_examples, bool)
+                and max_examples > 0)):
+            raise ValueError(f"max_examples must be a positive integer, 'auto' or None, "
+                             f"got {max_examples!r}")
+        self.max_examples = max_examples
+        self._examples = None  # the count "auto" chose
         self.every, self.k, self.trace_samples = every, k, trace_samples
         self.density, self.per_layer = density, per_layer
         self.density_steps, self.density_samples = density_steps, density_samples
@@ -471,6 +516,29 @@ class HessianProbe:
         self._starts[run] = tf.reduce_sum(vectors, axis=0)
         return values, float(relative.max())
 
+    def _curvature_batch(self, model, x, y, deadline):
+        """(x, y) cut to the examples the curvature is measured on."""
+        if y is None or self.max_examples is None:
+            return x, y
+        total = num_examples(x)
+        if self.max_examples != "auto":
+            n = self.max_examples
+        elif self._examples is not None:
+            n = self._examples
+        elif deadline is None or total <= _AUTO_FROM:
+            n = self._examples = total
+        else:
+            timed = HessianOperator(model, _first(x, _AUTO_FROM), _first(y, _AUTO_FROM))
+            vector = tf.ones([timed.size], timed.dtype)
+            timed.matvec(vector)  # traces, for every batch size
+            began = time.monotonic()
+            timed.matvec(vector)
+            seconds = max(time.monotonic() - began, 1e-9)  # over-estimates per example
+            self._timing_products = timed.products
+            n = self._examples = int(min(total, max(
+                _AUTO_FROM, _AUTO_FROM * self.time_budget / (_AUTO_PRODUCTS * seconds))))
+        return (x, y) if n >= total else (_first(x, n), _first(y, n))
+
     def __call__(self, model, x, y):
         deadline = None if self.time_budget is None else time.monotonic() + self.time_budget
         skipped = []
@@ -482,20 +550,27 @@ class HessianProbe:
             return False
 
         rng = np.random.default_rng(self.seed)
+        self._timing_products = 0
+        x, y = self._curvature_batch(model, x, y, deadline)
         op = HessianOperator(model, x, y)
         values, residual = self._top("top", op.matvec, op, self.k, rng, deadline)
         out = {f"lambda_{i + 1}": float(v) for i, v in enumerate(values)}
+        out["hessian_examples"] = op.total
         out["lambda_residual"] = residual
+        unconverged = [f"λ at {residual:.1e}"] if residual > self.tol else []
         products = 0
         if model.optimizer is not None:
             from optinsight.probes.stability import preconditioned, stability_summary
 
             out["lr_times_lambda_max"] = learning_rate(model) * float(values[0])
             matvec, limit = preconditioned(op, model.optimizer)
-            if matvec is None or time_left("the sharpness"):
-                sharp = float(values[0]) if matvec is None else \
-                    float(self._top("sharpness", matvec, op, 1, rng)[0][0])
-                out.update(stability_summary(sharp, limit))
+            if matvec is None:
+                out.update(stability_summary(float(values[0]), limit))
+            elif time_left("the sharpness"):
+                sharp, sharp_residual = self._top("sharpness", matvec, op, 1, rng, deadline)
+                out.update(stability_summary(float(sharp[0]), limit))
+                if sharp_residual > self.tol:
+                    unconverged.append(f"the sharpness at {sharp_residual:.1e}")
         if self.trace_samples and time_left("the trace"):
             out["trace"], out["trace_stderr"] = _trace(op, self.trace_samples, rng)
         if self.density and time_left("the density"):
@@ -509,14 +584,17 @@ class HessianProbe:
                 if not time_left(f"{len(layers) - i} of {len(layers)} layers' λmax"):
                     break
                 block = HessianOperator(model, x, y, variables=variables)
-                out[f"lambda_max/{layer}"] = float(
-                    self._top(("layer", layer), block.matvec, block, 1, rng)[0][0])
+                value, layer_residual = self._top(("layer", layer), block.matvec, block, 1,
+                                                  rng, deadline)
+                out[f"lambda_max/{layer}"] = float(value[0])
                 products += block.products
-        out["hvps"] = op.products + products
+                if layer_residual > self.tol:
+                    unconverged.append(f"λmax of {layer} at {layer_residual:.1e}")
+        out["hvps"] = self._timing_products + op.products + products
         notes = []
-        if residual > self.tol:  # the budget, or max_iter, stopped Lanczos first
-            notes.append(f"λ stopped at a relative residual of {residual:.1e} "
-                         f"(tol {self.tol:g})")
+        if unconverged:  # the budget, or max_iter, stopped Lanczos first
+            notes.append(f"stopped at a relative residual above tol {self.tol:g}: "
+                         f"{', '.join(unconverged)}")
         if skipped:
             notes.append(f"its time budget of {self.time_budget:g} s was spent; left out "
                          f"this time: {', '.join(skipped)}")
