@@ -431,3 +431,12 @@ def test_auto_examples_fit_the_products_in_the_time_budget(setup, monkeypatch):
         assert probe(model, x, y)["hessian_examples"] == expected
     unlimited = oi.probes.HessianProbe(per_layer=False, time_budget=None)
     assert unlimited(model, x, y)["hessian_examples"] == 40
+
+
+def test_a_part_starts_only_if_its_products_fit_in_what_is_left(setup, capsys):
+    model, x, y, _ = setup
+    out = oi.probes.HessianProbe(trace_samples=10 ** 6, density=True, time_budget=30,
+                                 max_examples=None)(model, x, y)
+    assert "trace" not in out  # a million products at the λ run's pace: hours
+    assert {"density", "lambda_max/h", "lambda_max/out"} <= set(out)
+    assert "left out this time: the trace" in capsys.readouterr().err

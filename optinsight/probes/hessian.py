@@ -455,7 +455,8 @@ class HessianProbe:
     `lambda_max/<layer>` (with per_layer), `lr_times_lambda_max` (the stability
     limit of plain gradient descent is 2), the optimizer's own `sharpness`,
     `stability_limit` and `stability_ratio` (`probes.stability`), `hvps` (the
-    Hessian–vector products this evaluation took), and the arrays `density_grid`,
+    Hessian–vector products this evaluation took), `hessian_examples` (see
+    max_examples), and the arrays `density_grid`,
     `density` (with density=True; density_steps Lanczos steps from each of
     density_samples vectors).
 
@@ -471,12 +472,12 @@ class HessianProbe:
     and `lambda_residual` says how far it got (the largest ‖H y − λ y‖ / |λ| of the
     top k; ≤ tol when converged; λ1 is then a lower bound of the true λmax, within
     that residual of an eigenvalue). The sharpness, the trace, the density and the
-    layers (in order) each start only while the budget lasts; what did not fit is
-    left out of that evaluation, with one line on stderr. Lanczos (λ, the sharpness, a
-    layer's λmax) does not start a step it expects to end past the budget, and the same
-    line names what it left unconverged; a trace or a density that started in time
-    runs to its end. Memory: k + 10 vectors of the parameters'
-    size at most.
+    layers (in order) each start only if the products they need at least (2 for a
+    Lanczos run, all of a trace or a density) fit in what is left, at the time per
+    product λ took; what did not fit is left out of that evaluation, with one line on
+    stderr. Lanczos (λ, the sharpness, a layer's λmax) does not start a step it
+    expects to end past the budget, and the same line names what it left unconverged.
+    Memory: k + 10 vectors of the parameters' size at most.
 
     `max_examples` bounds the batch the curvature is measured on to its first that
     many examples (the probe batch should be shuffled), written as
@@ -542,18 +543,21 @@ class HessianProbe:
     def __call__(self, model, x, y):
         deadline = None if self.time_budget is None else time.monotonic() + self.time_budget
         skipped = []
+        self._timing_products = 0
+        x, y = self._curvature_batch(model, x, y, deadline)
+        op = HessianOperator(model, x, y)
+        rng = np.random.default_rng(self.seed)
+        began = time.monotonic()
+        values, residual = self._top("top", op.matvec, op, self.k, rng, deadline)
+        step = (time.monotonic() - began) / op.products  # seconds per product, in Lanczos
 
-        def time_left(part):
-            if deadline is None or time.monotonic() < deadline:
+        def time_left(part, products):
+            """Whether `products` more products fit in the budget; else `part` is skipped."""
+            if deadline is None or time.monotonic() + products * step <= deadline:
                 return True
             skipped.append(part)
             return False
 
-        rng = np.random.default_rng(self.seed)
-        self._timing_products = 0
-        x, y = self._curvature_batch(model, x, y, deadline)
-        op = HessianOperator(model, x, y)
-        values, residual = self._top("top", op.matvec, op, self.k, rng, deadline)
         out = {f"lambda_{i + 1}": float(v) for i, v in enumerate(values)}
         out["hessian_examples"] = op.total
         out["lambda_residual"] = residual
@@ -566,14 +570,15 @@ class HessianProbe:
             matvec, limit = preconditioned(op, model.optimizer)
             if matvec is None:
                 out.update(stability_summary(float(values[0]), limit))
-            elif time_left("the sharpness"):
+            elif time_left("the sharpness", 2):
                 sharp, sharp_residual = self._top("sharpness", matvec, op, 1, rng, deadline)
                 out.update(stability_summary(float(sharp[0]), limit))
                 if sharp_residual > self.tol:
                     unconverged.append(f"the sharpness at {sharp_residual:.1e}")
-        if self.trace_samples and time_left("the trace"):
+        if self.trace_samples and time_left("the trace", self.trace_samples):
             out["trace"], out["trace_stderr"] = _trace(op, self.trace_samples, rng)
-        if self.density and time_left("the density"):
+        if self.density and time_left("the density",
+                                      self.density_steps * self.density_samples):
             out["density_grid"], out["density"] = _density(
                 op, self.density_steps, self.density_samples, rng)
         if self.per_layer:
@@ -581,7 +586,7 @@ class HessianProbe:
             for v in model.trainable_variables:
                 layers.setdefault(layer_name(v), []).append(v)
             for i, (layer, variables) in enumerate(layers.items()):
-                if not time_left(f"{len(layers) - i} of {len(layers)} layers' λmax"):
+                if not time_left(f"{len(layers) - i} of {len(layers)} layers' λmax", 2):
                     break
                 block = HessianOperator(model, x, y, variables=variables)
                 value, layer_residual = self._top(("layer", layer), block.matvec, block, 1,

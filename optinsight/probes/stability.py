@@ -31,14 +31,14 @@ from optinsight.probes.common import optimizer_learning_rate
 from optinsight.probes.hessian import HessianOperator, top_eigenpairs
 
 
-def _slot_vector(optimizer, slot, variables):
-    """An optimizer slot (e.g. "velocities") over `variables`, flat float64."""
-    return np.concatenate([np.ravel(compat.optimizer_slot(optimizer, slot, var).numpy())
-                           for var in variables]).astype(np.float64)
+def _slot_vector(optimizer, slot, variables, dtype):
+    """An optimizer slot (e.g. "velocities") over `variables`, a flat tensor in dtype."""
+    return tf.concat([tf.reshape(tf.cast(compat.optimizer_slot(optimizer, slot, var), dtype),
+                                 [-1]) for var in variables], 0)
 
 
-def preconditioner(optimizer, variables):
-    """(P as a flat float64 vector over `variables`, or None for the identity; the
+def preconditioner(optimizer, variables, dtype=tf.float64):
+    """(P as a flat tensor in `dtype` over `variables`, or None for the identity; the
     stability limit, or None). See the module docstring."""
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
@@ -55,23 +55,23 @@ def preconditioner(optimizer, variables):
         beta_1, beta_2 = float(optimizer.beta_1), float(optimizer.beta_2)
         s = int(optimizer.iterations.numpy()) + 1
         slot = "velocity_hats" if optimizer.amsgrad else "velocities"
-        v = _slot_vector(optimizer, slot, variables)
+        v = _slot_vector(optimizer, slot, variables, dtype)
         scale = (1 - beta_1 ** s) / np.sqrt(1 - beta_2 ** s)
-        return scale * (np.sqrt(v) + optimizer.epsilon), (2 + 2 * beta_1) / ((1 - beta_1) * lr)
+        return scale * (tf.sqrt(v) + optimizer.epsilon), (2 + 2 * beta_1) / ((1 - beta_1) * lr)
     if type(optimizer) is keras.optimizers.RMSprop and not optimizer.momentum \
             and not optimizer.centered:
-        v = _slot_vector(optimizer, "velocities", variables)
-        return np.sqrt(v + optimizer.epsilon), 2 / lr
+        v = _slot_vector(optimizer, "velocities", variables, dtype)
+        return tf.sqrt(v + optimizer.epsilon), 2 / lr
     return None, None
 
 
 def preconditioned(op, optimizer):
     """(v -> P^{-1/2} H P^{-1/2} v on op's flat tensors, or None when P is the identity;
     the stability limit, or None) for a HessianOperator `op`."""
-    p, limit = preconditioner(optimizer, op.variables)
+    p, limit = preconditioner(optimizer, op.variables, op.dtype)
     if p is None:
         return None, limit
-    scale = tf.constant(1 / np.sqrt(p), op.dtype)
+    scale = tf.math.rsqrt(p)
     return (lambda vector: scale * op.matvec(scale * vector)), limit
 
 
