@@ -423,7 +423,8 @@ def test_auto_examples_fit_the_products_in_the_time_budget(setup, monkeypatch):
     assert out["hvps"] == fixed(model, x, y)["hvps"] + 2
     assert ample(model, x, y)["hvps"] == fixed(model, x, y)["hvps"]  # warm, no timing
     for seconds, expected in ((1.0, 8), (0.0625, 30)):  # 8 · 6 s / (25 · seconds)
-        clock = iter([0.0, 0.0, seconds] + [0.0] * 10_000)  # deadline, began, timed
+        clock = iter([0.0, 0.0, 0.0, 0.0, seconds] + [0.0] * 10_000)  # the budget's start,
+        # the first product's start and end (tracing), then the timed one's
         monkeypatch.setattr(hessian, "time", SimpleNamespace(monotonic=clock.__next__))
         probe = oi.probes.HessianProbe(per_layer=False, time_budget=6.0)
         assert probe(model, x, y)["hessian_examples"] == expected

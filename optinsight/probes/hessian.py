@@ -103,6 +103,7 @@ class HessianOperator:
         self._fn, self._flat_fn = _hvp_function(model, self.variables, loss,
                                                 method or DEFAULT_METHOD, training)
         self.products = 0  # HVPs computed, each over all the data
+        self.last_seconds = None  # wall time of the last product
         self._relaxed = False
 
     def _relax(self):
@@ -119,12 +120,14 @@ class HessianOperator:
 
     def _mean(self, fn, vector):
         """The example-weighted mean over the batches of fn(x, y, vector)."""
+        began = time.monotonic()
         out = None
         for bx, by, n in self.data:
             part = tf.nest.map_structure(lambda p, n=n: p * (n / self.total), fn(bx, by, vector)) \
                 if len(self.data) > 1 else fn(bx, by, vector)
             out = part if out is None else tf.nest.map_structure(tf.add, out, part)
         self.products += 1
+        self.last_seconds = time.monotonic() - began
         return out
 
     def matvec_tensors(self, vector):
@@ -472,11 +475,12 @@ class HessianProbe:
     and `lambda_residual` says how far it got (the largest ‖H y − λ y‖ / |λ| of the
     top k; ≤ tol when converged; λ1 is then a lower bound of the true λmax, within
     that residual of an eigenvalue). The sharpness, the trace, the density and the
-    layers (in order) each start only if the products they need at least (2 for a
-    Lanczos run, all of a trace or a density) fit in what is left, at the time per
-    product λ took; what did not fit is left out of that evaluation, with one line on
-    stderr. Lanczos (λ, the sharpness, a layer's λmax) does not start a step it
-    expects to end past the budget, and the same line names what it left unconverged.
+    layers (in order) each start only if the products they need at least (3 for a
+    Lanczos run: its minimum of 2 and the orthogonalisation; all of a trace or a
+    density) fit in what is left, at the pace of λ's last product; what did not fit is
+    left out of that evaluation, with one line on stderr. Lanczos (λ, the sharpness, a
+    layer's λmax) does not start a step it expects to end past the budget, and the same
+    line names what it left unconverged.
     Memory: k + 10 vectors of the parameters' size at most.
 
     `max_examples` bounds the batch the curvature is measured on to its first that
@@ -532,9 +536,8 @@ class HessianProbe:
             timed = HessianOperator(model, _first(x, _AUTO_FROM), _first(y, _AUTO_FROM))
             vector = tf.ones([timed.size], timed.dtype)
             timed.matvec(vector)  # traces, for every batch size
-            began = time.monotonic()
             timed.matvec(vector)
-            seconds = max(time.monotonic() - began, 1e-9)  # over-estimates per example
+            seconds = max(timed.last_seconds, 1e-9)  # over-estimates per example
             self._timing_products = timed.products
             n = self._examples = int(min(total, max(
                 _AUTO_FROM, _AUTO_FROM * self.time_budget / (_AUTO_PRODUCTS * seconds))))
@@ -547,13 +550,12 @@ class HessianProbe:
         x, y = self._curvature_batch(model, x, y, deadline)
         op = HessianOperator(model, x, y)
         rng = np.random.default_rng(self.seed)
-        began = time.monotonic()
         values, residual = self._top("top", op.matvec, op, self.k, rng, deadline)
-        step = (time.monotonic() - began) / op.products  # seconds per product, in Lanczos
 
         def time_left(part, products):
-            """Whether `products` more products fit in the budget; else `part` is skipped."""
-            if deadline is None or time.monotonic() + products * step <= deadline:
+            """Whether `products` more products fit in the budget, at the pace of the last
+            one; else `part` is skipped."""
+            if deadline is None or time.monotonic() + products * op.last_seconds <= deadline:
                 return True
             skipped.append(part)
             return False
@@ -570,7 +572,7 @@ class HessianProbe:
             matvec, limit = preconditioned(op, model.optimizer)
             if matvec is None:
                 out.update(stability_summary(float(values[0]), limit))
-            elif time_left("the sharpness", 2):
+            elif time_left("the sharpness", 3):
                 sharp, sharp_residual = self._top("sharpness", matvec, op, 1, rng, deadline)
                 out.update(stability_summary(float(sharp[0]), limit))
                 if sharp_residual > self.tol:
@@ -586,7 +588,7 @@ class HessianProbe:
             for v in model.trainable_variables:
                 layers.setdefault(layer_name(v), []).append(v)
             for i, (layer, variables) in enumerate(layers.items()):
-                if not time_left(f"{len(layers) - i} of {len(layers)} layers' λmax", 2):
+                if not time_left(f"{len(layers) - i} of {len(layers)} layers' λmax", 3):
                     break
                 block = HessianOperator(model, x, y, variables=variables)
                 value, layer_residual = self._top(("layer", layer), block.matvec, block, 1,
