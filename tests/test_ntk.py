@@ -181,3 +181,39 @@ def test_softmax_outputs_use_the_logits():
     np.testing.assert_allclose(K, expected.sum(1) @ expected.sum(1).T, rtol=1e-5, atol=1e-6)
     assert np.abs(K).max() > 1e-2
     assert soft.get_layer("head").activation is keras.activations.softmax  # restored
+
+
+def test_dense_layers_are_factored_only_where_the_gradient_is_an_outer_product():
+    """A Dense kernel's per-example gradient is a_i δ_iᵀ on vector inputs, once per
+    example; the kernel uses (1 + AAᵀ) ⊙ J_b J_bᵀ there, the Jacobian elsewhere: a
+    Dense applied per time step, one called twice, one with a regulariser, one without
+    bias. Every mode matches the loop either way."""
+    from optinsight.probes.common import _factored_dense
+
+    keras.utils.set_random_seed(2)
+    x_in = keras.Input((3, 4))
+    per_step = keras.layers.Dense(4, activation="tanh", name="per_step")(x_in)  # rank 3
+    flat = keras.layers.Flatten()(per_step)
+    plain = keras.layers.Dense(6, activation="relu", name="plain")(flat)
+    shared = keras.layers.Dense(6, activation="tanh", name="shared")
+    twice = shared(shared(plain))
+    regular = keras.layers.Dense(5, activation="tanh", name="regular",
+                                 kernel_regularizer="l2")(twice)
+    no_bias = keras.layers.Dense(5, use_bias=False, name="no_bias")(regular)
+    out = keras.layers.Dense(3, name="out")(no_bias)
+    model = keras.Model(x_in, out)
+    assert [layer.name for layer in _factored_dense(model, model.trainable_variables)] == \
+        ["plain", "out"]
+    assert _factored_dense(model, model.get_layer("out").trainable_variables[:1]) == []
+    rng = np.random.default_rng(1)
+    x1 = rng.normal(size=(6, 3, 4)).astype("float32")
+    x2 = rng.normal(size=(4, 3, 4)).astype("float32")
+    j1, j2 = loop_jacobian(model, x1), loop_jacobian(model, x2)
+    scale = np.abs(j1).max() ** 2
+    np.testing.assert_allclose(ntk.kernel(model, x1, x2), j1.sum(1) @ j2.sum(1).T,
+                               rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(ntk.kernel(model, x1, mode="trace", chunk_size=4),
+                               np.einsum("iap,jap->ij", j1, j1), rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(ntk.kernel(model, x1, x2, mode="full"),
+                               np.einsum("iap,jbp->ijab", j1, j2), rtol=1e-5,
+                               atol=1e-6 * scale)

@@ -210,17 +210,23 @@ def jacobian_gram(model, variables, outputs, key, arrays, others=None, chunk_siz
     """Σ over parameter groups of J_g(arrays) J_g(others)ᵀ, float64 numpy.
 
     J(arrays) is the per-example Jacobian of `outputs` (per_example_jacobian), [n, k,
-    P]; `others` None means arrays itself. Returns [n1, n2] (the k outputs of each
-    example flattened into the contraction), or with `full` [n1, n2, k, k]. The
-    Jacobians of one group at a time are held (at most max_bytes, or one variable's
-    worth), in chunks of `chunk_size` examples through the backward pass; each group
-    costs a backward pass down to its first variable.
+    P]; `others` None means arrays itself (arrays[0] and others[0] are the model's
+    input). Returns [n1, n2] (the k outputs of each example flattened into the
+    contraction), or with `full` [n1, n2, k, k]. The Jacobians of one group at a time
+    are held (at most max_bytes, or one variable's worth), in chunks of `chunk_size`
+    examples through the backward pass; each group costs a backward pass down to its
+    first variable. Dense layers' kernels are not differentiated at all
+    (`_factored_dense`).
     """
     n = len(arrays[0]) + (0 if others is None else len(others[0]))
     k = int(np.prod(outputs(*[tf.constant(a[:1]) for a in arrays]).shape))
     itemsize = max(tf.as_dtype(v.dtype).size for v in variables)
-    total = None
-    for group in parameter_groups(variables, n * k * itemsize, max_bytes):
+    layers = _factored_dense(model, variables)
+    total = _factored_gram(model, layers, outputs, key, arrays, others, chunk_size, full) \
+        if layers else None
+    factored = {id(v) for layer in layers for v in (layer.kernel, layer.bias)}
+    rest = [v for v in variables if id(v) not in factored]
+    for group in parameter_groups(rest, n * k * itemsize, max_bytes) if rest else ():
         fn = per_example_jacobian(model, group, outputs, key)
         j1 = in_chunks(fn, arrays, chunk_size)
         j2 = j1 if others is None else in_chunks(fn, others, chunk_size)
@@ -230,6 +236,65 @@ def jacobian_gram(model, variables, outputs, key, arrays, others=None, chunk_siz
     if others is None:  # exactly symmetric, as J Jᵀ is (a float32 product is not bitwise)
         total = (total + (total.transpose(1, 0, 3, 2) if full else total.T)) / 2
     return total
+
+
+def _factored_dense(model, variables):
+    """The Dense layers whose kernel and bias are both among `variables` and whose
+    per-example gradient is an outer product: on example i the kernel's gradient is
+    a_i δ_iᵀ, a_i the layer's input (a vector) and δ_i the gradient at its
+    pre-activation, which is the bias's gradient. Their share of J Jᵀ is then
+    (1 + A₁A₂ᵀ) ⊙ J_b₁J_b₂ᵀ (bias and kernel), with no Jacobian of the kernel.
+
+    Only layers of a single-input functional or Sequential model itself (not nested),
+    called once, on vector inputs, without regularisers or LoRA.
+    """
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return []
+    if not inputs or len(inputs) != 1:
+        return []
+    chosen = {id(v) for v in variables}
+    return [layer for layer in model.layers
+            if type(layer) is keras.layers.Dense and layer.use_bias
+            and id(layer.kernel) in chosen and id(layer.bias) in chosen
+            and layer.kernel_regularizer is None and layer.bias_regularizer is None
+            and not getattr(layer, "lora_enabled", False)
+            and len(getattr(layer, "_inbound_nodes", ())) == 1
+            and len(layer.input.shape) == 2]
+
+
+def _factored_gram(model, layers, outputs, key, arrays, others, chunk_size, full):
+    """The share of `layers` (`_factored_dense`) in jacobian_gram, float64 numpy."""
+    fn = per_example_jacobian(model, [layer.bias for layer in layers], outputs, key)
+    sides = [arrays] if others is None else [arrays, others]
+    jacobians = [in_chunks(fn, side, chunk_size) for side in sides]  # [n, k, Σ widths]
+    layer_in = [_layer_inputs(model, layers, side[0], chunk_size) for side in sides]
+    if others is None:
+        jacobians, layer_in = jacobians * 2, layer_in * 2
+    total, offset = 0, 0
+    for i, layer in enumerate(layers):
+        width = int(layer.bias.shape[0])
+        j1, j2 = (j[:, :, offset:offset + width] for j in jacobians)
+        offset += width
+        scale = 1 + tf.matmul(layer_in[0][i], layer_in[1][i], transpose_b=True)
+        gram = _contract(j1, j2, full)
+        total += (gram * (scale[:, :, None, None] if full else scale)).numpy().astype(np.float64)
+    return total
+
+
+def _layer_inputs(model, layers, x, chunk_size=None):
+    """The inputs of `layers` on x (training=False), each [n, width] in its dtype."""
+    cache = _EXTRACTORS.setdefault(model, {})
+    key = ("inputs",) + tuple(layer.name for layer in layers)
+    if key not in cache:
+        cache[key] = keras.Model(model.inputs, [layer.input for layer in layers])
+    extractor = cache[key]
+    step = len(x) if chunk_size is None else chunk_size
+    chunks = [tf.nest.flatten(extractor(tf.constant(x[i:i + step]), training=False))
+              for i in range(0, len(x), step)]
+    return [tf.concat([tf.cast(c[j], layer.compute_dtype) for c in chunks], 0)
+            for j, layer in enumerate(layers)]
 
 
 def _contract(j1, j2, full):
