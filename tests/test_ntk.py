@@ -187,14 +187,16 @@ def test_dense_layers_are_factored_only_where_the_gradient_is_an_outer_product()
     """A Dense kernel's per-example gradient is a_i δ_iᵀ on vector inputs, once per
     example; the kernel uses (1 + AAᵀ) ⊙ J_b J_bᵀ there, the Jacobian elsewhere: a
     Dense applied per time step, one called twice, one with a regulariser, one without
-    bias. Every mode matches the loop either way."""
+    bias, and all of them when the factored kernels hold a minority of the
+    parameters. Every mode matches the loop either way."""
     from optinsight.probes.common import _factored_dense
 
     keras.utils.set_random_seed(2)
     x_in = keras.Input((3, 4))
     per_step = keras.layers.Dense(4, activation="tanh", name="per_step")(x_in)  # rank 3
     flat = keras.layers.Flatten()(per_step)
-    plain = keras.layers.Dense(6, activation="relu", name="plain")(flat)
+    wide = keras.layers.Dense(64, activation="relu", name="wide")(flat)
+    plain = keras.layers.Dense(6, activation="relu", name="plain")(wide)
     shared = keras.layers.Dense(6, activation="tanh", name="shared")
     twice = shared(shared(plain))
     regular = keras.layers.Dense(5, activation="tanh", name="regular",
@@ -203,8 +205,9 @@ def test_dense_layers_are_factored_only_where_the_gradient_is_an_outer_product()
     out = keras.layers.Dense(3, name="out")(no_bias)
     model = keras.Model(x_in, out)
     assert [layer.name for layer in _factored_dense(model, model.trainable_variables)] == \
-        ["plain", "out"]
+        ["wide", "plain", "out"]
     assert _factored_dense(model, model.get_layer("out").trainable_variables[:1]) == []
+    assert _factored_dense(model, model.trainable_variables[6:]) == []  # out: 15 of 120
     rng = np.random.default_rng(1)
     x1 = rng.normal(size=(6, 3, 4)).astype("float32")
     x2 = rng.normal(size=(4, 3, 4)).astype("float32")

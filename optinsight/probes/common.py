@@ -246,7 +246,10 @@ def _factored_dense(model, variables):
     (1 + A₁A₂ᵀ) ⊙ J_b₁J_b₂ᵀ (bias and kernel), with no Jacobian of the kernel.
 
     Only layers of a single-input functional or Sequential model itself (not nested),
-    called once, on vector inputs, without regularisers or LoRA.
+    called once, on vector inputs, without regularisers or LoRA; and only when their
+    kernels hold most of the parameters of `variables`: their inputs take a forward
+    pass of their own, which costs more than a few small kernels' Jacobians (a
+    ResNet50's classifier beside its last convolution).
     """
     try:
         inputs = model.inputs
@@ -255,13 +258,15 @@ def _factored_dense(model, variables):
     if not inputs or len(inputs) != 1:
         return []
     chosen = {id(v) for v in variables}
-    return [layer for layer in model.layers
-            if type(layer) is keras.layers.Dense and layer.use_bias
-            and id(layer.kernel) in chosen and id(layer.bias) in chosen
-            and layer.kernel_regularizer is None and layer.bias_regularizer is None
-            and not getattr(layer, "lora_enabled", False)
-            and len(getattr(layer, "_inbound_nodes", ())) == 1
-            and len(layer.input.shape) == 2]
+    layers = [layer for layer in model.layers
+              if type(layer) is keras.layers.Dense and layer.use_bias
+              and id(layer.kernel) in chosen and id(layer.bias) in chosen
+              and layer.kernel_regularizer is None and layer.bias_regularizer is None
+              and not getattr(layer, "lora_enabled", False)
+              and len(getattr(layer, "_inbound_nodes", ())) == 1
+              and len(layer.input.shape) == 2]
+    factored = num_parameters([layer.kernel for layer in layers])
+    return layers if 2 * factored > num_parameters(variables) else []
 
 
 def _factored_gram(model, layers, outputs, key, arrays, others, chunk_size, full):

@@ -8,9 +8,14 @@ kernel would be zero). Per-example Jacobians are computed vectorised
 pair by pair. Kernels over a subset of variables are that subset's contribution:
 the contributions of a partition of the variables sum to the whole kernel.
 
+A Dense layer on vector inputs needs no Jacobian of its kernel: its per-example
+gradient is the outer product of the layer's input and its bias's gradient, so its
+share of the kernel is (1 + A₁A₂ᵀ) ⊙ J_b₁J_b₂ᵀ (`common.jacobian_gram`), exactly.
+
 Memory: `sum_logits` holds the [n, n_params] Jacobian of the summed outputs,
-`trace` and `full` that of every output ([n, k, n_params]); the vectorised backward
-pass of one chunk holds chunk_size (times k) copies of the activations.
+`trace` and `full` that of every output ([n, k, n_params]), at most `max_bytes` of
+it at once; the vectorised backward pass of one chunk holds chunk_size (times k)
+copies of the activations.
 """
 
 import keras
@@ -75,7 +80,8 @@ def kernel(model, x1, x2=None, mode="sum_logits", variables=None, chunk_size=Non
 
     Computed as Σ over groups of variables of J_g J_gᵀ (`common.jacobian_gram`): the
     Jacobians held at once take at most `max_bytes` (or one variable's worth), the
-    products are float32 matrix products in the variables' dtype, summed in float64.
+    products are float32 matrix products in the variables' dtype, summed in float64;
+    Dense layers' shares come from their inputs and their biases' Jacobians.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
