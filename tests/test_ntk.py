@@ -220,3 +220,24 @@ def test_dense_layers_are_factored_only_where_the_gradient_is_an_outer_product()
     np.testing.assert_allclose(ntk.kernel(model, x1, x2, mode="full"),
                                np.einsum("iap,jbp->ijab", j1, j2), rtol=1e-5,
                                atol=1e-6 * scale)
+
+
+def test_factored_dense_under_mixed_precision():
+    """float16 activations, float32 variables: the factored kernel still matches the
+    loop, to float16's precision."""
+    from optinsight.probes.common import _factored_dense
+
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        x_in = keras.Input((6,))
+        h = keras.layers.Dense(16, activation="tanh")(x_in)
+        model = keras.Model(x_in, keras.layers.Dense(3, dtype="float32")(h))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert len(_factored_dense(model, model.trainable_variables)) == 2
+    x = np.random.default_rng(0).normal(size=(5, 6)).astype("float32")
+    j = loop_jacobian(model, x)
+    expected = np.einsum("iap,jap->ij", j, j)
+    np.testing.assert_allclose(ntk.kernel(model, x, mode="trace"), expected, rtol=0,
+                               atol=1e-3 * np.abs(expected).max())

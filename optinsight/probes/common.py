@@ -289,7 +289,8 @@ def _factored_gram(model, layers, outputs, key, arrays, others, chunk_size, full
 
 
 def _layer_inputs(model, layers, x, chunk_size=None):
-    """The inputs of `layers` on x (training=False), each [n, width] in its dtype."""
+    """The inputs of `layers` on x (training=False), each [n, width] in its bias's dtype
+    (the variables', under mixed precision too)."""
     cache = _EXTRACTORS.setdefault(model, {})
     key = ("inputs",) + tuple(layer.name for layer in layers)
     if key not in cache:
@@ -298,7 +299,7 @@ def _layer_inputs(model, layers, x, chunk_size=None):
     step = len(x) if chunk_size is None else chunk_size
     chunks = [tf.nest.flatten(extractor(tf.constant(x[i:i + step]), training=False))
               for i in range(0, len(x), step)]
-    return [tf.concat([tf.cast(c[j], layer.compute_dtype) for c in chunks], 0)
+    return [tf.concat([tf.cast(c[j], layer.bias.dtype) for c in chunks], 0)
             for j, layer in enumerate(layers)]
 
 
