@@ -123,8 +123,9 @@ class HessianOperator:
         began = time.monotonic()
         out = None
         for bx, by, n in self.data:
-            part = tf.nest.map_structure(lambda p, n=n: p * (n / self.total), fn(bx, by, vector)) \
-                if len(self.data) > 1 else fn(bx, by, vector)
+            part = fn(bx, by, vector)
+            if len(self.data) > 1:
+                part = tf.nest.map_structure(lambda p, n=n: p * (n / self.total), part)
             out = part if out is None else tf.nest.map_structure(tf.add, out, part)
         self.products += 1
         self.last_seconds = time.monotonic() - began
