@@ -29,6 +29,9 @@ OLDEST_TESTS := tests/test_dynamics.py tests/test_native.py \
 	tests/test_probes.py::test_gradient_covariance_and_noise_scale \
 	tests/test_hessian.py::test_hvp_matches_dense tests/test_hessian.py::test_lanczos_top_eigenvalues \
 	tests/test_hessian.py::test_hvp_is_compiled_once \
+	tests/test_hessian.py::test_auto_examples_fit_the_products_in_the_time_budget \
+	tests/test_ntk.py::test_dense_layers_are_factored_only_where_the_gradient_is_an_outer_product \
+	tests/test_ntk.py::test_factored_dense_under_mixed_precision \
 	tests/test_compat.py
 
 # Benchmark-only extras (PyTorch and PyHessian, JAX: the references benchmarks/hessian.py
