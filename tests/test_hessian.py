@@ -408,7 +408,7 @@ def test_max_examples_measures_the_curvature_of_the_first_examples(setup):
         oi.probes.HessianProbe(max_examples=0)
 
 
-def test_auto_examples_fit_the_products_in_the_time_budget(setup, monkeypatch):
+def test_auto_examples_fit_the_products_in_the_time_budget(setup, monkeypatch, capsys):
     """"auto" keeps every example when _AUTO_PRODUCTS products fit the budget, else as
     many as the timed product over _AUTO_FROM examples says fit (at least _AUTO_FROM),
     and keeps that count; the two timing products count in hvps."""
@@ -428,8 +428,10 @@ def test_auto_examples_fit_the_products_in_the_time_budget(setup, monkeypatch):
         monkeypatch.setattr(hessian, "time", SimpleNamespace(monotonic=clock.__next__))
         probe = oi.probes.HessianProbe(per_layer=False, time_budget=6.0)
         assert probe(model, x, y)["hessian_examples"] == expected
+        assert f"measured on {expected} of the 40 probe examples" in capsys.readouterr().err
         monkeypatch.undo()
         assert probe(model, x, y)["hessian_examples"] == expected
+        assert "measured on" not in capsys.readouterr().err  # said once
     unlimited = oi.probes.HessianProbe(per_layer=False, time_budget=None)
     assert unlimited(model, x, y)["hessian_examples"] == 40
 
