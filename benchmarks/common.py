@@ -1,7 +1,9 @@
-"""What the benchmark scripts share: writing their figures with the machine's facts."""
+"""What the benchmark scripts share: timing, peak memory, and writing their figures
+with the machine's facts."""
 
 import json
 import os
+import time
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -11,6 +13,13 @@ def peak_mib():
     (getrusage's ru_maxrss keeps the high-water mark of the process that started it)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def timed(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), its wall time in seconds)."""
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
 
 
 def read_results(name):

@@ -25,7 +25,6 @@ Prints and writes benchmarks/results/hessian.json.
 import argparse
 import os
 import sys
-import time
 from functools import partial
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -35,16 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from common import read_results, write_results  # noqa: E402
+from common import read_results, timed, write_results  # noqa: E402
 
 from main import build_model  # noqa: E402
 from optinsight.probes import hessian  # noqa: E402
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
 
 
 def cnn_part(args):

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from common import peak_mib, read_results, write_results  # noqa: E402
+from common import peak_mib, read_results, timed, write_results  # noqa: E402
 
 from main import build_model  # noqa: E402
 from optinsight.probes import ntk  # noqa: E402
@@ -84,11 +84,10 @@ def pair_loop_seconds(model, x, pairs=200):
     return per_pair * len(x) * (len(x) + 1) / 2
 
 
-def timed(fn):
-    fn()  # trace and compile
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+def warm_timed(fn):
+    """timed(fn) after a first call that traces and compiles."""
+    fn()
+    return timed(fn)
 
 
 def memory_child(kind, chunk):
@@ -103,8 +102,8 @@ def loops_part(args):
     results = {}
     for kind in ("cnn", "mlp"):
         model, x = model_and_data(kind)
-        fast, t_fast = timed(lambda m=model, x=x: ntk.kernel(m, x, chunk_size=64))
-        slow, t_slow = timed(lambda m=model, x=x: loop_kernel(m, x))
+        fast, t_fast = warm_timed(lambda m=model, x=x: ntk.kernel(m, x, chunk_size=64))
+        slow, t_slow = warm_timed(lambda m=model, x=x: loop_kernel(m, x))
         np.testing.assert_allclose(fast, slow, rtol=1e-3, atol=1e-3 * np.abs(slow).max())
         t_pairs = pair_loop_seconds(model, x)
         r = {"n": N, "vectorised_s": t_fast, "pair_loop_s_extrapolated": t_pairs,
@@ -171,9 +170,9 @@ def jax_part(args):
         ours = ntk.kernel(model, x, mode=mode)  # trace and compile both
         theirs = np.asarray(fn(params, x_jax).block_until_ready())
         for _ in range(args.repeats):
-            ours, t = timed_once(lambda mode=mode: ntk.kernel(model, x, mode=mode))
+            ours, t = timed(lambda mode=mode: ntk.kernel(model, x, mode=mode))
             times["optinsight"].append(t)
-            theirs, t = timed_once(lambda fn=fn: np.asarray(fn(params, x_jax)
+            theirs, t = timed(lambda fn=fn: np.asarray(fn(params, x_jax)
                                                             .block_until_ready()))
             times["jax"].append(t)
         row = {f"{k}_s": float(np.median(v)) for k, v in times.items()}
@@ -185,12 +184,6 @@ def jax_part(args):
               f"{results['targets'][mode]}); largest difference "
               f"{row['largest_difference']:.1e} of the largest entry", flush=True)
     return results
-
-
-def timed_once(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
 
 
 PARTS = {"jax": jax_part, "loops": loops_part}
