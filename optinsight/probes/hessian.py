@@ -524,10 +524,12 @@ class HessianProbe:
         return values, float(relative.max())
 
     def _curvature_batch(self, model, x, y, deadline):
-        """(x, y) cut to the examples the curvature is measured on."""
+        """(x, y) cut to the examples the curvature is measured on, and the products
+        spent choosing them."""
         if y is None or self.max_examples is None:
-            return x, y
+            return x, y, 0
         total = num_examples(x)
+        timing_products = 0
         if self.max_examples != "auto":
             n = self.max_examples
         elif self._examples is not None:
@@ -540,7 +542,7 @@ class HessianProbe:
             timed.matvec(vector)  # traces, for every batch size
             timed.matvec(vector)
             seconds = max(timed.last_seconds, 1e-9)  # over-estimates per example
-            self._timing_products = timed.products
+            timing_products = timed.products
             n = self._examples = int(min(total, max(
                 _AUTO_FROM, _AUTO_FROM * self.time_budget / (_AUTO_PRODUCTS * seconds))))
             if n < total:
@@ -549,13 +551,14 @@ class HessianProbe:
                       f"products fit the {self.time_budget:g} s budget (one takes "
                       f"{seconds:.2g} s over {_AUTO_FROM}); max_examples=None uses all",
                       file=sys.stderr)
-        return (x, y) if n >= total else (_first(x, n), _first(y, n))
+        if n < total:
+            x, y = _first(x, n), _first(y, n)
+        return x, y, timing_products
 
     def __call__(self, model, x, y):
         deadline = None if self.time_budget is None else time.monotonic() + self.time_budget
         skipped = []
-        self._timing_products = 0
-        x, y = self._curvature_batch(model, x, y, deadline)
+        x, y, spent = self._curvature_batch(model, x, y, deadline)  # HVPs besides op's
         op = HessianOperator(model, x, y)
         rng = np.random.default_rng(self.seed)
         values, residual = self._top("top", op.matvec, op, self.k, rng, deadline)
@@ -572,7 +575,6 @@ class HessianProbe:
         out["hessian_examples"] = op.total
         out["lambda_residual"] = residual
         unconverged = [f"λ at {residual:.1e}"] if residual > self.tol else []
-        products = 0
         if model.optimizer is not None:
             from optinsight.probes.stability import preconditioned, stability_summary
 
@@ -602,10 +604,10 @@ class HessianProbe:
                 value, layer_residual = self._top(("layer", layer), block.matvec, block, 1,
                                                   rng, deadline)
                 out[f"lambda_max/{layer}"] = float(value[0])
-                products += block.products
+                spent += block.products
                 if layer_residual > self.tol:
                     unconverged.append(f"λmax of {layer} at {layer_residual:.1e}")
-        out["hvps"] = self._timing_products + op.products + products
+        out["hvps"] = spent + op.products
         notes = []
         if unconverged:  # the budget, or max_iter, stopped Lanczos first
             notes.append(f"stopped at a relative residual above tol {self.tol:g}: "
