@@ -18,7 +18,7 @@ import tensorflow as tf
 from optinsight import compat
 
 _PER_EXAMPLE = weakref.WeakKeyDictionary()  # model -> {key: tf.function}
-_EXTRACTORS = weakref.WeakKeyDictionary()  # model -> {layer names: keras.Model}
+_EXTRACTORS = weakref.WeakKeyDictionary()  # model -> {(kind, layer names): keras.Model}
 
 
 def resolve_variables(model, variables=None):
@@ -251,10 +251,7 @@ def _factored_dense(model, variables):
     pass of their own, which costs more than a few small kernels' Jacobians (a
     ResNet50's classifier beside its last convolution).
     """
-    try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):
-        return []
+    inputs = _symbolic_inputs(model)
     if not inputs or len(inputs) != 1:
         return []
     chosen = {id(v) for v in variables}
@@ -291,11 +288,7 @@ def _factored_gram(model, layers, outputs, key, arrays, others, chunk_size, full
 def _layer_inputs(model, layers, x, chunk_size=None):
     """The inputs of `layers` on x (training=False), each [n, width] in its bias's dtype
     (the variables', under mixed precision too)."""
-    cache = _EXTRACTORS.setdefault(model, {})
-    key = ("inputs",) + tuple(layer.name for layer in layers)
-    if key not in cache:
-        cache[key] = keras.Model(model.inputs, [layer.input for layer in layers])
-    extractor = cache[key]
+    extractor = _extractor(model, "input", layers)
     step = len(x) if chunk_size is None else chunk_size
     chunks = [tf.nest.flatten(extractor(tf.constant(x[i:i + step]), training=False))
               for i in range(0, len(x), step)]
@@ -347,24 +340,35 @@ def sampled_layers(model, layers=None, max_layers=None):
                                         .astype(int))]
 
 
+def _symbolic_inputs(model):
+    """A functional or Sequential model's symbolic inputs; None for other models."""
+    try:
+        return model.inputs or None
+    except (AttributeError, ValueError):
+        return None
+
+
+def _extractor(model, kind, layers):
+    """A keras.Model from `model`'s inputs to the `kind` ("input" or "output") of each
+    of `layers`, cached per model."""
+    cache = _EXTRACTORS.setdefault(model, {})
+    key = (kind,) + tuple(layer.name for layer in layers)
+    if key not in cache:
+        cache[key] = keras.Model(model.inputs, [getattr(layer, kind) for layer in layers])
+    return cache[key]
+
+
 def layer_features(model, x, layers=None, batch_size=256):
     """{layer name: outputs on x flattened per example, float64 [n, d]}.
 
     Needs a functional or Sequential model (one with symbolic inputs).
     """
     chosen = feature_layers(model, layers)
-    try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):
-        inputs = None
+    inputs = _symbolic_inputs(model)
     if not inputs:
         raise ValueError(f"model {model.name!r} has no symbolic inputs; representation "
                          "probes need a functional or Sequential model built on keras.Input")
-    cache = _EXTRACTORS.setdefault(model, {})
-    key = tuple(layer.name for layer in chosen)
-    if key not in cache:
-        cache[key] = keras.Model(inputs, [layer.output for layer in chosen])
-    extractor = cache[key]
+    extractor = _extractor(model, "output", chosen)
     x = np.asarray(x)
     if x.shape[1:] != tuple(inputs[0].shape[1:]):
         raise ValueError(f"x has examples of shape {x.shape[1:]}; model {model.name!r} "
