@@ -18,8 +18,9 @@ layer's [C, d] classifier (its kernel transposed):
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from optinsight.probes.common import class_labels, layer_features
+from optinsight.probes.common import class_labels, layer_extractor, layer_features
 
 
 def _last_dense(model):
@@ -30,8 +31,9 @@ def _last_dense(model):
 
 
 def _penultimate_features(model, x, classifier):
-    extractor = keras.Model(model.inputs, classifier.input)
-    return np.asarray(extractor.predict(np.asarray(x), verbose=0), np.float64).reshape(len(x), -1)
+    extractor = layer_extractor(model, "input", [classifier])
+    features = tf.nest.flatten(extractor.predict(np.asarray(x), verbose=0))[0]
+    return np.asarray(features, np.float64).reshape(len(x), -1)
 
 
 def _within_over_between(within, centred):

@@ -288,7 +288,7 @@ def _factored_gram(model, layers, outputs, key, arrays, others, chunk_size, full
 def _layer_inputs(model, layers, x, chunk_size=None):
     """The inputs of `layers` on x (training=False), each [n, width] in its bias's dtype
     (the variables', under mixed precision too)."""
-    extractor = _extractor(model, "input", layers)
+    extractor = layer_extractor(model, "input", layers)
     step = len(x) if chunk_size is None else chunk_size
     chunks = [tf.nest.flatten(extractor(tf.constant(x[i:i + step]), training=False))
               for i in range(0, len(x), step)]
@@ -348,7 +348,7 @@ def _symbolic_inputs(model):
         return None
 
 
-def _extractor(model, kind, layers):
+def layer_extractor(model, kind, layers):
     """A keras.Model from `model`'s inputs to the `kind` ("input" or "output") of each
     of `layers`, cached per model."""
     cache = _EXTRACTORS.setdefault(model, {})
@@ -368,7 +368,7 @@ def layer_features(model, x, layers=None, batch_size=256):
     if not inputs:
         raise ValueError(f"model {model.name!r} has no symbolic inputs; representation "
                          "probes need a functional or Sequential model built on keras.Input")
-    extractor = _extractor(model, "output", chosen)
+    extractor = layer_extractor(model, "output", chosen)
     x = np.asarray(x)
     if x.shape[1:] != tuple(inputs[0].shape[1:]):
         raise ValueError(f"x has examples of shape {x.shape[1:]}; model {model.name!r} "
