@@ -35,7 +35,7 @@ MODELS = ("cnn", "resnet50")
 PROBE_EXAMPLES = 128
 TARGETS = {"seconds": 60, "mib_above_training": 2048}
 #: What a probe's result says of its own work, kept beside its time and memory.
-REPORTED = ("hessian_examples", "hvps", "lambda_1", "lambda_residual", "parameters")
+REPORTED = ("hessian_examples", "hvps", "lambda_1", "lambda_residual", "sharpness", "parameters")
 
 
 def child(model_name, index, evaluations):

@@ -443,3 +443,31 @@ def test_a_part_starts_only_if_its_products_fit_in_what_is_left(setup, capsys):
     assert "trace" not in out  # a million products at the λ run's pace: hours
     assert {"density", "lambda_max/h", "lambda_max/out"} <= set(out)
     assert "left out this time: the trace" in capsys.readouterr().err
+
+
+def test_with_a_preconditioner_lambda_leaves_half_the_budget_to_the_sharpness(monkeypatch,
+                                                                             capsys):
+    """λ never converges at tol=1e-300: alone it would spend the whole budget, and the
+    learning-rate diagnosis would never get Adam's sharpness."""
+    from itertools import count
+    from types import SimpleNamespace
+
+    keras.config.set_floatx("float64")
+    try:
+        model = small_model()
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+        x, y = small_data()
+        model.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0)
+        clock = count()  # each reading one second after the last
+        monkeypatch.setattr(hessian, "time",
+                            SimpleNamespace(monotonic=lambda: float(next(clock))))
+        out = hessian.HessianProbe(per_layer=False, tol=1e-300, time_budget=100,
+                                   max_examples=None)(model, x, y)
+    finally:
+        keras.config.set_floatx("float32")
+    assert out["stability_ratio"] == out["sharpness"] / out["stability_limit"]
+    assert abs(out["sharpness"] / out["lambda_1"] - 1) > 0.5  # Adam's, not λmax
+    err = capsys.readouterr().err
+    assert "λ at" in err and "the sharpness at" in err  # both stopped by the budget
+    assert "left out" not in err
+    assert 8 <= out["hvps"] <= 30  # about 5 readings a product: 100 s hold about 20

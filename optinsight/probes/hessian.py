@@ -481,7 +481,9 @@ class HessianProbe:
     density) fit in what is left, at the pace of λ's last product; what did not fit is
     left out of that evaluation, with one line on stderr. Lanczos (λ, the sharpness, a
     layer's λmax) does not start a step it expects to end past the budget, and the same
-    line names what it left unconverged.
+    line names what it left unconverged. With a preconditioned optimizer (Adam, RMSprop,
+    Adagrad…) λ1..λk stop at half of what is left, so that its sharpness, what the
+    learning-rate diagnosis reads, gets the other half.
     Memory: k + 10 vectors of the parameters' size at most.
 
     `max_examples` bounds the batch the curvature is measured on to its first that
@@ -556,12 +558,20 @@ class HessianProbe:
         return x, y, timing_products
 
     def __call__(self, model, x, y):
+        from optinsight.probes.stability import preconditioned, stability_summary
+
         deadline = None if self.time_budget is None else time.monotonic() + self.time_budget
         skipped = []
         x, y, spent = self._curvature_batch(model, x, y, deadline)  # HVPs besides op's
         op = HessianOperator(model, x, y)
         rng = np.random.default_rng(self.seed)
-        values, residual = self._top("top", op.matvec, op, self.k, rng, deadline)
+        sharpness_matvec, limit = (None, None) if model.optimizer is None else \
+            preconditioned(op, model.optimizer)
+        top_deadline = deadline
+        if sharpness_matvec is not None and deadline is not None:  # it gets the other half
+            now = time.monotonic()
+            top_deadline = now + (deadline - now) / 2
+        values, residual = self._top("top", op.matvec, op, self.k, rng, top_deadline)
 
         def time_left(part, products):
             """Whether `products` more products fit in the budget, at the pace of the last
@@ -576,14 +586,12 @@ class HessianProbe:
         out["lambda_residual"] = residual
         unconverged = [f"λ at {residual:.1e}"] if residual > self.tol else []
         if model.optimizer is not None:
-            from optinsight.probes.stability import preconditioned, stability_summary
-
             out["lr_times_lambda_max"] = learning_rate(model) * float(values[0])
-            matvec, limit = preconditioned(op, model.optimizer)
-            if matvec is None:
+            if sharpness_matvec is None:
                 out.update(stability_summary(float(values[0]), limit))
             elif time_left("the sharpness", 3):
-                sharp, sharp_residual = self._top("sharpness", matvec, op, 1, rng, deadline)
+                sharp, sharp_residual = self._top("sharpness", sharpness_matvec, op, 1, rng,
+                                                  deadline)
                 out.update(stability_summary(float(sharp[0]), limit))
                 if sharp_residual > self.tol:
                     unconverged.append(f"the sharpness at {sharp_residual:.1e}")
