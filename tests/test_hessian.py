@@ -471,3 +471,40 @@ def test_with_a_preconditioner_lambda_leaves_half_the_budget_to_the_sharpness(mo
     assert "λ at" in err and "the sharpness at" in err  # both stopped by the budget
     assert "left out" not in err
     assert 8 <= out["hvps"] <= 30  # about 5 readings a product: 100 s hold about 20
+
+
+def test_a_layer_not_compiled_yet_starts_only_if_its_tracing_fits(monkeypatch, capsys):
+    """Each tracing takes 1000 s of a 2500 s budget: λ's and layer h's fit, layer out's
+    would end past the budget, and is left for the next evaluation, when nothing traces."""
+    from types import SimpleNamespace
+
+    clock = SimpleNamespace(now=0.0, steps=[])  # each reading a second after the last
+
+    def monotonic():
+        clock.now += clock.steps.pop(0) if clock.steps else 1.0
+        return clock.now
+
+    relax = hessian.HessianOperator._relax
+
+    def slow_relax(self):
+        if not self.traced:  # it reads the clock before tracing and after
+            clock.steps = [1.0, 1000.0]
+        relax(self)
+
+    keras.config.set_floatx("float64")
+    try:
+        model = small_model(seed=5)  # its products not traced yet
+        x, y = small_data()
+        monkeypatch.setattr(hessian, "time", SimpleNamespace(monotonic=monotonic))
+        monkeypatch.setattr(hessian.HessianOperator, "_relax", slow_relax)
+        probe = hessian.HessianProbe(time_budget=2500, max_examples=None)
+        began = clock.now
+        out = probe(model, x, y)
+        assert clock.now <= began + 2500 + 1  # the budget's own first reading
+        assert "lambda_max/h" in out and "lambda_max/out" not in out
+        assert "left out this time: 1 of 2 layers' λmax" in capsys.readouterr().err
+        out = probe(model, x, y)
+        assert {"lambda_max/h", "lambda_max/out"} <= set(out)
+        assert capsys.readouterr().err == ""
+    finally:
+        keras.config.set_floatx("float32")

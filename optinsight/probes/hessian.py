@@ -104,7 +104,14 @@ class HessianOperator:
                                                 method or DEFAULT_METHOD, training)
         self.products = 0  # HVPs computed, each over all the data
         self.last_seconds = None  # wall time of the last product
+        self.trace_seconds = 0.0  # wall time this operator spent tracing the flat product
         self._relaxed = False
+
+    @property
+    def traced(self):
+        """Whether the flat product is compiled already (by any operator on the same
+        model and variables)."""
+        return self._flat_fn.experimental_get_tracing_count() > 0
 
     def _relax(self):
         """Trace the flat HVP once for any batch size (a sub-batch or a dataset's last
@@ -112,10 +119,13 @@ class HessianOperator:
         def spec(t):
             return tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
 
+        began = None if self.traced else time.monotonic()
         bx, by, _ = self.data[0]
         self._flat_fn.get_concrete_function(tf.nest.map_structure(spec, bx),
                                             tf.nest.map_structure(spec, by),
                                             tf.TensorSpec([self.size], self.dtype))
+        if began is not None:
+            self.trace_seconds = time.monotonic() - began
         self._relaxed = True
 
     def _mean(self, fn, vector):
@@ -478,8 +488,9 @@ class HessianProbe:
     that residual of an eigenvalue). The sharpness, the trace, the density and the
     layers (in order) each start only if the products they need at least (3 for a
     Lanczos run: its minimum of 2 and the orthogonalisation; all of a trace or a
-    density) fit in what is left, at the pace of λ's last product; what did not fit is
-    left out of that evaluation, with one line on stderr. Lanczos (λ, the sharpness, a
+    density; a layer not compiled yet also its tracing, as long as λ's took) fit in what
+    is left, at the pace of λ's last product; what did not fit is left out of that
+    evaluation, with one line on stderr. Lanczos (λ, the sharpness, a
     layer's λmax) does not start a step it expects to end past the budget, and the same
     line names what it left unconverged. With a preconditioned optimizer (Adam, RMSprop,
     Adagrad…) λ1..λk stop at half of what is left, so that its sharpness, what the
@@ -507,6 +518,7 @@ class HessianProbe:
                              f"got {max_examples!r}")
         self.max_examples = max_examples
         self._examples = None  # the count "auto" chose
+        self._trace_seconds = 0.0  # the longest an HVP took to trace here
         self.every, self.k, self.trace_samples = every, k, trace_samples
         self.density, self.per_layer = density, per_layer
         self.density_steps, self.density_samples = density_steps, density_samples
@@ -545,6 +557,7 @@ class HessianProbe:
             timed.matvec(vector)
             seconds = max(timed.last_seconds, 1e-9)  # over-estimates per example
             timing_products = timed.products
+            self._trace_seconds = max(self._trace_seconds, timed.trace_seconds)
             n = self._examples = int(min(total, max(
                 _AUTO_FROM, _AUTO_FROM * self.time_budget / (_AUTO_PRODUCTS * seconds))))
             if n < total:
@@ -572,11 +585,13 @@ class HessianProbe:
             now = time.monotonic()
             top_deadline = now + (deadline - now) / 2
         values, residual = self._top("top", op.matvec, op, self.k, rng, top_deadline)
+        self._trace_seconds = max(self._trace_seconds, op.trace_seconds)
 
-        def time_left(part, products):
-            """Whether `products` more products fit in the budget, at the pace of the last
-            one; else `part` is skipped."""
-            if deadline is None or time.monotonic() + products * op.last_seconds <= deadline:
+        def time_left(part, products, tracing=0.0):
+            """Whether `products` more products (and `tracing` seconds) fit in the budget,
+            at the pace of the last one; else `part` is skipped."""
+            if deadline is None or \
+                    time.monotonic() + products * op.last_seconds + tracing <= deadline:
                 return True
             skipped.append(part)
             return False
@@ -606,9 +621,11 @@ class HessianProbe:
             for v in model.trainable_variables:
                 layers.setdefault(layer_name(v), []).append(v)
             for i, (layer, variables) in enumerate(layers.items()):
-                if not time_left(f"{len(layers) - i} of {len(layers)} layers' λmax", 3):
-                    break
                 block = HessianOperator(model, x, y, variables=variables)
+                tracing = 0.0 if block.traced else self._trace_seconds  # as long as λ's
+                if not time_left(f"{len(layers) - i} of {len(layers)} layers' λmax", 3,
+                                 tracing):
+                    break
                 value, layer_residual = self._top(("layer", layer), block.matvec, block, 1,
                                                   rng, deadline)
                 out[f"lambda_max/{layer}"] = float(value[0])
