@@ -508,3 +508,26 @@ def test_a_layer_not_compiled_yet_starts_only_if_its_tracing_fits(monkeypatch, c
         assert capsys.readouterr().err == ""
     finally:
         keras.config.set_floatx("float32")
+
+
+def test_from_compile_from_entries_the_default_basis_is_two_vectors_smaller(monkeypatch):
+    """The first restart recombines a full basis: k + 8 vectors, k + 6 for large ones."""
+    lengths = []
+
+    def recording(functions):
+        orthogonalise, combine = functions
+
+        def recorded(vectors, weights):
+            lengths.append(len(vectors))
+            return combine(vectors, weights)
+        return orthogonalise, recorded
+
+    monkeypatch.setattr(hessian, "_XLA", recording(hessian._XLA))
+    monkeypatch.setattr(hessian, "_GRAPH", recording(hessian._GRAPH))
+    diagonal = tf.constant(np.linspace(0.0, 1.0, 400) ** 0.1)  # a slow top cluster
+    start = tf.constant(np.random.default_rng(0).standard_normal(400))
+    for compile_from, basis in ((1 << 22, 2 + 8), (400, 2 + 6)):
+        monkeypatch.setattr(hessian, "_COMPILE_FROM", compile_from)
+        lengths.clear()
+        hessian.top_eigenpairs(lambda v: diagonal * v, start, 2, 30, 1e-12)
+        assert lengths[0] == basis

@@ -229,7 +229,8 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None, deadlin
     """The k largest eigenpairs of a symmetric map by thick-restart Lanczos
     (Wu & Simon, SIAM J. Matrix Anal. Appl. 22, 2000).
 
-    Keeps at most `basis_size` (default k + 8) orthonormal vectors in `start`'s dtype,
+    Keeps at most `basis_size` (default k + 8; k + 6 from `_COMPILE_FROM` entries, where
+    the basis is most of the memory) orthonormal vectors in `start`'s dtype,
     each new one orthogonalised twice against all of them. When the basis is full it
     restarts from its best Ritz vectors (the top k and about half the rest) and the
     residual. Stops once every top-k Ritz pair has residual ‖A y − θ y‖ <= tol·|θ|
@@ -246,7 +247,7 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None, deadlin
     (max(k, (basis_size + k) // 2 - 1)).
     """
     size = int(start.shape[0])
-    m = max(min(basis_size or k + 8, size), k + 1)
+    m = max(min(basis_size or k + (6 if size >= _COMPILE_FROM else 8), size), k + 1)
     orthogonalise, combine = _XLA if size >= _COMPILE_FROM else _GRAPH
     basis = [_unit(start)]
     projected = np.zeros((m, m))  # basisᵀ A basis
@@ -276,7 +277,8 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None, deadlin
             basis = [combine(basis, s[:, i]) for i in keep]
             projected[:] = 0  # the next product fills row and column j, couplings included
             projected[np.arange(len(keep)), np.arange(len(keep))] = theta[keep]
-        basis.append(w / beta)
+        w /= beta  # no copy of it held through the next product
+        basis.append(w)
     return theta[top], tf.stack([combine(basis, s[:, i]) for i in top]), products, relative
 
 
@@ -354,7 +356,8 @@ def top_eigenvalues(model, x, y=None, k=1, method="lanczos", max_iter=100, tol=1
     """The k largest eigenvalues of H, descending.
 
     method="lanczos" (default): thick-restart Lanczos (`top_eigenpairs`) with a basis
-    of `basis_size` vectors (default k + 8) in the variables' dtype, at most
+    of `basis_size` vectors (default k + 8, k + 6 from 4 M parameters) in the variables'
+    dtype, at most
     `max_iter` HVPs, stopping once every top-k Ritz pair has residual <= tol·|θ|
     (an eigenvalue error of at most that, usually far less). `start`: a flat vector
     to start from (e.g. the previous evaluation's top eigenvector), else random.
@@ -495,7 +498,7 @@ class HessianProbe:
     line names what it left unconverged. With a preconditioned optimizer (Adam, RMSprop,
     Adagrad…) λ1..λk stop at half of what is left, so that its sharpness, what the
     learning-rate diagnosis reads, gets the other half.
-    Memory: k + 10 vectors of the parameters' size at most.
+    Memory: k + 10 vectors of the parameters' size at most (k + 8 from 4 M parameters).
 
     `max_examples` bounds the batch the curvature is measured on to its first that
     many examples (the probe batch should be shuffled), written as
