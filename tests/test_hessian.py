@@ -445,10 +445,10 @@ def test_a_part_starts_only_if_its_products_fit_in_what_is_left(setup, capsys):
     assert "left out this time: the trace" in capsys.readouterr().err
 
 
-def test_with_a_preconditioner_lambda_leaves_half_the_budget_to_the_sharpness(monkeypatch,
-                                                                             capsys):
+def test_with_a_preconditioner_lambda_leaves_a_share_of_the_budget_to_the_sharpness(
+        monkeypatch, capsys):
     """λ never converges at tol=1e-300: alone it would spend the whole budget, and the
-    learning-rate diagnosis would never get Adam's sharpness."""
+    learning-rate diagnosis would never get Adam's sharpness (k = 1: half each)."""
     from itertools import count
     from types import SimpleNamespace
 

@@ -496,8 +496,8 @@ class HessianProbe:
     evaluation, with one line on stderr. Lanczos (λ, the sharpness, a
     layer's λmax) does not start a step it expects to end past the budget, and the same
     line names what it left unconverged. With a preconditioned optimizer (Adam, RMSprop,
-    Adagrad…) λ1..λk stop at half of what is left, so that its sharpness, what the
-    learning-rate diagnosis reads, gets the other half.
+    Adagrad…) λ1..λk stop at k/(k + 1) of what is left, so that its sharpness, what the
+    learning-rate diagnosis reads, gets an eigenvalue's share.
     Memory: k + 10 vectors of the parameters' size at most (k + 8 from 4 M parameters).
 
     `max_examples` bounds the batch the curvature is measured on to its first that
@@ -584,9 +584,9 @@ class HessianProbe:
         sharpness_matvec, limit = (None, None) if model.optimizer is None else \
             preconditioned(op, model.optimizer)
         top_deadline = deadline
-        if sharpness_matvec is not None and deadline is not None:  # it gets the other half
+        if sharpness_matvec is not None and deadline is not None:  # an eigenvalue's share
             now = time.monotonic()
-            top_deadline = now + (deadline - now) / 2
+            top_deadline = now + (deadline - now) * self.k / (self.k + 1)
         values, residual = self._top("top", op.matvec, op, self.k, rng, top_deadline)
         self._trace_seconds = max(self._trace_seconds, op.trace_seconds)
 
