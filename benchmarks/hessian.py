@@ -78,7 +78,7 @@ def cnn_part(args):
               f"{results[f'hvp_{m}_over_gradient']:.2f}x a gradient "
               f"({grad_s * 1e3:.0f} ms) (target <= 2.5)", flush=True)
 
-    op = ops[hessian.DEFAULT_METHOD]
+    op = ops[hessian.default_method(model)]
     reference = hessian.top_eigenvalues(model, x, y, k=1, tol=1e-9, max_iter=200)[0]
     start = np.random.default_rng(1).standard_normal(op.size)
     alphas, betas = hessian.lanczos(op.matvec, tf.constant(start, op.dtype), 60,

@@ -66,12 +66,26 @@ def test_hvp_is_compiled_once(setup):
     hessian.hvp(model, x, y, v)
     hessian.top_eigenvalues(model, x, y)
     fns = hessian._hvp_function(model, model.trainable_variables, None,
-                                hessian.DEFAULT_METHOD, False)
+                                hessian.default_method(model), False)
     counts = [fn.experimental_get_tracing_count() for fn in fns]
     for n in (40, 10, 25):  # any batch size reuses the flat HVP's one trace
         hessian.hvp(model, x, y, v * 2)
         hessian.top_eigenvalues(model, x[:n], y[:n], seed=1)
     assert [fn.experimental_get_tracing_count() for fn in fns] == counts
+
+
+def test_the_default_hvp_is_reverse_below_large_models_and_forward_from_them(setup,
+                                                                           monkeypatch):
+    model, x, y, H = setup
+
+    def compiled(method):
+        return hessian._hvp_function(model, [model.layers[-1].bias], None, method, False)[1]
+
+    block = hessian.HessianOperator(model, x, y, variables=[model.layers[-1].bias])
+    assert block._flat_fn is compiled("reverse")
+    monkeypatch.setattr(hessian, "_LARGE", H.shape[0])  # the whole model's size decides
+    block = hessian.HessianOperator(model, x, y, variables=[model.layers[-1].bias])
+    assert block._flat_fn is compiled("forward")
 
 
 def test_lanczos_top_eigenvalues(setup):
@@ -510,7 +524,7 @@ def test_a_layer_not_compiled_yet_starts_only_if_its_tracing_fits(monkeypatch, c
         keras.config.set_floatx("float32")
 
 
-def test_from_compile_from_entries_the_default_basis_is_two_vectors_smaller(monkeypatch):
+def test_from_large_entries_the_default_basis_is_two_vectors_smaller(monkeypatch):
     """The first restart recombines a full basis: k + 8 vectors, k + 6 for large ones."""
     lengths = []
 
@@ -526,8 +540,8 @@ def test_from_compile_from_entries_the_default_basis_is_two_vectors_smaller(monk
     monkeypatch.setattr(hessian, "_GRAPH", recording(hessian._GRAPH))
     diagonal = tf.constant(np.linspace(0.0, 1.0, 400) ** 0.1)  # a slow top cluster
     start = tf.constant(np.random.default_rng(0).standard_normal(400))
-    for compile_from, basis in ((1 << 22, 2 + 8), (400, 2 + 6)):
-        monkeypatch.setattr(hessian, "_COMPILE_FROM", compile_from)
+    for large, basis in ((1 << 22, 2 + 8), (400, 2 + 6)):
+        monkeypatch.setattr(hessian, "_LARGE", large)
         lengths.clear()
         hessian.top_eigenpairs(lambda v: diagonal * v, start, 2, 30, 1e-12)
         assert lengths[0] == basis
