@@ -22,6 +22,8 @@ Any other optimizer, and Adam, AdamW and RMSprop before their first step (v is n
 estimated yet): the plain sharpness λmax(H) and no limit (None).
 """
 
+from functools import cache
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -38,8 +40,9 @@ def _slot_vector(optimizer, slot, variables, dtype):
 
 
 def preconditioner(optimizer, variables, dtype=tf.float64):
-    """(P as a flat tensor in `dtype` over `variables`, or None for the identity; the
-    stability limit, or None). See the module docstring."""
+    """(a function of no arguments building P as a flat tensor in `dtype` over
+    `variables`, or None for the identity; the stability limit, or None). See the module
+    docstring."""
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
     lr = optimizer_learning_rate(optimizer)
@@ -55,24 +58,25 @@ def preconditioner(optimizer, variables, dtype=tf.float64):
         beta_1, beta_2 = float(optimizer.beta_1), float(optimizer.beta_2)
         s = int(optimizer.iterations.numpy()) + 1
         slot = "velocity_hats" if optimizer.amsgrad else "velocities"
-        v = _slot_vector(optimizer, slot, variables, dtype)
         scale = (1 - beta_1 ** s) / np.sqrt(1 - beta_2 ** s)
-        return scale * (tf.sqrt(v) + optimizer.epsilon), (2 + 2 * beta_1) / ((1 - beta_1) * lr)
+        return (lambda: scale * (tf.sqrt(_slot_vector(optimizer, slot, variables, dtype))
+                                 + optimizer.epsilon)), (2 + 2 * beta_1) / ((1 - beta_1) * lr)
     if type(optimizer) is keras.optimizers.RMSprop and not optimizer.momentum \
             and not optimizer.centered:
-        v = _slot_vector(optimizer, "velocities", variables, dtype)
-        return tf.sqrt(v + optimizer.epsilon), 2 / lr
+        return (lambda: tf.sqrt(_slot_vector(optimizer, "velocities", variables, dtype)
+                                + optimizer.epsilon)), 2 / lr
     return None, None
 
 
 def preconditioned(op, optimizer):
     """(v -> P^{-1/2} H P^{-1/2} v on op's flat tensors, or None when P is the identity;
-    the stability limit, or None) for a HessianOperator `op`."""
-    p, limit = preconditioner(optimizer, op.variables, op.dtype)
-    if p is None:
+    the stability limit, or None) for a HessianOperator `op`. P^{-1/2} is built at the
+    first product, so that it takes no memory before."""
+    build, limit = preconditioner(optimizer, op.variables, op.dtype)
+    if build is None:
         return None, limit
-    scale = tf.math.rsqrt(p)
-    return (lambda vector: scale * op.matvec(scale * vector)), limit
+    scale = cache(lambda: tf.math.rsqrt(build()))
+    return (lambda vector: scale() * op.matvec(scale() * vector)), limit
 
 
 def sharpness(model, x, y, optimizer=None, max_iter=100, tol=1e-3, seed=0, plain=None):
