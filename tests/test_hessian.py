@@ -459,22 +459,32 @@ def test_a_part_starts_only_if_its_products_fit_in_what_is_left(setup, capsys):
     assert "left out this time: the trace" in capsys.readouterr().err
 
 
+def ticking_clock(monkeypatch):
+    """hessian's clock replaced: each reading a second after the last, or the first of
+    `steps` seconds while there are any."""
+    from types import SimpleNamespace
+
+    clock = SimpleNamespace(now=0.0, steps=[])
+
+    def monotonic():
+        clock.now += clock.steps.pop(0) if clock.steps else 1.0
+        return clock.now
+
+    monkeypatch.setattr(hessian, "time", SimpleNamespace(monotonic=monotonic))
+    return clock
+
+
 def test_with_a_preconditioner_lambda_leaves_a_share_of_the_budget_to_the_sharpness(
         monkeypatch, capsys):
     """λ never converges at tol=1e-300: alone it would spend the whole budget, and the
     learning-rate diagnosis would never get Adam's sharpness (k = 1: half each)."""
-    from itertools import count
-    from types import SimpleNamespace
-
     keras.config.set_floatx("float64")
     try:
         model = small_model()
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
         x, y = small_data()
         model.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0)
-        clock = count()  # each reading one second after the last
-        monkeypatch.setattr(hessian, "time",
-                            SimpleNamespace(monotonic=lambda: float(next(clock))))
+        ticking_clock(monkeypatch)
         out = hessian.HessianProbe(per_layer=False, tol=1e-300, time_budget=100,
                                    max_examples=None)(model, x, y)
     finally:
@@ -490,14 +500,6 @@ def test_with_a_preconditioner_lambda_leaves_a_share_of_the_budget_to_the_sharpn
 def test_a_layer_not_compiled_yet_starts_only_if_its_tracing_fits(monkeypatch, capsys):
     """Each tracing takes 1000 s of a 2500 s budget: λ's and layer h's fit, layer out's
     would end past the budget, and is left for the next evaluation, when nothing traces."""
-    from types import SimpleNamespace
-
-    clock = SimpleNamespace(now=0.0, steps=[])  # each reading a second after the last
-
-    def monotonic():
-        clock.now += clock.steps.pop(0) if clock.steps else 1.0
-        return clock.now
-
     relax = hessian.HessianOperator._relax
 
     def slow_relax(self):
@@ -509,7 +511,7 @@ def test_a_layer_not_compiled_yet_starts_only_if_its_tracing_fits(monkeypatch, c
     try:
         model = small_model(seed=5)  # its products not traced yet
         x, y = small_data()
-        monkeypatch.setattr(hessian, "time", SimpleNamespace(monotonic=monotonic))
+        clock = ticking_clock(monkeypatch)
         monkeypatch.setattr(hessian.HessianOperator, "_relax", slow_relax)
         probe = hessian.HessianProbe(time_budget=2500, max_examples=None)
         began = clock.now
