@@ -10,6 +10,7 @@ import atexit
 import functools
 
 import keras
+import tensorflow as tf
 
 from optinsight import compat
 from optinsight.model import InsightModel, insight_train_step
@@ -94,6 +95,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             self.recorder = recorder
             if recorder.initial_epoch:  # resumed: fit continues after the checkpoint
                 compat.set_initial_epoch(model, recorder.initial_epoch)
+        self.recorder.sync_step()  # a step interrupted after it was applied counts
         self.recorder.optimizer = model.optimizer  # recompiling may have changed it
         self.recorder.trainable_changed()  # fine-tuning: layers unfrozen or frozen
         self.recorder.ensure_steps_per_call(self._steps_per_call(model))
@@ -131,6 +133,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                 return self.model.train_function(iterator)
             try:
                 return train_function(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                raise  # a dataset of unknown length ended: fit goes on to the next epoch
             except BaseException:
                 self._end_fit()
                 raise
@@ -145,7 +149,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         recorder = self.recorder
         if self._steps_per_call(self.model) == 1:
-            recorder.batch_end(recorder.epoch_start_step + batch + 1)
+            recorder.batch_end()  # one step more, whatever `batch` counts from
         else:  # an epoch's last call may run fewer steps than `batch` counts
             recorder.batch_end(int(recorder.tracker.step.numpy()))
 
@@ -168,4 +172,5 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             model.__dict__.pop("train_step", None)
         model.train_function = None
         if self.recorder.tracker is not None:
+            self.recorder.end_partial_epoch()  # fit stopped inside an epoch
             self.recorder.close()

@@ -396,15 +396,23 @@ class DynamicsTracker(tf.Module):
             self.prev_grad.assign(g)
             self.ema_grad.assign(new_ema_g)
             self.ema_weight_offset.assign(new_ema_w_offset)
+        # Every write below waits for the statistics, so a step whose batch never
+        # arrived (a dataset of unknown length ends inside the compiled step, after the
+        # stateful ops that need no data may already have run) changes no state.
+        with tf.control_dependencies([stats, loss]):
+            self._record(stats, grads, raw, loss, has_prev, weights)
+
+    def _record(self, stats, grads, raw, loss, has_prev, weights):
+        """The writes of `update`: counters, zero units, ring buffers, histograms."""
+        step = self.step.read_value() + 1
+        zeros = [_zero_units(g, v.shape, self.thresholds[0])
+                 for g, v in zip(grads, self.tracked_variables)]
+        zero = tf.concat(zeros, axis=0)
         if raw is None:  # not clipped: the gradient's own squared norm
             raw_sq = stats[:, :1]
         else:
             raw_sq = tf.stack([tf.reduce_sum(tf.square(tf.where(tf.math.is_finite(g), g, 0.0)))
                                for g in raw])[:, None]
-        step = self.step.read_value() + 1
-        zeros = [_zero_units(g, v.shape, self.thresholds[0])
-                 for g, v in zip(grads, self.tracked_variables)]
-        zero = tf.concat(zeros, axis=0)
         since = self.zero_since.read_value()
         self.zero_since.assign(tf.where(zero, tf.where(since > 0, since, step), 0))
         zero_counts = tf.stack([tf.reduce_sum(tf.cast(z, tf.float64)) for z in zeros])
@@ -426,7 +434,10 @@ class DynamicsTracker(tf.Module):
                 tf.equal(tf.math.floormod(step, self.histogram_freq), 0),
                 lambda: (*self._histograms(self.prev_grad.read_value(), _flatten(weights)),
                          step),
-                lambda: (self.hist_counts[slot], self.hist_ranges[slot], self.hist_step[slot]))
+                # gather, not slicing: XLA takes a slice's bounds as compile-time
+                # constants, which compiled the step anew for every step's slot.
+                lambda: tuple(tf.gather(buffer, slot) for buffer in (
+                    self.hist_counts, self.hist_ranges, self.hist_step)))
             for buffer, value in ((self.hist_counts, counts), (self.hist_ranges, ranges),
                                   (self.hist_step, hist_step)):
                 buffer.assign(tf.tensor_scatter_nd_update(buffer, [[slot]], [value]))

@@ -102,6 +102,7 @@ class InsightRecorder:
         self.tracker = None  # of the variables trained now
         self.names, self.sizes = [], {}  # every variable the run has trained, in order
         self.variable_changes = []  # [{"step", "added", "removed"}]: trainable_changed
+        self.partial_epochs = []  # epochs that training stopped inside
         self.writer = None  # RunWriter of the chief; None on other workers
         self.history = None
         self.step = 0  # steps trained
@@ -157,6 +158,8 @@ class InsightRecorder:
                                               if n not in meta["variables"]]
             self.variable_changes = [c for c in meta.get("variable_changes", [])
                                      if c["step"] <= checkpoint["step"]]
+            self.partial_epochs = [e for e in meta.get("partial_epochs", [])
+                                   if e < checkpoint["epoch"]]
         keys = metric_names(options.thresholds, options.ema_decay)
         self.history = RunHistory(self.names, keys, keys + ["train_loss"])
         if chief:
@@ -170,6 +173,13 @@ class InsightRecorder:
         if self.step == 0:
             for probe in options.probes:  # the starting point: step 0
                 self._run_probe(probe)
+
+    def sync_step(self):
+        """Count the steps the tracker recorded (the device's count): a step that an
+        exception (Ctrl-C, another callback) interrupted after it was applied counts,
+        although no `batch_end` followed it."""
+        if self.tracker is not None:
+            self.step = max(self.step, int(self.tracker.step.numpy()))
 
     def _strategy(self):
         """The tf.distribute strategy the model trains under."""
@@ -379,6 +389,21 @@ class InsightRecorder:
         if options.diagnosis:
             self._print_new_findings(document)
 
+    def end_partial_epoch(self):
+        """Close the epoch in progress as a partial one, if it has steps (training
+        stopped inside it: an exception, Ctrl-C). Its steps keep their numbers; it is
+        listed in `meta.partial_epochs`, has no epoch-wise losses, probes or checkpoint,
+        and the next step starts the next epoch."""
+        self.sync_step()
+        if self.step == self.epoch_start_step:
+            return
+        if self.writer is not None:
+            self._read_rows()
+            steps, model_rows, means = self.writer.end_epoch(self.step)
+            self.history.add_epoch(self.epoch, steps, model_rows, means, {})
+        self.partial_epochs.append(self.epoch)
+        self.epoch, self.epoch_start_step = self.epoch + 1, self.step
+
     def run_so_far(self, document):
         """The run as `read_log` loads it, from memory (`document`: `summary()`), with
         the per-variable keys of the diagnosis at up to 4,096 evenly spaced steps."""
@@ -399,6 +424,7 @@ class InsightRecorder:
             "variables": list(self.names),
             "variable_sizes": [self.sizes[n] for n in self.names],
             "variable_changes": self.variable_changes,
+            "partial_epochs": self.partial_epochs,
             "steps": self.step, "histogram_freq": options.histogram_freq,
             "histogram_bins": options.histogram_bins, "sign_map_freq": options.sign_map_freq,
             "update_freq": options.update_freq,
