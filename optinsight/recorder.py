@@ -22,7 +22,14 @@ import numpy as np
 import tensorflow as tf
 
 from optinsight import compat
-from optinsight.checkpoint import load_checkpoint, save_checkpoint
+from optinsight.checkpoint import (
+    check_resume,
+    load_weights,
+    read_checkpoint,
+    restore_tracker,
+    save_checkpoint,
+    weight_positions,
+)
 from optinsight.diagnose import diagnose_run
 from optinsight.dynamics import DynamicsTracker, metric_names
 from optinsight.logs.jsonlog import read_json, truncate_jsonl
@@ -140,39 +147,70 @@ class InsightRecorder:
             raise ValueError("resume=True is not supported under a multi-worker "
                              "strategy: the checkpoint is on the chief only")
         tracker = self._new_tracker(variables, strategy)
-        # The checkpoint first: it names the variables as the run's logs do.
-        checkpoint = load_checkpoint(self._path("checkpoint"), model, self.optimizer,
-                                     tracker) if options.resume else None
+        checkpoint = read_checkpoint(self._path("checkpoint")) if options.resume else None
         if options.resume and checkpoint is None and os.path.exists(self._path("steps.jsonl")):
             raise ValueError(
                 f"log_dir {self.log_dir!r} holds a run but no checkpoint to resume "
                 "from (checkpoint_freq was 0 or it stopped in its first epoch)")
         self.names, self.sizes = list(tracker.names), dict(zip(tracker.names, tracker.sizes))
         self.variable_changes = []
-        document = read_json(self._path("insight.json")) if checkpoint is not None \
-            and os.path.exists(self._path("insight.json")) else None
-        if document is not None:
-            meta = document["meta"]
-            self.sizes.update(zip(meta["variables"], meta["variable_sizes"]))
-            self.names = meta["variables"] + [n for n in self.names
-                                              if n not in meta["variables"]]
-            self.variable_changes = [c for c in meta.get("variable_changes", [])
-                                     if c["step"] <= checkpoint["step"]]
-            self.partial_epochs = [e for e in meta.get("partial_epochs", [])
-                                   if e < checkpoint["epoch"]]
+        document = None
+        if checkpoint is not None:
+            document = self._resume(tracker, *checkpoint)
         keys = metric_names(options.thresholds, options.ema_decay)
         self.history = RunHistory(self.names, keys, keys + ["train_loss"])
         if chief:
             self.writer = RunWriter(self.log_dir, self.names, options)
         self.tracker = tracker
         if checkpoint is not None:
-            self._restore(checkpoint, document)
+            self._restore(checkpoint[0], document)
         if options.verbose and chief:
             print(f"optinsight: logging to {self.log_dir}", file=sys.stderr)
         self._next_read = time.monotonic() + READ_EVERY_SECONDS
         if self.step == 0:
             for probe in options.probes:  # the starting point: step 0
                 self._run_probe(probe)
+
+    def _resume(self, tracker, state, saved):
+        """Check the run in log_dir against the options, then restore the tracker, the
+        weights and the optimizer from the checkpoint (`state`, the tracker's `saved`
+        state) and take the run's variable names and changes; returns insight.json's
+        document (None if there is none). Nothing is changed when a check fails."""
+        path = self._path("insight.json")
+        document = read_json(path) if os.path.exists(path) else None
+        keys = metric_names(self.options.thresholds, self.options.ema_decay)
+        if document is not None:
+            check_resume(self.log_dir, document, self.options, keys + ["train_loss"])
+        model = self.model
+        positions = weight_positions(model, tracker.tracked_variables)
+        change = restore_tracker(tracker, saved, positions,
+                                 [int(np.prod(w.shape)) for w in model.weights])
+        restored = load_weights(self._path("checkpoint"), state, model, self.optimizer,
+                                saved.get("positions", positions), positions)
+        self.names = list(tracker.names)
+        if document is not None:
+            meta = document["meta"]
+            self.sizes.update(zip(meta["variables"], meta["variable_sizes"]))
+            # Changes at or after the checkpoint's step came after it: dropped, with
+            # the variables only they added.
+            changes = meta.get("variable_changes", [])
+            self.variable_changes = [c for c in changes if c["step"] < state["step"]]
+            later = {n for c in changes if c["step"] >= state["step"] for n in c["added"]}
+            known = [n for n in meta["variables"] if n not in later]
+            self.names = known + [n for n in self.names if n not in known]
+            self.partial_epochs = [e for e in meta.get("partial_epochs", [])
+                                   if e < state["epoch"]]
+        self.sizes.update(zip(tracker.names, tracker.sizes))
+        if change is not None:
+            self.variable_changes.append({"step": int(state["step"]), **change})
+        if is_chief(self._strategy()):
+            print(f"optinsight: resumed {self.log_dir} after epoch {state['epoch']} (step "
+                  f"{state['step']}): weights, recording state and optimizer ({restored}) "
+                  "restored" + ("" if change is None else
+                                f"; trainable variables changed: {len(change['added'])} "
+                                f"added, {len(change['removed'])} removed"),
+                  file=sys.stderr)
+        return document
 
     def sync_step(self):
         """Count the steps the tracker recorded (the device's count): a step that an
@@ -385,7 +423,7 @@ class InsightRecorder:
         if options.checkpoint_freq and (epoch + 1) % options.checkpoint_freq == 0:
             self.writer.guard.run("checkpoint/", save_checkpoint, self._path("checkpoint"),
                                   epoch + 1, self.step, self.model, self.optimizer,
-                                  self.tracker.state_dict())
+                                  self.tracker)
         if options.diagnosis:
             self._print_new_findings(document)
 

@@ -128,8 +128,9 @@ class RunHistory:
         for e in range(epochs):
             self.model.append(np.stack(
                 [array(document["batch_wise"][k][e]) for k in self.model_keys], axis=1))
-            self.layer_means.append(np.array([
-                array([document["layers"][n]["epoch_wise"][k][e] for k in self.keys])
+            self.layer_means.append(np.array([  # NaN for variables added at resume
+                array([document["layers"][n]["epoch_wise"][k][e] if n in document["layers"]
+                       else None for k in self.keys])
                 for n in self.names]))
         self.epoch_wise = {k: document["epoch_wise"][k][:epochs] for k in EPOCH_KEYS}
         self.probes = {}
