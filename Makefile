@@ -32,6 +32,9 @@ OLDEST_TESTS := tests/test_dynamics.py tests/test_native.py \
 	tests/test_hessian.py::test_auto_examples_fit_the_products_in_the_time_budget \
 	tests/test_ntk.py::test_dense_layers_are_factored_only_where_the_gradient_is_an_outer_product \
 	tests/test_ntk.py::test_factored_dense_under_mixed_precision \
+	tests/test_resume.py::test_resume_keeps_the_compiled_learning_rate \
+	tests/test_resume.py::test_resume_after_unfreezing_layers_continues_the_run \
+	tests/test_pipelines.py::test_unknown_length_records_what_a_known_length_records \
 	tests/test_compat.py
 
 # Benchmark-only extras (PyTorch and PyHessian, JAX: the references benchmarks/hessian.py

@@ -43,7 +43,7 @@ def test_resume_keeps_the_compiled_learning_rate(tmp_path, capsys):
             assert float(variable.numpy()) == pytest.approx(1e-4)
         else:
             np.testing.assert_array_equal(variable.numpy(), value)
-    assert int(again.optimizer.iterations) == 8
+    assert int(again.optimizer.iterations.numpy()) == 8
     assert recorder.step == 8
     assert "learning rate 0.0001 as compiled (the checkpoint's was 0.01)" \
         in capsys.readouterr().err
@@ -51,7 +51,7 @@ def test_resume_keeps_the_compiled_learning_rate(tmp_path, capsys):
     resumed = build(1e-4)
     fit(resumed, tmp_path, 3, resume=True)
     assert float(resumed.optimizer.learning_rate.numpy()) == pytest.approx(1e-4)
-    assert int(resumed.optimizer.iterations) == 12
+    assert int(resumed.optimizer.iterations.numpy()) == 12
 
 
 @pytest.mark.parametrize("option, value", [("thresholds", (1e-6,)), ("ema_decay", 0.99),
@@ -103,7 +103,7 @@ def test_resume_after_unfreezing_layers_continues_the_run(tmp_path, capsys):
     head_slots = {slot(v): np.array(v) for v in frozen.optimizer.variables if "head" in v.path}
     unfrozen = build(freeze_base=False)
     recorder = oi.InsightRecorder(tmp_path, unfrozen, unfrozen.optimizer, resume=True)
-    assert int(unfrozen.optimizer.iterations) == 8
+    assert int(unfrozen.optimizer.iterations.numpy()) == 8
     for variable in unfrozen.optimizer.variables:
         if "head" in variable.path:
             np.testing.assert_array_equal(variable.numpy(), head_slots[slot(variable)])
