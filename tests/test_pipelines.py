@@ -136,3 +136,73 @@ def test_an_xla_train_step_is_compiled_once_with_histograms_on(tmp_path):
     compilations = done.stderr.count("Compilation of XLA executable")
     assert 1 <= compilations <= 2, compilations  # the step (and the histograms' function)
     assert len(oi.read_log(tmp_path).histograms()) == 5
+
+
+def test_a_live_read_has_every_line_of_steps_jsonl(tmp_path, monkeypatch):
+    """model/ is flushed every 32 rows, steps.jsonl at every burst: a read during the
+    run (or after a kill) has every whole line of steps.jsonl (it had 66 of 78)."""
+    from optinsight import recorder
+
+    monkeypatch.setattr(recorder, "READ_EVERY_STEPS", 1)
+    x, y = tiny_data(n=160)
+    seen = []
+
+    class ReadLive(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 36:
+                cb.recorder.writer.flush()
+                lines = open(tmp_path / "steps.jsonl").read().splitlines()
+                seen.append((len(lines), oi.read_log(tmp_path).steps["step"].tolist()))
+
+    cb = oi.OptimizationInsightCallback(tmp_path, histogram_freq=0)
+    compiled(tiny_relu_model()).fit(x, y, batch_size=4, epochs=1, verbose=0,
+                                    callbacks=[cb, ReadLive()])
+    (lines, steps), = seen
+    assert lines == 37 and steps == list(range(1, 38))
+
+
+def _unfinish(path):
+    """Write the finished part `path` back as its live twin, as if the process died
+    between writing the one and removing the other."""
+    import pyarrow as pa
+
+    table = pa.ipc.open_file(str(path)).read_all()
+    with open(str(path) + "s", "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+        writer.write_table(table)
+
+
+def test_a_kill_between_finishing_and_removing_a_part_duplicates_nothing(tmp_path):
+    """Both part-X.arrow and part-X.arrows on disk: every step is read once (24 rows for
+    16 steps before), and resume continues."""
+    x, y = tiny_data(n=64)
+    compiled(tiny_relu_model()).fit(
+        x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+        callbacks=[oi.OptimizationInsightCallback(tmp_path, histogram_freq=0)])
+    expected = step_records(tmp_path)
+    for store in ("model", "layers"):
+        _unfinish(sorted((tmp_path / store).glob("part-*.arrow"))[0])
+    run = oi.read_log(tmp_path)
+    assert run.steps["step"].tolist() == list(range(1, 17))
+    assert run.key("grad_norm")["step"].tolist() == list(range(1, 17))
+    assert step_records(tmp_path) == expected
+    compiled(tiny_relu_model()).fit(
+        x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
+        callbacks=[oi.OptimizationInsightCallback(tmp_path, resume=True)])
+    assert oi.read_log(tmp_path).steps["step"].tolist() == list(range(1, 25))
+    assert not list((tmp_path / "layers").glob("part-000000001.arrows"))
+
+
+def test_a_schema_1_log_has_its_per_variable_data(tmp_path):
+    """Logs written before the layers/ store kept per-variable values in steps.jsonl:
+    read_log reads them there (layer() had only step/epoch/batch, key() no row)."""
+    lines = [{"step": s, "epoch": 0, "batch": s - 1, "model": {"grad_norm": 0.5 * s},
+              "layers": {"dense/kernel": {"grad_norm": 0.1 * s, "no_zero_e7_grad2": s},
+                         "dense/bias": {"grad_norm": 0.2 * s, "no_zero_e7_grad2": None}}}
+             for s in (1, 2, 3)]
+    with open(tmp_path / "steps.jsonl", "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    run = oi.read_log(tmp_path)
+    assert run.variables == ["dense/kernel", "dense/bias"]
+    assert run.layer("dense/kernel")["grad_norm"].tolist() == pytest.approx([0.1, 0.2, 0.3])
+    key = run.key("no_zero_e7_grad2")
+    assert key["dense/kernel"].tolist() == [1, 2, 3] and key["dense/bias"].isna().all()

@@ -135,6 +135,40 @@ def iter_jsonl(path):
                 torn = number
 
 
+def jsonl_after(path, step, block=1 << 16):
+    """The records of a JSON Lines file whose "step" is greater than `step`, in file
+    order, read backwards from the end until a record at or before `step`: time and
+    memory follow the tail, not the file. A torn last line is skipped."""
+    if not os.path.exists(path):
+        return []
+    tail = []
+    with open(path, "rb") as f:
+        position = f.seek(0, os.SEEK_END)
+        rest, last = b"", True
+        while True:
+            start = max(0, position - block)
+            f.seek(start)
+            lines = (f.read(position - start) + rest).split(b"\n")
+            position = start
+            rest = lines.pop(0) if position > 0 else b""
+            for line in reversed(lines):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if last:  # torn by a crash mid-write
+                        last = False
+                        continue
+                    raise ValueError(f"{path}: a line is not valid JSON") from None
+                last = False
+                if record.get("step", 0) <= step:
+                    return tail[::-1]
+                tail.append(record)
+            if position == 0:
+                return tail[::-1]
+
+
 def read_jsonl(path):
     """The objects of a JSON Lines file as a list (see `iter_jsonl`)."""
     return list(iter_jsonl(path))

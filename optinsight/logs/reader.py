@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 
-from optinsight.logs.jsonlog import iter_jsonl, read_json, read_jsonl
+from optinsight.logs.jsonlog import iter_jsonl, jsonl_after, read_json, read_jsonl
 from optinsight.logs.store import iter_batches, part_batches, part_paths, read_parts
 
 _INDEX = ("step", "epoch", "batch")
@@ -297,7 +297,15 @@ def read_log(log_dir):
     if not isinstance(summary, dict):
         raise ValueError(f"{summary_path} is not an optinsight summary (a JSON object)")
     model = os.path.join(log_dir, "model")
-    steps = _model_frame(model) if part_paths(model) else _steps_frame(steps_path)
+    if part_paths(model):
+        steps = _model_frame(model)
+        # model/ is flushed every 32 steps; steps.jsonl has every whole line.
+        last = int(steps["step"].max()) if not steps.empty else 0
+        tail = [_step_row(r, steps_path, i) for i, r in enumerate(jsonl_after(steps_path, last))]
+        if tail:
+            steps = pd.concat([steps, pd.DataFrame(tail)], ignore_index=True)
+    else:
+        steps = _steps_frame(steps_path)
     if not steps.empty:
         steps = steps.astype(float).astype({k: int for k in _INDEX})
     layers = os.path.join(log_dir, "layers")
@@ -305,6 +313,27 @@ def read_log(log_dir):
         summary.get("meta"), dict) else None
     if not (isinstance(variables, list) and all(isinstance(v, str) for v in variables)):
         variables = store_variables(layers)
+    variable_data = StoreFrames(layers, variables) if part_paths(layers) \
+        else _schema1_layers(steps_path) or StoreFrames(layers, variables)
     return Run(steps=steps, epochs=epoch_frame(summary, summary_path), summary=summary,
-               probes=probes_frame(probes_path), log_dir=log_dir,
-               variable_data=StoreFrames(layers, variables))
+               probes=probes_frame(probes_path), log_dir=log_dir, variable_data=variable_data)
+
+
+def _schema1_layers(path):
+    """ArrayFrames of the per-variable values that logs of schema 1 (before the
+    layers/ store) kept in each steps.jsonl line under "layers", or None when its lines
+    have none. Held in memory: steps × variables × keys floats."""
+    records = iter_jsonl(path)
+    first = next(records, None)
+    if not isinstance(first, dict) or not isinstance(first.get("layers"), dict) \
+            or not first["layers"]:
+        return None
+    variables = list(first["layers"])
+    keys = list(first["layers"][variables[0]])
+    steps, values = [], []
+    for record in [first, *records]:
+        layers = record.get("layers", {})
+        steps.append(record["step"])
+        values.append([[np.nan if layers.get(v, {}).get(k) is None else layers[v][k]
+                        for k in keys] for v in variables])
+    return ArrayFrames(steps, variables, keys, np.array(values, dtype=np.float64))

@@ -34,10 +34,14 @@ _PER_BATCH = b"optinsight.variables_per_batch"
 
 
 def part_paths(directory):
-    """The part files of a store folder, in step order."""
-    paths = glob.glob(os.path.join(directory, "part-*.arrow")) + glob.glob(
-        os.path.join(directory, "part-*.arrows"))
-    return sorted(paths, key=_first_step)
+    """The part files of a store folder, in step order. A live part whose finished
+    twin exists (a process killed between writing the one and removing the other)
+    is left out: the finished part holds the same rows."""
+    finished = glob.glob(os.path.join(directory, f"part-*{FINISHED}"))
+    done = set(finished)
+    live = [p for p in glob.glob(os.path.join(directory, f"part-*{LIVE}"))
+            if p[:-len(LIVE)] + FINISHED not in done]
+    return sorted(finished + live, key=_first_step)
 
 
 def _first_step(path):
@@ -222,6 +226,9 @@ def read_parts(directory, columns=None, variables=None):
 def truncate_parts(directory, last_step):
     """Keep only rows with step <= last_step: later parts are deleted, the part that
     straddles `last_step` rewritten (one part at most: the size of an epoch)."""
+    for path in glob.glob(os.path.join(directory, f"part-*{LIVE}")):
+        if os.path.exists(path[:-len(LIVE)] + FINISHED):  # see part_paths
+            os.remove(path)
     for path in part_paths(directory):
         if _first_step(path) > last_step:
             os.remove(path)
