@@ -107,14 +107,14 @@ def epoch_end_times(root, epochs=50, steps=200):
 
 def write_long_run(log_dir, steps=100_000, n_vars=214, burst=32):
     """A run of `steps` steps of `n_vars` variables through StepLog (synthetic stats)."""
-    from optinsight.dynamics import BAND_STATS, GLOBAL_STATS
+    from optinsight.dynamics import BAND_STATS, EXTRA_STATS, GLOBAL_STATS, Row
     from optinsight.logs.guard import WriteGuard
     from optinsight.logs.jsonlog import JsonlWriter, write_json_atomic
     from optinsight.logs.step_log import StepLog
 
     names = [f"block{i // 2}/{'kernel' if i % 2 == 0 else 'bias'}" for i in range(n_vars)]
     thresholds, decay = (1e-7, 1e-5), 0.9
-    n_stats = len(GLOBAL_STATS) + 2 * len(thresholds) * len(BAND_STATS)
+    n_stats = len(GLOBAL_STATS) + 2 * len(thresholds) * len(BAND_STATS) + len(EXTRA_STATS)
     os.makedirs(log_dir)
     log = StepLog(log_dir, names, thresholds, decay, None, 1, 0, (), WriteGuard(log_dir),
                   JsonlWriter(os.path.join(log_dir, "steps.jsonl")))
@@ -123,7 +123,7 @@ def write_long_run(log_dir, steps=100_000, n_vars=214, burst=32):
         # norms and |dw| sums random floats, counts small integers, as in a real run
         stats = rng.poisson(3.0, (burst, n_vars, n_stats)).astype(np.float64)
         stats[:, :, :4] = rng.random((burst, n_vars, 4))
-        rows = [(start + i + 1, float(rng.random()), start + i > 0, stats[i])
+        rows = [Row(start + i + 1, float(rng.random()), 0.0, start + i > 0, stats[i])
                 for i in range(burst)]
         log.write(rows, (start // 2000), (start // 2000) * 2000)
         if (start + burst) % 2000 == 0:

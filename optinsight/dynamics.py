@@ -15,6 +15,7 @@ per step, and memory is constant in the number of steps.
 
 import contextlib
 import math
+import typing
 
 import numpy as np
 import tensorflow as tf
@@ -32,6 +33,21 @@ BAND_STATS = (
 #: the gradient before the optimizer clipped it, and the units (see `unit_count`) whose
 #: gradient is entirely in the smallest zero band.
 EXTRA_STATS = ("raw_grad_sq", "zero_units")
+
+
+class Row(typing.NamedTuple):
+    """One recorded step as read from the device."""
+
+    step: int
+    loss: float  # the batch's loss (NaN: not recorded)
+    skipped: float  # 1.0 when the optimizer applied nothing (a loss-scale overflow)
+    has_prev: bool  # a previous step exists (metrics against step t-1 are defined)
+    stats: np.ndarray  # float64 [n_vars, n_stats]
+
+
+#: Whole-model keys after the per-variable metrics: the batch loss and whether the
+#: optimizer skipped the step.
+MODEL_KEYS = ("train_loss", "skipped")
 
 
 def unit_count(shape):
@@ -321,11 +337,13 @@ class DynamicsTracker(tf.Module):
         self.stats = self._state("stats", [rows, n_vars, self._n_stats], tf.float64)
         self.row_step = self._state("row_step", [rows], tf.int64)
         self.row_loss = self._state("row_loss", [rows], tf.float64)
+        self.row_skipped = self._state("row_skipped", [rows], tf.float64)
         self.row_has_prev = self._state("row_has_prev", [rows], tf.bool)
-        # One call for the four row buffers: each separate read costs a dispatch.
+        # One call for the row buffers: each separate read costs a dispatch.
         self._snapshot = tf.function(lambda: (
             self.row_step.read_value(), self.row_loss.read_value(),
-            self.row_has_prev.read_value(), self.stats.read_value()))
+            self.row_skipped.read_value(), self.row_has_prev.read_value(),
+            self.stats.read_value()))
 
     def _make_histogram_buffer(self, slots):
         """The histogram ring buffer: `slots` histogram steps (empty)."""
@@ -351,7 +369,7 @@ class DynamicsTracker(tf.Module):
         """Current values of the tracked variables: float32 tensors, one per variable."""
         return [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.tracked_variables]
 
-    def update(self, grads, weights_before, loss, raw_grads=None):
+    def update(self, grads, weights_before, loss, raw_grads=None, skipped=False):
         """Record one step. Call inside the train step after the optimizer update.
 
         Args:
@@ -362,6 +380,9 @@ class DynamicsTracker(tf.Module):
                 summed).
             raw_grads: the gradients before the optimizer clipped them (None: not
                 clipped, the same as `grads`), for raw_grad_norm.
+            skipped: bool (tensor): the optimizer applied nothing at this step (a loss
+                scale's overflow); the statistics are then those of the discarded
+                gradient, and the step's `skipped` is 1.
         """
         def dense(gradients):  # also from IndexedSlices; None as zeros
             return [tf.zeros(v.shape) if gr is None
@@ -400,9 +421,9 @@ class DynamicsTracker(tf.Module):
         # arrived (a dataset of unknown length ends inside the compiled step, after the
         # stateful ops that need no data may already have run) changes no state.
         with tf.control_dependencies([stats, loss]):
-            self._record(stats, grads, raw, loss, has_prev, weights)
+            self._record(stats, grads, raw, loss, skipped, has_prev, weights)
 
-    def _record(self, stats, grads, raw, loss, has_prev, weights):
+    def _record(self, stats, grads, raw, loss, skipped, has_prev, weights):
         """The writes of `update`: counters, zero units, ring buffers, histograms."""
         step = self.step.read_value() + 1
         zeros = [_zero_units(g, v.shape, self.thresholds[0])
@@ -421,6 +442,7 @@ class DynamicsTracker(tf.Module):
         row = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)
         for buffer, value in ((self.stats, stats), (self.row_step, step),
                               (self.row_loss, tf.cast(loss, tf.float64)),
+                              (self.row_skipped, tf.cast(skipped, tf.float64)),
                               (self.row_has_prev, has_prev)):
             buffer.assign(tf.tensor_scatter_nd_update(buffer, [[row]], [value]))
         self.has_prev.assign(True)
@@ -443,11 +465,11 @@ class DynamicsTracker(tf.Module):
                 buffer.assign(tf.tensor_scatter_nd_update(buffer, [[slot]], [value]))
 
     def read_rows(self, after_step):
-        """Rows recorded after `after_step`: list of (step, loss, has_prev, stats)."""
-        steps, losses, has_prev, stats = (t.numpy() for t in self._snapshot())
+        """Rows recorded after `after_step`: list of `Row`."""
+        steps, losses, skipped, has_prev, stats = (t.numpy() for t in self._snapshot())
         order = [i for i in np.argsort(steps) if steps[i] > after_step]
-        return [(int(steps[i]), float(losses[i]), bool(has_prev[i]), stats[i])
-                for i in order]
+        return [Row(int(steps[i]), float(losses[i]), float(skipped[i]), bool(has_prev[i]),
+                    stats[i]) for i in order]
 
     def read_histograms(self, after_step):
         """Histogram steps after `after_step`, in order: list of (step,
@@ -540,9 +562,14 @@ def _ratio(num, den):
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
 
+def model_metric_names(thresholds, ema_decay):
+    """Every whole-model key, in output order: `metric_names`, then MODEL_KEYS."""
+    return metric_names(thresholds, ema_decay) + list(MODEL_KEYS)
+
+
 def count_keys(thresholds, ema_decay):
-    """The keys of `metric_names` whose values are counts (ints)."""
-    counts = {"nonfinite_grads", "zero_units"}
+    """The keys of `model_metric_names` whose values are counts (ints)."""
+    counts = {"nonfinite_grads", "zero_units", "skipped"}
     suffixes = [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)])
     for suffix in suffixes:
         for threshold in thresholds:

@@ -31,7 +31,7 @@ from optinsight.checkpoint import (
     weight_positions,
 )
 from optinsight.diagnose import diagnose_run
-from optinsight.dynamics import DynamicsTracker, metric_names
+from optinsight.dynamics import DynamicsTracker, metric_names, model_metric_names
 from optinsight.logs.jsonlog import read_json, truncate_jsonl
 from optinsight.logs.reader import part_matrix
 from optinsight.logs.run_writer import RunWriter
@@ -73,6 +73,16 @@ def applied_gradients(optimizer, gradients):
             or getattr(optimizer, "clipvalue", None):
         return compat.clip_gradients(optimizer, out), out
     return out, None
+
+
+def skips_step(optimizer, gradients):
+    """Whether a Keras `LossScaleOptimizer` will apply nothing for these (unscaled)
+    `gradients`: it skips a step with a non-finite gradient and lowers its scale.
+    A bool tensor; False for any other optimizer."""
+    if getattr(optimizer, "inner_optimizer", None) is None:
+        return False
+    return tf.logical_not(tf.reduce_all(
+        tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])))
 
 
 def is_chief(strategy):
@@ -158,7 +168,8 @@ class InsightRecorder:
         if checkpoint is not None:
             document = self._resume(tracker, *checkpoint)
         keys = metric_names(options.thresholds, options.ema_decay)
-        self.history = RunHistory(self.names, keys, keys + ["train_loss"])
+        self.history = RunHistory(self.names, keys, model_metric_names(
+            options.thresholds, options.ema_decay))
         if chief:
             self.writer = RunWriter(self.log_dir, self.names, options)
         self.tracker = tracker
@@ -178,9 +189,9 @@ class InsightRecorder:
         document (None if there is none). Nothing is changed when a check fails."""
         path = self._path("insight.json")
         document = read_json(path) if os.path.exists(path) else None
-        keys = metric_names(self.options.thresholds, self.options.ema_decay)
         if document is not None:
-            check_resume(self.log_dir, document, self.options, keys + ["train_loss"])
+            check_resume(self.log_dir, document, self.options, model_metric_names(
+                self.options.thresholds, self.options.ema_decay))
         model = self.model
         positions = weight_positions(model, tracker.tracked_variables)
         change = restore_tracker(tracker, saved, positions,
@@ -327,10 +338,12 @@ class InsightRecorder:
         grads = [tf.zeros(v.shape) if g is None else g
                  for g, v in zip(grads, self.tracker.tracked_variables)]
         applied, raw = applied_gradients(self.optimizer, grads)  # before the scale moves
+        skipped = skips_step(self.optimizer, applied if raw is None else raw)
         weights_before = self.tracker.read_weights()
         result = self.optimizer.apply_gradients(pairs)
         self.tracker.update(applied, weights_before,
-                            tf.constant(math.nan, tf.float64) if loss is None else loss, raw)
+                            tf.constant(math.nan, tf.float64) if loss is None else loss, raw,
+                            skipped)
         return result
 
     # --------------------------------------------------------------- batches
@@ -373,10 +386,10 @@ class InsightRecorder:
         if list(self.tracker.names) != self.names:  # the run's variables in the run's order
             slots = [self.names.index(n) for n in self.tracker.names]
             expanded = []
-            for step, loss, has_prev, stats in rows:
-                full = np.full((len(self.names), stats.shape[1]), np.nan)
-                full[slots] = stats
-                expanded.append((step, loss, has_prev, full))
+            for row in rows:
+                full = np.full((len(self.names), row.stats.shape[1]), np.nan)
+                full[slots] = row.stats
+                expanded.append(row._replace(stats=full))
             rows = expanded
         self.writer.rows(rows, self.epoch, self.epoch_start_step)
 

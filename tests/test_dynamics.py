@@ -344,8 +344,8 @@ def test_tracker_counts_nonfinite_and_ignores_them(kernel):
     step(g1, np.array([0, 1, 2, 3, 4, 5], np.float32))
     step(g2, np.array([0, 1, 1, 4, 4, 5], np.float32))
     rows = tracker.read_rows(1)
-    assert [r[0] for r in rows] == [2]
-    model, layers = summarize(rows[0][3], rows[0][2], tracker.names, (1e-5,), 0.5)
+    assert [r.step for r in rows] == [2]
+    model, layers = summarize(rows[0].stats, rows[0].has_prev, tracker.names, (1e-5,), 0.5)
     assert model["nonfinite_grads"] == 1
     assert model["no_zero_e5_grad1"] == 4  # 0, 1e-5 (inclusive), -3e-6, 2e-6; NaN excluded
     assert model["no_zero_e5_grad2"] == 5
@@ -398,8 +398,8 @@ def test_tracker_matches_numpy(thresholds, shapes, near_zero, kernel):
         step(g, w)
         grads.append(g)
         weights.append(w)
-        ((_, _, has_prev, stats),) = tracker.read_rows(t)
-        model, layers = summarize(stats, has_prev, tracker.names, thresholds, 0.0)
+        (row,) = tracker.read_rows(t)
+        model, layers = summarize(row.stats, row.has_prev, tracker.names, thresholds, 0.0)
         if t == 0:
             continue
         every = range(len(shapes))
@@ -457,11 +457,11 @@ def test_a_zero_size_variable_has_zero_counts_and_maxima_with_either_kernel(kern
         variables[0].assign_sub([0.1, 0.2, 0.3])
         tracker.update([tf.constant([1e-8, 1.0, -1.0]), tf.zeros((0, 4))], before,
                        tf.constant(1.0))
-    step, _, has_prev, stats = tracker.read_rows(0)[-1]
-    _, layers = summarize(stats, has_prev, tracker.names, tracker.thresholds,
+    row = tracker.read_rows(0)[-1]
+    _, layers = summarize(row.stats, row.has_prev, tracker.names, tracker.thresholds,
                           tracker.ema_decay)
     empty, full = layers[tracker.names[1]], layers[tracker.names[0]]
-    assert step == 2
+    assert row.step == 2
     for key in ("w_diff_0_0_e7_max", "w_diff_0_0_e5_max", "w_diff_0_0_e7_max_09avg",
                 "no_zero_e7_grad2", "grad_norm", "wdiff"):
         assert empty[key] == 0, key

@@ -547,3 +547,59 @@ def test_from_large_entries_the_default_basis_is_two_vectors_smaller(monkeypatch
         lengths.clear()
         hessian.top_eigenpairs(lambda v: diagonal * v, start, 2, 30, 1e-12)
         assert lengths[0] == basis
+
+
+def test_the_budget_counts_lanczos_own_work(monkeypatch, capsys):
+    """A product takes 1 s and orthogonalising a Lanczos step 10 s (a clock that moves
+    only there): the probe paces what it starts by the whole step and ends within
+    1.1x its budget, whatever the budget (counting products only, a layer's λmax
+    started with seconds left ran 22 s past)."""
+    from types import SimpleNamespace
+
+    keras.config.set_floatx("float64")
+    try:
+        model, (x, y) = small_model(), small_data()
+        clock = SimpleNamespace(now=0.0)
+        monkeypatch.setattr(hessian, "time", SimpleNamespace(monotonic=lambda: clock.now))
+        mean = hessian.HessianOperator._mean
+
+        def slow_mean(self, fn, vector):
+            def product(*args):
+                clock.now += 1.0
+                return fn(*args)
+            return mean(self, product, vector)
+
+        orthogonalise, combine = hessian._GRAPH
+
+        def slow_orthogonalise(w, basis):
+            clock.now += 10.0
+            return orthogonalise(w, basis)
+
+        monkeypatch.setattr(hessian.HessianOperator, "_mean", slow_mean)
+        monkeypatch.setattr(hessian, "_GRAPH", (slow_orthogonalise, combine))
+        for budget in range(60, 300, 12):
+            probe = hessian.HessianProbe(k=1, trace_samples=10, density=True,
+                                         density_steps=8, density_samples=2,
+                                         time_budget=budget, max_examples=None)
+            for _ in range(2):
+                began = clock.now
+                assert "lambda_1" in probe(model, x, y)
+                assert clock.now - began <= 1.1 * budget, budget
+        assert "over its budget" not in capsys.readouterr().err
+    finally:
+        keras.config.set_floatx("float32")
+
+
+def test_lanczos_traces_its_helpers_once_per_shape():
+    """Bases of every length and vectors of two sizes reuse one trace each (before, a
+    trace per basis length: TensorFlow's retracing warning at every evaluation)."""
+    rng = np.random.default_rng(0)
+    before = (hessian._orthogonalise_graph.experimental_get_tracing_count(),
+              hessian._combine_graph.experimental_get_tracing_count())
+    for size in (300, 200, 250):
+        diagonal = tf.constant(np.linspace(0.0, 1.0, size) ** 0.1)
+        start = tf.constant(rng.standard_normal(size))
+        hessian.top_eigenpairs(lambda v, d=diagonal: d * v, start, 2, 40, 1e-12)
+    after = (hessian._orthogonalise_graph.experimental_get_tracing_count(),
+             hessian._combine_graph.experimental_get_tracing_count())
+    assert after[0] - before[0] <= 2 and after[1] - before[1] <= 2

@@ -206,3 +206,34 @@ def test_a_schema_1_log_has_its_per_variable_data(tmp_path):
     assert run.layer("dense/kernel")["grad_norm"].tolist() == pytest.approx([0.1, 0.2, 0.3])
     key = run.key("no_zero_e7_grad2")
     assert key["dense/kernel"].tolist() == [1, 2, 3] and key["dense/bias"].isna().all()
+
+
+def test_loss_scale_skips_are_recorded_as_skipped(tmp_path):
+    """mixed_float16 with Keras's dynamic loss scale skips every step whose scaled
+    gradient overflows (and halves the scale). Such a step has skipped = 1 and no
+    weight change; every applied one has skipped = 0 (they were indistinguishable)."""
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(32, "relu"),
+                                  keras.layers.Dense(1, dtype="float32")])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
+    x = np.random.default_rng(0).normal(size=(64, 6)).astype("float32") * 30
+    y = (x.sum(1, keepdims=True) * 10).astype("float32")
+    scales = []
+
+    class Scale(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            scales.append(float(model.optimizer.dynamic_scale.numpy()))
+
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
+              callbacks=[oi.OptimizationInsightCallback(tmp_path), Scale()])
+    steps = oi.read_log(tmp_path).steps
+    before = [2.0 ** 15] + scales[:-1]
+    halved = [s < b for s, b in zip(scales, before)]
+    assert 0 < sum(halved) < len(halved)
+    assert steps["skipped"].tolist() == [int(h) for h in halved]
+    assert (steps.loc[steps["skipped"] == 1, "wdiff"] == 0).all()
+    assert (steps.loc[steps["skipped"] == 0, "wdiff"] > 0).all()

@@ -7,7 +7,13 @@ epoch means, a bounded thinned history for the diagnosis). Runs on the writer th
 import numpy as np
 import pyarrow as pa
 
-from optinsight.dynamics import count_keys, metric_names, metric_table, table_row_dict
+from optinsight.dynamics import (
+    count_keys,
+    metric_names,
+    metric_table,
+    model_metric_names,
+    table_row_dict,
+)
 from optinsight.logs.store import PartWriter, dictionary
 
 #: Steps of per-variable rows buffered before they reach layers/ as one record batch.
@@ -105,7 +111,7 @@ class StepLog:
                  variable_update_freq, history_keys, guard, jsonl):
         self.names = tuple(names)
         self.keys = metric_names(thresholds, ema_decay)
-        self.model_keys = self.keys + ["train_loss"]
+        self.model_keys = model_metric_names(thresholds, ema_decay)
         self.counts = count_keys(thresholds, ema_decay)
         self.thresholds, self.ema_decay = thresholds, ema_decay
         self.tensorboard, self.update_freq = tensorboard, update_freq
@@ -134,13 +140,12 @@ class StepLog:
         self._sum, self._count = np.zeros(n), np.zeros(n)
 
     def write(self, rows, epoch, epoch_start):
-        """Metrics of a burst [(step, loss, has_prev, stats)] of `epoch` to the logs."""
-        steps = np.array([step for step, *_ in rows], np.int64)
-        losses = np.array([loss for _, loss, _, _ in rows], np.float64)
-        tables = metric_table(np.stack([stats for *_, stats in rows]),
-                              [has_prev for _, _, has_prev, _ in rows],
-                              self.thresholds, self.ema_decay)
-        model = np.column_stack([tables[:, -1, :], losses])
+        """Metrics of a burst of `dynamics.Row`s of `epoch` to the logs."""
+        steps = np.array([row.step for row in rows], np.int64)
+        tables = metric_table(np.stack([row.stats for row in rows]),
+                              [row.has_prev for row in rows], self.thresholds, self.ema_decay)
+        model = np.column_stack([tables[:, -1, :], [row.loss for row in rows],
+                                 [row.skipped for row in rows]])
         layers = tables[:, :-1, :]
         batches = steps - epoch_start - 1
         self._steps.append(steps)

@@ -11,6 +11,7 @@ Eigenvalues and traces are in units of loss per parameter squared. Flat vectors
 (eigenvectors) concatenate the variables in order, each flattened row-major.
 """
 
+import functools
 import sys
 import time
 import weakref
@@ -283,12 +284,12 @@ def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None, deadlin
             break
         if n == m:  # thick restart: keep the best Ritz vectors, continue from the residual
             keep = order[: max(k, (m + k) // 2 - 1)]
-            basis = [combine(basis, s[:, i]) for i in keep]
+            basis = combine(basis, s[:, keep])
             projected[:] = 0  # the next product fills row and column j, couplings included
             projected[np.arange(len(keep)), np.arange(len(keep))] = theta[keep]
         w /= beta  # no copy of it held through the next product
         basis.append(w)
-    return theta[top], tf.stack([combine(basis, s[:, i]) for i in top]), products, relative
+    return theta[top], tf.stack(combine(basis, s[:, top])), products, relative
 
 
 def _orthogonalise(w, basis):
@@ -305,10 +306,9 @@ def _orthogonalise(w, basis):
     return w, total, tf.norm(w)
 
 
-def _orthogonalise_stacked(w, basis):
-    """`_orthogonalise` by two matrix products per sweep over a stacked copy of the basis
-    (2x faster without XLA; the copy costs len(basis) vectors)."""
-    stacked = tf.stack(basis)
+def _orthogonalise_stacked(w, stacked):
+    """`_orthogonalise` against the rows of `stacked` [n, size], by two matrix products
+    per sweep (2x faster without XLA; the stacked copy costs n vectors)."""
     total = 0
     for _ in range(2):
         coefficients = tf.reshape(tf.matmul(stacked, tf.reshape(w, [-1, 1])), [-1])
@@ -325,14 +325,44 @@ def _combine(vectors, weights):
     return out
 
 
+def _combine_stacked(stacked, weights):
+    """weightsᵀ · stacked: [c, size] combinations of a stacked [n, size] basis by the
+    columns of weights [n, c]."""
+    return tf.matmul(tf.cast(weights, stacked.dtype), stacked, transpose_a=True)
+
+
 #: Vectors from this size on are orthogonalised and combined by XLA one at a time, in
 #: one pass over memory per sweep (3x faster than op by op at 23.6 M entries, and no
 #: stacked copy of the basis); smaller ones by matrix products over a stacked copy
 #: (XLA's compiling once per basis length costs ~0.1-0.3 s, more than it saves there).
 _COMPILE_FROM = 1 << 22
-_XLA = (tf.function(_orthogonalise, jit_compile=True), tf.function(_combine, jit_compile=True))
-_GRAPH = (tf.function(_orthogonalise_stacked, reduce_retracing=True),
-          tf.function(_combine, reduce_retracing=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn, length):
+    """`fn` compiled by XLA for bases of `length` vectors: one function per length, so
+    each is traced once (XLA needs a basis length's shapes anyway) and TensorFlow does
+    not warn of retracing."""
+    return tf.function(fn, jit_compile=True)
+
+
+def _xla_orthogonalise(w, basis):
+    return _compiled(_orthogonalise, len(basis))(w, basis)
+
+
+def _xla_combine(vectors, weights):
+    """One vector per column of weights [n, c]: Σ_i weights[i, j]·vectors[i]."""
+    fn = _compiled(_combine, len(vectors))
+    return [fn(vectors, weights[:, j]) for j in range(weights.shape[1])]
+
+
+# Below _COMPILE_FROM the basis enters as one stacked tensor whose length is a dynamic
+# dimension: traced once or twice in all, whatever the basis length or vector size.
+_orthogonalise_graph = tf.function(_orthogonalise_stacked, reduce_retracing=True)
+_combine_graph = tf.function(_combine_stacked, reduce_retracing=True)
+_XLA = (_xla_orthogonalise, _xla_combine)
+_GRAPH = (lambda w, basis: _orthogonalise_graph(w, tf.stack(basis)),
+          lambda vectors, weights: tf.unstack(_combine_graph(tf.stack(vectors), weights)))
 
 
 def _power(matvec, size, k, max_iter, tol, rng):
@@ -530,6 +560,7 @@ class HessianProbe:
         self.max_examples = max_examples
         self._examples = None  # the count "auto" chose
         self._trace_seconds = 0.0  # the longest an HVP took to trace here
+        self._pace = 0.0  # wall seconds per product of the last Lanczos run
         self.every, self.k, self.trace_samples = every, k, trace_samples
         self.density, self.per_layer = density, per_layer
         self.density_steps, self.density_samples = density_steps, density_samples
@@ -543,8 +574,13 @@ class HessianProbe:
         start = self._starts.get(run)
         if start is None or start.shape[0] != op.size or start.dtype != op.dtype:
             start = op.random(rng)
-        values, vectors, _, relative = top_eigenpairs(matvec, start, k, max(self.max_iter, k),
-                                                      self.tol, deadline=deadline)
+        began, tracing = time.monotonic(), op.traced
+        values, vectors, products, relative = top_eigenpairs(
+            matvec, start, k, max(self.max_iter, k), self.tol, deadline=deadline)
+        seconds = time.monotonic() - began - (0.0 if tracing else op.trace_seconds)
+        # A Lanczos step's wall time per product: the product, orthogonalising, the
+        # projected eigenproblem and host syncs (its first tracing left out).
+        self._pace = max(seconds, 0.0) / max(products, 1)
         self._starts[run] = tf.reduce_sum(vectors, axis=0)
         return values, float(relative.max())
 
@@ -584,7 +620,8 @@ class HessianProbe:
     def __call__(self, model, x, y):
         from optinsight.probes.stability import preconditioned, stability_summary
 
-        deadline = None if self.time_budget is None else time.monotonic() + self.time_budget
+        began = time.monotonic()
+        deadline = None if self.time_budget is None else began + self.time_budget
         skipped = []
         x, y, spent = self._curvature_batch(model, x, y, deadline)  # HVPs besides op's
         op = HessianOperator(model, x, y)
@@ -600,9 +637,9 @@ class HessianProbe:
 
         def time_left(part, products, tracing=0.0):
             """Whether `products` more products (and `tracing` seconds) fit in the budget,
-            at the pace of the last one; else `part` is skipped."""
-            if deadline is None or \
-                    time.monotonic() + products * op.last_seconds + tracing <= deadline:
+            at the pace of the last product or Lanczos step; else `part` is skipped."""
+            pace = max(op.last_seconds, self._pace)
+            if deadline is None or time.monotonic() + products * pace + tracing <= deadline:
                 return True
             skipped.append(part)
             return False
@@ -651,6 +688,12 @@ class HessianProbe:
         if skipped:
             notes.append(f"its time budget of {self.time_budget:g} s was spent; left out "
                          f"this time: {', '.join(skipped)}")
+        elapsed = time.monotonic() - began
+        if deadline is not None and elapsed > 1.1 * self.time_budget:
+            notes.append(f"took {elapsed:.1f} s, over its budget of {self.time_budget:g} s: "
+                         + (f"tracing its products took {self._trace_seconds:.1f} s"
+                            if self._trace_seconds > 0.1 * self.time_budget else
+                            "a product or Lanczos step took longer than the one before"))
         if notes:
             print(f"optinsight: {self.name}: {'; '.join(notes)}", file=sys.stderr)
         return out
