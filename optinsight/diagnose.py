@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from optinsight.activations import EXACT_ZERO, SATURATING
 from optinsight.logs.reader import read_log
 from optinsight.tags import threshold_tag
 
@@ -101,8 +102,23 @@ def _kernels(run):
 
 
 def _nonfinite(run):
+    """NaN/Inf gradients or loss. A step the loss scale skipped (its scaled gradient
+    overflowed: `skipped`) is by design, not an error, unless the scale never
+    recovered (the last LATE_FRACTION of the steps all skipped). A loss that is null at
+    every step was not recorded (a custom loop may leave it out)."""
     steps = run.steps
-    bad = steps[(steps["nonfinite_grads"] > 0) | steps["train_loss"].isna()]
+    skipped = steps["skipped"] > 0 if "skipped" in steps else pd.Series(False, steps.index)
+    loss_recorded = steps["train_loss"].notna().any()
+    bad = steps[((steps["nonfinite_grads"] > 0) & ~skipped)
+                | (loss_recorded & steps["train_loss"].isna())]
+    late = _late(skipped.astype(float))
+    if bad.empty and len(late) and late.min() > 0:
+        return [Finding(
+            "nonfinite", "error", None, int(steps["step"].iloc[-1]),
+            f"the loss scale skipped every one of the last {len(late)} steps (their "
+            "scaled gradients overflowed): nothing was applied",
+            "The gradients overflow even in float32: lower the learning rate, clip "
+            "gradients, or train in float32 to find the layer that overflows")]
     if bad.empty:
         return []
     first = bad.iloc[0]
@@ -173,6 +189,25 @@ def _rms(norms, name, size):
     return _late(norms[name]).median() / math.sqrt(size)
 
 
+def _activations(run):
+    """{variable: activation name} of the run's meta ({} for older logs)."""
+    return run.summary.get("meta", {}).get("activations") or {}
+
+
+def _through_saturating(run, kernels, name):
+    """The saturating activations at or after kernel `name` (what its gradients pass
+    through on their way back from the loss), in order."""
+    activations = _activations(run)
+    after = kernels[kernels.index(name):]
+    return [activations[k] for k in after if activations.get(k) in SATURATING]
+
+
+_VANISHING_ADVICE = ("Use ReLU-family activations (ReLU, GELU) in the hidden layers "
+                     "instead of sigmoid/tanh, normalisation layers, residual "
+                     "connections, and a variance-scaling initialiser (He for ReLU, "
+                     "Glorot for tanh)")
+
+
 def _vanishing(run):
     kernels, sizes = _kernels(run)
     if len(kernels) < 2:
@@ -185,9 +220,7 @@ def _vanishing(run):
     return [Finding(
         "vanishing_gradients", "warning", kernels[0], None,
         f"the first kernel's RMS gradient is {first / last:.2g} of the last kernel's "
-        f"({first:.3g} vs {last:.3g})",
-        "Use ReLU-family activations instead of sigmoid/tanh, He initialisation, "
-        "normalisation layers or residual connections")]
+        f"({first:.3g} vs {last:.3g})", _VANISHING_ADVICE)]
 
 
 _DEAD_ADVICE = ("Its units never activate: check the bias initialisation, lower the "
@@ -211,16 +244,36 @@ def _dead(run):
     previous_dead = False
     threshold = min(run.summary.get("meta", {}).get("thresholds") or [1e-7])
     zeros = run.key(zero_key([threshold])) if kernels else None
+    activations = _activations(run)
     for name in kernels if zeros is not None else ():
         fraction = _late(zeros[name]).median() / sizes[name]
         dead, follows_dead = fraction >= DEAD_FRACTION, previous_dead
         previous_dead = dead
-        if dead and not follows_dead:  # a kernel after a dead one only gets no input
+        if not dead or follows_dead:  # a kernel after a dead one only gets no input
+            continue
+        step = int(run.steps["step"].iloc[-1])
+        zero = (f"{100 * fraction:.1f} % of its gradients are zero (|g| <= {threshold:g}) "
+                "over the last steps")
+        activation = activations.get(name)
+        saturating = _through_saturating(run, kernels, name)
+        if activation is None or activation in EXACT_ZERO:
             findings.append(Finding(
-                "dead_layer", "error", name, int(run.steps["step"].iloc[-1]),
-                f"{100 * fraction:.1f} % of its gradients are zero (|g| <= {threshold:g}) over "
-                "the last steps: the layer no longer learns, and the layers after it "
-                "get no signal through it", _DEAD_ADVICE))
+                "dead_layer", "error", name, step, f"{zero}: the layer no longer learns, "
+                "and the layers after it get no signal through it", _DEAD_ADVICE))
+        elif saturating:
+            findings.append(Finding(
+                "vanishing_gradients", "error", name, step,
+                f"{zero}: they vanish on their way back through {len(saturating)} "
+                f"saturating activation(s) ({', '.join(sorted(set(saturating)))}) from "
+                "this layer to the output, so the layer no longer learns",
+                _VANISHING_ADVICE))
+        else:
+            findings.append(Finding(
+                "zero_gradients", "error", name, step,
+                f"{zero}, though its activation ({activation}) cannot silence it: the "
+                "layer no longer learns",
+                "Check what follows it (a frozen or zero-initialised layer, a stop_gradient, "
+                "a loss that ignores the output), the input scale and the learning rate"))
     for layer, fraction, step in _latest(run, "/zero_fraction"):
         if fraction >= DEAD_FRACTION and not any(
                 f.layer and f.layer.startswith(layer) for f in findings):
@@ -241,10 +294,11 @@ def _dead_units(run):
     window_start = int(steps.iloc[int(len(steps) * (1 - LATE_FRACTION))])
     threshold = min(run.summary.get("meta", {}).get("thresholds") or [1e-7])
     findings = []
+    activations = _activations(run)
     for name in kernels:
         since = zero_since.get(name)
-        if since is None:
-            continue
+        if since is None or activations.get(name, "relu") not in EXACT_ZERO:
+            continue  # only units whose activation outputs exact zeros can die
         dead = (since > 0) & (since <= window_start)
         count, units = int(dead.sum()), len(since)
         if count < max(DEAD_UNITS_MIN, DEAD_UNITS_WARNING * units) or count == units:
@@ -310,6 +364,10 @@ def diagnose_run(run):
     if run.steps.empty:
         return []
     findings = [f for rule in RULES for f in rule(run)]
+    # A layer's cause is named once: a warning is dropped when an error of its code
+    # names its layer already.
+    errors = {(f.code, f.layer) for f in findings if f.severity == "error" and f.layer}
+    findings = [f for f in findings if f.severity == "error" or (f.code, f.layer) not in errors]
     return sorted(findings, key=lambda f: -SEVERITIES.index(f.severity))
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from optinsight import compat
+from optinsight.activations import variable_activations
 from optinsight.checkpoint import (
     check_resume,
     load_weights,
@@ -164,9 +165,11 @@ class InsightRecorder:
                 "from (checkpoint_freq was 0 or it stopped in its first epoch)")
         self.names, self.sizes = list(tracker.names), dict(zip(tracker.names, tracker.sizes))
         self.variable_changes = []
+        self.activations = {}
         document = None
         if checkpoint is not None:
             document = self._resume(tracker, *checkpoint)
+        self._note_activations(tracker)
         keys = metric_names(options.thresholds, options.ema_decay)
         self.history = RunHistory(self.names, keys, model_metric_names(
             options.thresholds, options.ema_decay))
@@ -223,6 +226,12 @@ class InsightRecorder:
                   file=sys.stderr)
         return document
 
+    def _note_activations(self, tracker):
+        """The activation after each of the tracker's variables, under its run name
+        (meta.activations: the diagnosis names causes by it)."""
+        found = variable_activations(self.model, tracker.tracked_variables)
+        self.activations.update({n: a for n, a in zip(tracker.names, found) if a})
+
     def sync_step(self):
         """Count the steps the tracker recorded (the device's count): a step that an
         exception (Ctrl-C, another callback) interrupted after it was applied counts,
@@ -270,6 +279,7 @@ class InsightRecorder:
         new = [n for n in added if n not in self.names]
         self.names += new
         self.sizes.update(zip(tracker.names, tracker.sizes))
+        self._note_activations(tracker)
         if self.writer is not None and new:
             self.writer.add_variables(new)
         if new:
@@ -476,6 +486,7 @@ class InsightRecorder:
             "variable_sizes": [self.sizes[n] for n in self.names],
             "variable_changes": self.variable_changes,
             "partial_epochs": self.partial_epochs,
+            "activations": self.activations,
             "steps": self.step, "histogram_freq": options.histogram_freq,
             "histogram_bins": options.histogram_bins, "sign_map_freq": options.sign_map_freq,
             "update_freq": options.update_freq,
