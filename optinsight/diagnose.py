@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from optinsight.activations import EXACT_ZERO, SATURATING
+from optinsight.architecture import EXACT_ZERO, PROBABILISTIC_LOSSES, SATURATING
 from optinsight.logs.reader import read_log
 from optinsight.tags import threshold_tag
 
@@ -52,6 +52,38 @@ RANK_COLLAPSE_FRACTION = 0.5
 #: flat tails, where the derivative is below ~0.02): saturation.
 SATURATION_FRACTION = 0.5
 
+#: A batch loss above this multiple of the median of the SPIKE_WINDOW batches before
+#: it, and above the run's starting loss, is a spike: the step made the model worse
+#: than untrained on that batch (noise in a healthy run, even at batch size 1, stays
+#: below the starting loss once training has begun).
+SPIKE_FACTOR = 10.0
+SPIKE_WINDOW = 50
+#: Spikes that make the loss unstable (one can be a bad batch).
+SPIKES_MIN = 3
+#: Epoch-to-epoch swings of the validation accuracy at least this large (absolute),
+#: changing direction at least twice: an oscillating validation metric.
+SWING = 0.05
+#: The late median loss at or above this fraction of the trivial predictor's loss
+#: (ln C for C classes under cross-entropy, ln 2 for binary) or of the starting loss:
+#: the run did not learn. Judged from MIN_STEPS_TO_JUDGE steps on.
+NOT_LEARNING = 0.95
+MIN_STEPS_TO_JUDGE = 50
+#: Findings of one code in at least this many layers are grouped into one.
+GROUP_FROM = 3
+#: Which problem, begun earlier, explains which later ones (`Finding.caused_by`).
+CAUSES = {
+    "improper_output": ("nonfinite", "not_converging", "unstable_loss", "dead_layer",
+                        "zero_gradients", "dead_units", "lr_too_high"),
+    "unstable_loss": ("dead_layer", "dead_units", "zero_gradients", "nonfinite",
+                      "exploding_gradients", "not_converging"),
+    "lr_too_high": ("dead_layer", "dead_units", "nonfinite", "exploding_gradients",
+                    "unstable_loss", "not_converging"),
+    "exploding_gradients": ("nonfinite", "dead_layer", "dead_units"),
+    "vanishing_gradients": ("not_converging", "stalled_layer"),
+    "dead_layer": ("not_converging", "stalled_layer"),
+    "zero_gradients": ("not_converging", "stalled_layer"),
+}
+
 SEVERITIES = ("info", "warning", "error")
 
 
@@ -68,7 +100,10 @@ def variable_keys(thresholds):
 @dataclasses.dataclass(frozen=True)
 class Finding:
     """One problem found: what (code), how bad (severity), where (layer, may be None),
-    when (step, may be None), the numbers behind it (evidence) and what to try (advice)."""
+    when (step: where it shows; since: the step it began, may be None), the numbers
+    behind it (evidence, and `numbers` for scripts), what to try (advice), and the
+    finding that explains it (`caused_by`: the code of a problem that began before it
+    and leads to it, e.g. loss spikes before a layer died)."""
 
     code: str
     severity: str
@@ -76,11 +111,21 @@ class Finding:
     step: int | None
     evidence: str
     advice: str
+    since: int | None = None
+    caused_by: str | None = None
+    numbers: dict = dataclasses.field(default_factory=dict, compare=False)
 
     def __str__(self):
         where = f" [{self.layer}]" if self.layer else ""
         when = f" at step {self.step}" if self.step is not None else ""
-        return f"{self.severity.upper()} {self.code}{where}{when}: {self.evidence}. {self.advice}"
+        began = f" since step {self.since}" if self.since is not None else ""
+        cause = f" (caused by {self.caused_by})" if self.caused_by else ""
+        return (f"{self.severity.upper()} {self.code}{where}{when}{began}{cause}: "
+                f"{self.evidence}. {self.advice}")
+
+    def as_dict(self):
+        """The finding as a JSON-ready dict (`optinsight diagnose --format json`)."""
+        return dataclasses.asdict(self)
 
 
 def _late(series):
@@ -94,11 +139,18 @@ def _early(series):
 
 
 def _kernels(run):
+    """(the recorded kernels in the model's order, {variable: size}). The model's order
+    is meta.positions (places in model.weights); logs before it keep the order in which
+    variables were first trained, which fine-tuning changes."""
     meta = run.summary.get("meta", {})
     names, sizes = meta.get("variables", []), meta.get("variable_sizes", [])
     shapes = dict(zip(names, sizes))
     recorded = set(run.variables)
-    return [n for n in names if n.endswith("kernel") and n in recorded], shapes
+    kernels = [n for n in names if n.endswith("kernel") and n in recorded]
+    positions = meta.get("positions") or {}
+    if all(k in positions for k in kernels):
+        kernels.sort(key=positions.get)
+    return kernels, shapes
 
 
 def _nonfinite(run):
@@ -122,6 +174,7 @@ def _nonfinite(run):
     if bad.empty:
         return []
     first = bad.iloc[0]
+    since = int(first["step"])
     per_variable = run.key("nonfinite_grads").drop(columns="step").sum() if run.variables \
         else pd.Series(dtype=float)
     per_variable = per_variable[per_variable > 0]
@@ -131,7 +184,16 @@ def _nonfinite(run):
         f"{len(bad)} of {len(steps)} steps had NaN/Inf gradients or loss "
         f"({int(first['nonfinite_grads'])} gradient entries at the first)",
         "Lower the learning rate, clip gradients (clipnorm=1.0), check the inputs for "
-        "NaN/Inf, and guard log/sqrt/division in custom losses")]
+        "NaN/Inf, and guard log/sqrt/division in custom losses", since=since,
+        numbers={"steps": len(bad), "of": len(steps)})]
+
+
+def _settled_from(run):
+    """The first step at which an adaptive optimizer's second moment has settled
+    (1/(1 − β2) steps: Adam's default 0.999 needs 1,000): before it, its preconditioned
+    sharpness swings with v and says little about the learning rate. 0 for others."""
+    beta_2 = (run.summary.get("meta", {}).get("optimizer") or {}).get("beta_2")
+    return 0 if not beta_2 or beta_2 >= 1 else int(round(1 / (1 - beta_2)))
 
 
 def _learning_rate(run):
@@ -139,13 +201,17 @@ def _learning_rate(run):
     loss = run.steps["train_loss"].replace([np.inf, -np.inf], np.nan)
     early, late = _early(loss), _late(loss)
     if len(loss.dropna()) >= 8 and late.median() > DIVERGENCE_FACTOR * early.median():
+        rising = loss.rolling(8, min_periods=1).median() > DIVERGENCE_FACTOR * early.median()
         findings.append(Finding(
             "lr_too_high", "error", None, int(run.steps["step"].iloc[-1]),
             f"the loss diverged: median {early.median():.4g} over the first steps, "
             f"{late.median():.4g} over the last",
-            "Lower the learning rate (try 10x smaller) or add warm-up"))
+            "Lower the learning rate (try 10x smaller) or add warm-up",
+            since=int(run.steps.loc[rising.idxmax(), "step"]),
+            numbers={"early_loss": early.median(), "late_loss": late.median()}))
     if not run.probes.empty and "stability_ratio" in run.probes:
-        over = run.probes[run.probes["stability_ratio"] > 1]
+        over = run.probes[(run.probes["stability_ratio"] > 1)
+                          & (run.probes["step"] >= _settled_from(run))]
         if not over.empty:
             row = over.iloc[-1]
             findings.append(Finding(
@@ -177,12 +243,14 @@ def _exploding(run):
     growth = late.median() / early.median()
     if growth < EXPLOSION_FACTOR:
         return []
+    grown = norms > EXPLOSION_FACTOR * early.median()
     return [Finding(
         "exploding_gradients", "error", None, int(run.steps.loc[norms.idxmax(), "step"]),
         f"the gradient norm grew {growth:.3g}x: median {early.median():.3g} early, "
         f"{late.median():.3g} late (max {norms.max():.3g})",
         "Clip gradients (clipnorm=1.0), lower the learning rate, or normalise "
-        "(BatchNormalization/LayerNormalization) and initialise with variance scaling")]
+        "(BatchNormalization/LayerNormalization) and initialise with variance scaling",
+        since=int(run.steps.loc[grown.idxmax(), "step"]), numbers={"growth": growth})]
 
 
 def _rms(norms, name, size):
@@ -223,8 +291,8 @@ def _vanishing(run):
         f"({first:.3g} vs {last:.3g})", _VANISHING_ADVICE)]
 
 
-_DEAD_ADVICE = ("Its units never activate: check the bias initialisation, lower the "
-                "learning rate, or use LeakyReLU/GELU")
+_DEAD_ADVICE = ("Its units never activate: lower the learning rate, normalise the inputs, "
+                "check the bias initialisation, or use LeakyReLU/GELU")
 
 
 def _latest(run, suffix):
@@ -236,6 +304,16 @@ def _latest(run, suffix):
         if len(values):
             yield (column[: -len(suffix)], values.iloc[-1],
                    int(run.probes.loc[values.index[-1], "step"]))
+
+
+def _since(steps, condition):
+    """The first step of the run of True at the end of `condition` (a boolean series
+    over `steps`), or None when its last value is False."""
+    values = np.asarray(condition, bool)
+    if not len(values) or not values[-1]:
+        return None
+    start = len(values) - np.argmin(values[::-1]) if not values.all() else 0
+    return int(np.asarray(steps)[start])
 
 
 def _dead(run):
@@ -252,28 +330,31 @@ def _dead(run):
         if not dead or follows_dead:  # a kernel after a dead one only gets no input
             continue
         step = int(run.steps["step"].iloc[-1])
+        since = _since(zeros["step"], zeros[name] / sizes[name] >= DEAD_FRACTION)
         zero = (f"{100 * fraction:.1f} % of its gradients are zero (|g| <= {threshold:g}) "
                 "over the last steps")
+        extra = {"since": since, "numbers": {"fraction": fraction}}
         activation = activations.get(name)
         saturating = _through_saturating(run, kernels, name)
         if activation is None or activation in EXACT_ZERO:
             findings.append(Finding(
                 "dead_layer", "error", name, step, f"{zero}: the layer no longer learns, "
-                "and the layers after it get no signal through it", _DEAD_ADVICE))
+                "and the layers after it get no signal through it", _DEAD_ADVICE, **extra))
         elif saturating:
             findings.append(Finding(
                 "vanishing_gradients", "error", name, step,
                 f"{zero}: they vanish on their way back through {len(saturating)} "
                 f"saturating activation(s) ({', '.join(sorted(set(saturating)))}) from "
                 "this layer to the output, so the layer no longer learns",
-                _VANISHING_ADVICE))
+                _VANISHING_ADVICE, **extra))
         else:
             findings.append(Finding(
                 "zero_gradients", "error", name, step,
                 f"{zero}, though its activation ({activation}) cannot silence it: the "
                 "layer no longer learns",
                 "Check what follows it (a frozen or zero-initialised layer, a stop_gradient, "
-                "a loss that ignores the output), the input scale and the learning rate"))
+                "a loss that ignores the output), the input scale and the learning rate",
+                **extra))
     for layer, fraction, step in _latest(run, "/zero_fraction"):
         if fraction >= DEAD_FRACTION and not any(
                 f.layer and f.layer.startswith(layer) for f in findings):
@@ -306,11 +387,13 @@ def _dead_units(run):
         findings.append(Finding(
             "dead_units", "error" if count >= DEAD_UNITS_ERROR * units else "warning",
             name, int(steps.iloc[-1]),
-            f"{count} of {units} units have had zero gradients (|g| <= {threshold:g}) at "
-            f"every step since step {int(since[dead].max())} at the latest (the first "
-            f"since step {int(since[dead].min())}): they no longer learn",
+            f"{count} of {units} units have not learned since step "
+            f"{int(since[dead].max())} (the first stopped at step {int(since[dead].min())}): "
+            f"their gradients are zero (|g| <= {threshold:g}) at every step",
             "Their ReLUs never fire: lower the learning rate, start biases slightly "
-            "positive, add normalisation before the activation, or use LeakyReLU/GELU"))
+            "positive, add normalisation before the activation, or use LeakyReLU/GELU",
+            since=int(since[dead].min()),
+            numbers={"units": count, "of": units, "fraction": count / units}))
     return findings
 
 
@@ -355,12 +438,175 @@ def _saturation(run):
         if fraction >= SATURATION_FRACTION]
 
 
-RULES = (_nonfinite, _learning_rate, _exploding, _vanishing, _dead, _dead_units, _stalled,
-         _rank_collapse, _saturation)
+def _unstable_loss(run):
+    """Loss spikes (SPIKE_FACTOR over the running median and above the starting loss),
+    or a validation accuracy that swings up and down from epoch to epoch."""
+    steps = run.steps
+    loss = steps["train_loss"].replace([np.inf, -np.inf], np.nan)
+    if loss.notna().sum() < 2 * SPIKE_WINDOW // 5:
+        return []
+    before = loss.shift(1).rolling(SPIKE_WINDOW, min_periods=SPIKE_WINDOW // 5).median()
+    start = loss.dropna().iloc[: max(5, len(loss) // 50)].median()
+    spikes = steps.loc[(loss > SPIKE_FACTOR * before) & (loss > start), "step"]
+    findings = []
+    if len(spikes) >= SPIKES_MIN:
+        ratio = float((loss / before).max())
+        findings.append(Finding(
+            "unstable_loss", "warning", None, int(spikes.iloc[-1]),
+            f"the batch loss spiked {len(spikes)} times to over {SPIKE_FACTOR:g}x the "
+            f"median of the {SPIKE_WINDOW} batches before it and above the starting loss "
+            f"(up to {ratio:.3g}x, the first at step {int(spikes.iloc[0])})",
+            "The steps are too large for this data: lower the learning rate or the "
+            "momentum, raise the batch size, normalise the inputs (scale features to "
+            "unit variance, pixels to [0, 1]), or clip gradients",
+            since=int(spikes.iloc[0]), numbers={"spikes": len(spikes), "max_ratio": ratio}))
+    accuracy = run.epochs["val_mean_acc"].dropna() if "val_mean_acc" in run.epochs else []
+    if not findings and len(accuracy) >= 4:
+        change = np.diff(accuracy.to_numpy())
+        big = change[np.abs(change) >= SWING]
+        turns = int(np.sum(np.sign(big[1:]) != np.sign(big[:-1])))
+        if turns >= 2:
+            findings.append(Finding(
+                "unstable_loss", "warning", None, int(steps["step"].iloc[-1]),
+                f"the validation accuracy swings between {accuracy.min():.3g} and "
+                f"{accuracy.max():.3g}, changing direction {turns} times by "
+                f"{SWING:g} or more", "Lower the learning rate, raise the batch size, or "
+                "normalise the inputs", numbers={"turns": turns}))
+    return findings
+
+
+def _trivial_loss(run):
+    """The loss of predicting the uniform class distribution under a probabilistic
+    cross-entropy (ln C, ln 2 for binary), or None."""
+    output = run.summary.get("meta", {}).get("output") or {}
+    loss, units = output.get("loss"), output.get("units") or 0
+    if loss in ("categorical_crossentropy", "sparse_categorical_crossentropy") and units > 1:
+        return math.log(units)
+    if loss == "binary_crossentropy":
+        return math.log(2)
+    return None
+
+
+def _not_converging(run):
+    """After MIN_STEPS_TO_JUDGE steps, a late loss no better than guessing, or than the
+    loss at the start."""
+    loss = run.steps["train_loss"].replace([np.inf, -np.inf], np.nan).dropna()
+    if len(loss) < MIN_STEPS_TO_JUDGE:
+        return []
+    late, start = _late(loss).median(), loss.iloc[: max(5, len(loss) // 20)].median()
+    trivial = _trivial_loss(run)
+    if trivial is not None and late >= NOT_LEARNING * trivial:
+        evidence = (f"the late median loss {late:.4g} is no better than guessing the "
+                    f"classes uniformly ({trivial:.4g})")
+    elif NOT_LEARNING * start <= late <= DIVERGENCE_FACTOR * start:
+        evidence = f"the late median loss {late:.4g} is no lower than at the start ({start:.4g})"
+    else:
+        return []
+    return [Finding(
+        "not_converging", "warning", None, int(run.steps["step"].iloc[-1]), evidence,
+        "Check that the labels match the inputs and the loss (one-hot or integer), the "
+        "output activation, and the learning rate (too low learns nothing, too high "
+        "bounces)", numbers={"late_loss": late, "start_loss": start, "trivial": trivial})]
+
+
+def _improper_output(run):
+    """An output activation that does not fit the loss (meta.output, read from the
+    compiled model when recording started)."""
+    output = run.summary.get("meta", {}).get("output") or {}
+    activation, loss = output.get("activation"), output.get("loss")
+    if activation is None or loss not in PROBABILISTIC_LOSSES:
+        return []
+    units, from_logits = output.get("units") or 0, output.get("from_logits")
+    multi = loss in ("categorical_crossentropy", "sparse_categorical_crossentropy",
+                     "categorical_focal_crossentropy")
+    if from_logits and activation in ("softmax", "sigmoid"):
+        severity, evidence, advice = "warning", (
+            f"the output applies {activation}, and {loss}(from_logits=True) applies it "
+            "again"), "Remove the output activation, or set from_logits=False"
+    elif from_logits:
+        return []
+    elif activation == "softmax" and units == 1:
+        severity, evidence, advice = "error", (
+            "the output is a softmax over one unit, which is 1 whatever the input"), (
+            "Use sigmoid for one binary output, or one softmax unit per class")
+    elif activation not in ("softmax", "sigmoid"):
+        severity, evidence, advice = "error", (
+            f"the output activation {activation} does not give probabilities, but {loss} "
+            "reads the outputs as probabilities (from_logits=False): log(0) and "
+            "negative values make it NaN or meaningless"), (
+            f"Use softmax{' ' if multi else ' or sigmoid '}on the output, or a linear "
+            "output with from_logits=True")
+    elif activation == "sigmoid" and multi and units > 1:
+        severity, evidence, advice = "warning", (
+            f"a sigmoid output under {loss}: the class probabilities do not sum to 1"), (
+            "Use softmax for mutually exclusive classes (sigmoid with binary_crossentropy "
+            "for multi-label outputs)")
+    else:
+        return []
+    return [Finding("improper_output", severity, None, 0, evidence, advice, since=0,
+                    numbers={"units": units})]
+
+
+RULES = (_improper_output, _nonfinite, _learning_rate, _unstable_loss, _not_converging,
+         _exploding, _vanishing, _dead, _dead_units, _stalled, _rank_collapse, _saturation)
+
+
+def _grouped(findings, run):
+    """Findings of one code in GROUP_FROM or more layers as one: how many layers of how
+    many, the worst ones (by `numbers["fraction"]`, else the first) named."""
+    kernels, _ = _kernels(run)
+    by_code = {}
+    for f in findings:
+        by_code.setdefault(f.code if f.layer else None, []).append(f)
+    out = list(by_code.pop(None, []))
+    for code, group in by_code.items():
+        if len(group) < GROUP_FROM:
+            out += group
+            continue
+        worst = sorted(group, key=lambda f: -f.numbers.get("fraction", 0))
+        severity = max((f.severity for f in group), key=SEVERITIES.index)
+        since = min((f.since for f in group if f.since is not None), default=None)
+        named = ", ".join(f"{f.layer} ({100 * f.numbers['fraction']:.0f} %)"
+                          if "fraction" in f.numbers else f.layer for f in worst[:3])
+        out.append(Finding(
+            code, severity, worst[0].layer,
+            max((f.step for f in group if f.step is not None), default=None),
+            f"in {len(group)} of {len(kernels)} layers; the worst: {named}. "
+            f"{worst[0].evidence[0].upper()}{worst[0].evidence[1:]} in {worst[0].layer}",
+            worst[0].advice, since=since,
+            numbers={"layers": len(group), "of": len(kernels),
+                     "worst": [f.layer for f in worst[:3]]}))
+    return out
+
+
+def _root_cause_first(findings, run):
+    """Findings ordered by the step each began (then by depth: the whole model, then
+    layers from the input on), each with `caused_by` set to the code of an earlier
+    finding that explains it (CAUSES)."""
+    kernels, _ = _kernels(run)
+    last = int(run.steps["step"].iloc[-1])
+
+    def began(f):
+        return f.since if f.since is not None else (f.step if f.step is not None else last)
+
+    def depth(f):
+        return -1 if f.layer is None else (kernels.index(f.layer) if f.layer in kernels
+                                           else len(kernels))
+
+    ordered = sorted(findings, key=lambda f: (began(f), depth(f),
+                                              -SEVERITIES.index(f.severity)))
+    out = []
+    for f in ordered:
+        cause = next((g.code for g in out if f.code in CAUSES.get(g.code, ())
+                      and began(g) <= began(f)), None)
+        out.append(dataclasses.replace(f, caused_by=cause))
+    return out
 
 
 def diagnose_run(run):
-    """Findings for a loaded `Run`, errors first."""
+    """Findings for a loaded `Run`: the problem that began first comes first, and each
+    later one names the earlier problem that explains it (`caused_by`); one code found
+    in many layers is one finding."""
     if run.steps.empty:
         return []
     findings = [f for rule in RULES for f in rule(run)]
@@ -368,7 +614,7 @@ def diagnose_run(run):
     # names its layer already.
     errors = {(f.code, f.layer) for f in findings if f.severity == "error" and f.layer}
     findings = [f for f in findings if f.severity == "error" or (f.code, f.layer) not in errors]
-    return sorted(findings, key=lambda f: -SEVERITIES.index(f.severity))
+    return _root_cause_first(_grouped(findings, run), run)
 
 
 def diagnose(log_dir):

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from optinsight import compat
-from optinsight.activations import variable_activations
+from optinsight.architecture import optimizer_facts, output_facts, variable_activations
 from optinsight.checkpoint import (
     check_resume,
     load_weights,
@@ -165,11 +165,11 @@ class InsightRecorder:
                 "from (checkpoint_freq was 0 or it stopped in its first epoch)")
         self.names, self.sizes = list(tracker.names), dict(zip(tracker.names, tracker.sizes))
         self.variable_changes = []
-        self.activations = {}
+        self.activations, self.positions, self.model_facts = {}, {}, {}
         document = None
         if checkpoint is not None:
             document = self._resume(tracker, *checkpoint)
-        self._note_activations(tracker)
+        self._note_model(tracker)
         keys = metric_names(options.thresholds, options.ema_decay)
         self.history = RunHistory(self.names, keys, model_metric_names(
             options.thresholds, options.ema_decay))
@@ -226,11 +226,19 @@ class InsightRecorder:
                   file=sys.stderr)
         return document
 
-    def _note_activations(self, tracker):
-        """The activation after each of the tracker's variables, under its run name
-        (meta.activations: the diagnosis names causes by it)."""
-        found = variable_activations(self.model, tracker.tracked_variables)
+    def _note_model(self, tracker):
+        """What the diagnosis reads of the model (`architecture`), under the run's
+        variable names: each variable's activation and place in `model.weights`, the
+        output activation and loss, the optimizer's second-moment decay."""
+        variables = tracker.tracked_variables
+        found = variable_activations(self.model, variables)
         self.activations.update({n: a for n, a in zip(tracker.names, found) if a})
+        positions = weight_positions(self.model, variables)
+        self.positions.update({n: p for n, p in zip(tracker.names, positions) if p >= 0})
+        in_order = [a for _, a in sorted(zip(positions, found), key=lambda pa: pa[0]) if a]
+        self.model_facts = {"output": output_facts(self.model, in_order),
+                            "optimizer": None if self.optimizer is None
+                            else optimizer_facts(self.optimizer)}
 
     def sync_step(self):
         """Count the steps the tracker recorded (the device's count): a step that an
@@ -279,7 +287,7 @@ class InsightRecorder:
         new = [n for n in added if n not in self.names]
         self.names += new
         self.sizes.update(zip(tracker.names, tracker.sizes))
-        self._note_activations(tracker)
+        self._note_model(tracker)
         if self.writer is not None and new:
             self.writer.add_variables(new)
         if new:
@@ -486,7 +494,8 @@ class InsightRecorder:
             "variable_sizes": [self.sizes[n] for n in self.names],
             "variable_changes": self.variable_changes,
             "partial_epochs": self.partial_epochs,
-            "activations": self.activations,
+            "activations": self.activations, "positions": self.positions,
+            **self.model_facts,
             "steps": self.step, "histogram_freq": options.histogram_freq,
             "histogram_bins": options.histogram_bins, "sign_map_freq": options.sign_map_freq,
             "update_freq": options.update_freq,

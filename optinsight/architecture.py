@@ -1,6 +1,8 @@
-"""What follows each trainable variable's layer: the name of the activation applied to
-its outputs, which the diagnosis reads to name a cause (a ReLU that never fires, a
-sigmoid that saturates) instead of guessing it from the gradients alone."""
+"""What the diagnosis needs to know of the model, read once when recording starts:
+the activation after each trainable variable's layer, the output activation and the
+loss, and the optimizer's second-moment decay. With them it names a cause (a ReLU
+that never fires, a sigmoid that saturates, a ReLU output under cross-entropy)
+instead of guessing it from the gradients alone. Written to insight.json's meta."""
 
 import keras
 
@@ -76,3 +78,54 @@ def variable_activations(model, variables):
                 break
         out.append(activation)
     return out
+
+
+#: Losses that read the model's outputs as probabilities unless from_logits=True.
+PROBABILISTIC_LOSSES = frozenset({"categorical_crossentropy", "sparse_categorical_crossentropy",
+                                  "binary_crossentropy", "categorical_focal_crossentropy",
+                                  "binary_focal_crossentropy", "kl_divergence"})
+_LOSS_NAMES = {"CategoricalCrossentropy": "categorical_crossentropy",
+               "SparseCategoricalCrossentropy": "sparse_categorical_crossentropy",
+               "BinaryCrossentropy": "binary_crossentropy",
+               "CategoricalFocalCrossentropy": "categorical_focal_crossentropy",
+               "BinaryFocalCrossentropy": "binary_focal_crossentropy",
+               "KLDivergence": "kl_divergence"}
+
+
+def _loss_facts(loss):
+    """(name, from_logits) of a compiled Keras loss: a string, a Loss or a function."""
+    if isinstance(loss, str):
+        return loss.lower(), False
+    name = _LOSS_NAMES.get(type(loss).__name__)
+    if name is None:
+        name = getattr(loss, "__name__", None) or getattr(loss, "name", None) \
+            or type(loss).__name__
+    from_logits = getattr(loss, "from_logits", None)
+    if from_logits is None:  # a LossFunctionWrapper keeps it among its fn's kwargs
+        from_logits = (getattr(loss, "_fn_kwargs", None) or {}).get("from_logits", False)
+    return str(name).lower(), bool(from_logits)
+
+
+def output_facts(model, activations):
+    """{"activation", "units", "loss", "from_logits"} of a single-output compiled
+    model (`activations`: `variable_activations` of its trainable variables, in model
+    order, the last one the output layer's), or None when unknown."""
+    loss = getattr(model, "loss", None)
+    outputs = getattr(model, "outputs", None) or []
+    if loss is None or isinstance(loss, (list, dict, tuple)) or len(outputs) != 1 \
+            or not activations:
+        return None
+    name, from_logits = _loss_facts(loss)
+    return {"activation": activations[-1], "units": int(outputs[0].shape[-1] or 0),
+            "loss": name, "from_logits": from_logits}
+
+
+def optimizer_facts(optimizer):
+    """{"class", "beta_2"} of a Keras optimizer (a loss-scale wrapper's inner one);
+    beta_2 is None for optimizers without a second-moment average."""
+    optimizer = getattr(optimizer, "inner_optimizer", None) or optimizer
+    beta_2 = getattr(optimizer, "beta_2", None)
+    if beta_2 is None and type(optimizer).__name__ == "RMSprop":
+        beta_2 = getattr(optimizer, "rho", None)
+    return {"class": type(optimizer).__name__,
+            "beta_2": None if beta_2 is None else float(beta_2)}
