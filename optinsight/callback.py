@@ -8,6 +8,7 @@ device rows, writing, checkpoints and resume, probes) is the recorder's.
 
 import atexit
 import functools
+import math
 
 import keras
 import tensorflow as tf
@@ -51,6 +52,10 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             insight state) in `log_dir/checkpoint`; 0 disables.
         diagnosis: at each epoch end, print the diagnosis' new warnings and errors
             (`optinsight.diagnose`), one line each, to stderr.
+        stop_on: "error" stops training cleanly (logs complete) at the first error
+            of the diagnosis: at the step for NaN/Inf gradients or loss (within the
+            32 steps of a burst for gradients, at once for the loss), otherwise at the
+            epoch end that first shows it; None (default) never stops.
         verbose: 1 prints where the logs go at train begin.
     """
 
@@ -58,7 +63,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                  histogram_freq=30, histogram_bins=1000, sign_map_freq="epoch",
                  sign_map_max_params=65536, probes=(), probe_data=None, tensorboard=True,
                  update_freq="batch", variable_update_freq=200, resume=False,
-                 checkpoint_freq=1, diagnosis=True, verbose=0):
+                 checkpoint_freq=1, diagnosis=True, stop_on=None, verbose=0):
         super().__init__()
         self.log_dir = validate_log_dir(log_dir)
         self.options = InsightOptions(
@@ -67,7 +72,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             sign_map_max_params=sign_map_max_params, probes=probes, probe_data=probe_data,
             tensorboard=tensorboard, update_freq=update_freq,
             variable_update_freq=variable_update_freq, resume=resume,
-            checkpoint_freq=checkpoint_freq, diagnosis=diagnosis, verbose=verbose)
+            checkpoint_freq=checkpoint_freq, diagnosis=diagnosis, stop_on=stop_on,
+            verbose=verbose)
         self.recorder = None  # made at the first fit; a further fit continues its run
         self._traced = None  # (what it was traced for, the insight train function)
         self._fit = None  # the History of the fit being recorded, None between fits
@@ -152,9 +158,16 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             recorder.batch_end()  # one step more, whatever `batch` counts from
         else:  # an epoch's last call may run fewer steps than `batch` counts
             recorder.batch_end(int(recorder.tracker.step.numpy()))
+        if self.options.stop_on:
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                recorder.stop(f"the loss is {float(loss)} at step {recorder.step}")
+            self.model.stop_training |= recorder.stop_reason is not None
 
     def on_epoch_end(self, epoch, logs=None):
         self.recorder.epoch_end(logs=logs)
+        if self.recorder.stop_reason is not None:
+            self.model.stop_training = True
 
     def on_train_end(self, logs=None):
         self._end_fit()

@@ -1,13 +1,15 @@
 """The `optinsight` command.
 
     optinsight summary LOGDIR          per-epoch table in the terminal
-    optinsight diagnose LOGDIR         findings, one per line; exit 1 if any is an error
+    optinsight diagnose LOGDIR         findings, one per line (--format json: a list);
+                                       exit 1 if any is an error
     optinsight report LOGDIR [-o OUT]  PNGs and one self-contained index.html
 
 A user error (missing or corrupted log dir) prints one line and exits 2.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -38,10 +40,13 @@ def _diagnose(args):
     from optinsight.diagnose import diagnose
 
     findings = diagnose(args.log_dir)
-    for finding in findings:
-        print(finding)
-    if not findings:
-        print("no problems found")
+    if args.format == "json":
+        print(json.dumps([f.as_dict() for f in findings], indent=1, default=float))
+    else:
+        for finding in findings:
+            print(finding)
+        if not findings:
+            print("no problems found")
     return 1 if any(f.severity == "error" for f in findings) else 0
 
 
@@ -65,6 +70,11 @@ def main(argv=None):
                             ("report", "figures and one HTML page of a run")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("log_dir")
+        if name == "diagnose":
+            command.add_argument("--format", choices=("text", "json"), default="text",
+                                 help="text: one finding a line (default); json: a list "
+                                      "of objects (code, severity, layer, step, since, "
+                                      "caused_by, evidence, advice, numbers)")
         if name == "report":
             command.add_argument("-o", "--output", help="directory (default LOGDIR/report)")
     args = parser.parse_args(argv)

@@ -277,8 +277,14 @@ _VANISHING_ADVICE = ("Use ReLU-family activations (ReLU, GELU) in the hidden lay
 
 
 def _vanishing(run):
+    """The first kernel's RMS gradient far below the last's (a first kernel in the zero
+    band is `_dead`'s: a dead layer, or vanishing through saturating activations)."""
     kernels, sizes = _kernels(run)
     if len(kernels) < 2:
+        return []
+    threshold = min(run.summary.get("meta", {}).get("thresholds") or [1e-7])
+    zeros = _late(run.key(zero_key([threshold]))[kernels[0]]).median() / sizes[kernels[0]]
+    if zeros >= DEAD_FRACTION:
         return []
     norms = run.key("grad_norm")
     first = _rms(norms, kernels[0], sizes[kernels[0]])
@@ -288,7 +294,11 @@ def _vanishing(run):
     return [Finding(
         "vanishing_gradients", "warning", kernels[0], None,
         f"the first kernel's RMS gradient is {first / last:.2g} of the last kernel's "
-        f"({first:.3g} vs {last:.3g})", _VANISHING_ADVICE)]
+        f"({first:.3g} vs {last:.3g})",
+        _VANISHING_ADVICE if _through_saturating(run, kernels, kernels[0])
+        or not _activations(run) else
+        "Add normalisation layers or residual connections, and initialise with variance "
+        "scaling (He for ReLU)")]
 
 
 _DEAD_ADVICE = ("Its units never activate: lower the learning rate, normalise the inputs, "

@@ -91,6 +91,7 @@ class InsightOptions:
     resume: bool = False
     checkpoint_freq: int = 1
     diagnosis: bool = True
+    stop_on: str | None = None
     verbose: int = 0
 
     def __post_init__(self):
@@ -120,6 +121,8 @@ class InsightOptions:
         set_("resume", bool(self.resume))
         set_("checkpoint_freq", validate_freq("checkpoint_freq", self.checkpoint_freq))
         set_("diagnosis", bool(self.diagnosis))
+        if self.stop_on not in (None, "error"):
+            raise ValueError(f"stop_on must be None or 'error', got {self.stop_on!r}")
 
     @classmethod
     def of(cls, options):

@@ -32,7 +32,7 @@ from optinsight.checkpoint import (
     weight_positions,
 )
 from optinsight.diagnose import diagnose_run
-from optinsight.dynamics import DynamicsTracker, metric_names, model_metric_names
+from optinsight.dynamics import GLOBAL_STATS, DynamicsTracker, metric_names, model_metric_names
 from optinsight.logs.jsonlog import read_json, truncate_jsonl
 from optinsight.logs.reader import part_matrix
 from optinsight.logs.run_writer import RunWriter
@@ -131,6 +131,7 @@ class InsightRecorder:
         self._histogram_step = 0  # the last histogram step written
         self._reported = set()  # (code, layer) of findings already printed
         self._next_read = 0.0
+        self.stop_reason = None  # with stop_on="error": why training should stop
         if model.trainable_variables:
             self.start()
 
@@ -410,6 +411,12 @@ class InsightRecorder:
                 expanded.append(row._replace(stats=full))
             rows = expanded
         self.writer.rows(rows, self.epoch, self.epoch_start_step)
+        if self.options.stop_on:
+            nonfinite = GLOBAL_STATS.index("nonfinite")
+            for row in rows:  # a loss-scale skip discards its overflow by design
+                if not row.skipped and np.nansum(row.stats[:, nonfinite]) > 0:
+                    self.stop(f"NaN/Inf gradients at step {row.step}")
+                    break
 
     def _record_histograms(self):
         for step, histograms in self.tracker.read_histograms(self._histogram_step):
@@ -455,8 +462,8 @@ class InsightRecorder:
             self.writer.guard.run("checkpoint/", save_checkpoint, self._path("checkpoint"),
                                   epoch + 1, self.step, self.model, self.optimizer,
                                   self.tracker)
-        if options.diagnosis:
-            self._print_new_findings(document)
+        if options.diagnosis or options.stop_on:
+            self._check_findings(document)
 
     def end_partial_epoch(self):
         """Close the epoch in progress as a partial one, if it has steps (training
@@ -478,12 +485,26 @@ class InsightRecorder:
         the per-variable keys of the diagnosis at up to 4,096 evenly spaced steps."""
         return self.history.run(document, self.log_dir, self.writer.step_log.history)
 
-    def _print_new_findings(self, document):
+    def _check_findings(self, document):
+        """The diagnosis of the run so far: its new warnings and errors printed (with
+        `diagnosis`), and the first error stops training (with stop_on="error")."""
         for finding in diagnose_run(self.run_so_far(document)):
             key = (finding.code, finding.layer)
-            if finding.severity != "info" and key not in self._reported:
+            if self.options.diagnosis and finding.severity != "info" \
+                    and key not in self._reported:
                 self._reported.add(key)
                 print(f"optinsight: {finding}", file=sys.stderr)
+            if finding.severity == "error":
+                self.stop(str(finding))
+
+    def stop(self, reason):
+        """Ask training to stop (stop_on="error"; `stop_reason` says why; the callback
+        sets model.stop_training, a custom loop checks `stop_reason`). The first reason
+        is kept and printed."""
+        if self.options.stop_on and self.stop_reason is None:
+            self.stop_reason = reason
+            print(f"optinsight: stop_on='error': stopping training: {reason}",
+                  file=sys.stderr)
 
     def summary(self):
         """The insight.json document (docs/logs.md) of the finished epochs."""

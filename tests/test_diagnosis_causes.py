@@ -3,6 +3,7 @@ training run with the problem, or a healthy one that must raise no error."""
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from conftest import tiny_data, tiny_relu_model
 
@@ -90,3 +91,190 @@ def test_a_custom_loop_without_the_loss_has_no_nonfinite_finding(tmp_path):
             rec.epoch_end(epoch)
     assert oi.read_log(tmp_path).steps["train_loss"].isna().all()
     assert not [f for f in oi.diagnose(tmp_path) if f.code == "nonfinite"]
+
+
+def _separable(scale=1.0, n=1024, seed=0):
+    """Three well-separated Gaussian blobs in 20 dimensions, inputs times `scale`."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    centres = rng.normal(size=(3, 20)) * 2
+    x = ((centres[labels] + rng.normal(size=(n, 20))) * scale).astype("float32")
+    return x, keras.utils.to_categorical(labels, 3)
+
+
+def _relu_net(output="softmax", loss="categorical_crossentropy", optimizer=None):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(32, activation="relu"),
+                              keras.layers.Dense(32, activation="relu"),
+                              keras.layers.Dense(3, activation=output)])
+    model.compile(optimizer or keras.optimizers.SGD(0.01, momentum=0.9), loss)
+    return model
+
+
+def test_loss_spikes_are_named_before_the_layer_they_kill(tmp_path):
+    """Unnormalised inputs (x20), momentum 0.9, batch 4: the loss spikes, then the
+    first layer dies. The first finding is unstable_loss, and dead_layer says it was
+    caused by it (only dead_layer was named). The same data normalised: no finding."""
+    findings = _diagnosed(_relu_net(), tmp_path / "spiky", *_separable(20.0), epochs=4,
+                          batch_size=4)
+    assert findings[0].code == "unstable_loss" and findings[0].since is not None
+    dead = [f for f in findings if f.code == "dead_layer"]
+    assert dead and dead[0].caused_by == "unstable_loss" and dead[0].since > findings[0].since
+    assert _diagnosed(_relu_net(), tmp_path / "twin", *_separable(1.0), epochs=4,
+                      batch_size=4) == []
+
+
+def test_labels_that_carry_nothing_are_not_converging(tmp_path):
+    """Shuffled labels: the loss stays at ln 3, guessing. The real labels: no finding."""
+    x, y = _separable()
+    shuffled = y[np.random.default_rng(1).permutation(len(y))]
+    findings = _diagnosed(_relu_net(optimizer=keras.optimizers.Adam(1e-3)),
+                          tmp_path / "noise", x, shuffled)
+    assert [f.code for f in findings] == ["not_converging"]
+    assert findings[0].numbers["trivial"] == np.log(3)
+    assert _diagnosed(_relu_net(optimizer=keras.optimizers.Adam(1e-3)), tmp_path / "twin",
+                      x, y) == []
+
+
+def test_a_relu_output_under_cross_entropy_is_named_first(tmp_path):
+    """Dense(3, activation='relu') as the output under categorical cross-entropy: the
+    first finding is improper_output, at step 0, and what follows from it names it as
+    its cause (the run ended in nonfinite, with nothing saying why)."""
+    x, y = _separable()
+    findings = _diagnosed(_relu_net(output="relu"), tmp_path / "relu", x, y)
+    assert findings[0].code == "improper_output" and findings[0].severity == "error"
+    assert "relu" in findings[0].evidence and "from_logits=True" in findings[0].advice
+    assert all(f.caused_by == "improper_output" for f in findings[1:]
+               if f.code in ("nonfinite", "not_converging", "dead_layer"))
+    logits = _relu_net(output=None, loss=keras.losses.CategoricalCrossentropy(
+        from_logits=True))
+    assert _diagnosed(logits, tmp_path / "logits", x, y) == []
+    again = _relu_net(output="softmax", loss=keras.losses.CategoricalCrossentropy(
+        from_logits=True))
+    assert [f.code for f in _diagnosed(again, tmp_path / "twice", x, y)] == ["improper_output"]
+
+
+def test_dying_relus_in_most_layers_are_one_finding(tmp_path):
+    """A 34-layer ReLU MLP with dying units in most layers: one dead_units finding
+    that says in how many of the 34 layers (there were 34 separate ones)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((20,))]
+        + [keras.layers.Dense(128, activation="relu") for _ in range(33)]
+        + [keras.layers.Dense(3, activation="softmax")])
+    model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy")
+    findings = _diagnosed(model, tmp_path, *_separable(n=512), epochs=3)
+    units = [f for f in findings if f.code == "dead_units"]
+    assert len(units) == 1
+    assert units[0].numbers["of"] == 34 and units[0].numbers["layers"] >= 3
+    assert "of 34 layers" in units[0].evidence
+
+
+def test_diagnose_json_for_ci_and_notebooks(tmp_path, capsys):
+    """`optinsight diagnose --format json`: one object per finding, with the cause
+    and the numbers; the exit status as in text."""
+    import json
+
+    from optinsight.cli import main as cli
+
+    _diagnosed(_relu_net(), tmp_path, *_separable(20.0), epochs=4, batch_size=4)
+    assert cli(["diagnose", str(tmp_path), "--format", "json"]) == 1
+    findings = json.loads(capsys.readouterr().out)
+    assert [f["code"] for f in findings] == [f.code for f in oi.diagnose(tmp_path)]
+    assert set(findings[0]) == {"code", "severity", "layer", "step", "since", "caused_by",
+                                "evidence", "advice", "numbers"}
+    dead = next(f for f in findings if f["code"] == "dead_layer")
+    assert dead["caused_by"] == "unstable_loss" and dead["numbers"]["fraction"] >= 0.99
+
+
+def _exponential_stack():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((20,))] + [
+        layer for _ in range(5) for layer in (keras.layers.Dense(16),
+                                              keras.layers.Activation("exponential"))]
+        + [keras.layers.Dense(3, activation="softmax")])
+    model.compile(keras.optimizers.SGD(0.01), "categorical_crossentropy")
+    return model
+
+
+def test_stop_on_error_stops_at_the_nonfinite_step(tmp_path, capsys):
+    """Activation('exponential') layers overflow in the first batch: with
+    stop_on='error' training stops at that step, its logs complete (it ran 3 epochs of
+    NaN before); without it, it runs on."""
+    x, y = _separable(5.0, n=256)
+    model = _exponential_stack()
+    model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[
+        oi.OptimizationInsightCallback(tmp_path / "stop", stop_on="error",
+                                       diagnosis=False)])
+    run = oi.read_log(tmp_path / "stop")
+    assert int(model.optimizer.iterations.numpy()) == len(run.steps) == 1
+    assert run.summary["meta"]["epochs"] == 1
+    assert "stopping training: the loss is nan at step 1" in capsys.readouterr().err
+    assert oi.diagnose(tmp_path / "stop")[0].code == "nonfinite"
+    model = _exponential_stack()
+    model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[
+        oi.OptimizationInsightCallback(tmp_path / "on", diagnosis=False)])
+    assert len(oi.read_log(tmp_path / "on").steps) == 24
+
+
+def test_stop_on_error_stops_at_the_epoch_end_that_shows_it(tmp_path):
+    """A softmax over one unit under binary cross-entropy (its output is always 1, the
+    loss finite): improper_output is an error from the first epoch end, where training
+    stops (5 epochs asked)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(1, activation="softmax")])
+    model.compile(keras.optimizers.SGD(0.01), "binary_crossentropy")
+    x, y = _separable(n=256)
+    y = y[:, :1]
+    model.fit(x, y, batch_size=32, epochs=5, verbose=0, callbacks=[
+        oi.OptimizationInsightCallback(tmp_path, stop_on="error", diagnosis=False)])
+    run = oi.read_log(tmp_path)
+    assert run.summary["meta"]["epochs"] == 1 and len(run.steps) == 8
+    with pytest.raises(ValueError, match="stop_on must be None or 'error'"):
+        oi.OptimizationInsightCallback(tmp_path / "x", stop_on="warning")
+
+
+def test_depth_rules_use_the_model_order_after_unfreezing(tmp_path):
+    """Fine-tuning: the head trained first, then the sigmoid body unfrozen. The first
+    kernel is the model's first layer (meta.positions), not the head trained first,
+    so vanishing gradients through the body are still found in its first layer."""
+    model = _mlp(12, "sigmoid")
+    for layer in model.layers[:-1]:
+        layer.trainable = False
+    model.compile(keras.optimizers.SGD(0.05), "categorical_crossentropy")
+    x, y = _blobs()
+    cb = oi.OptimizationInsightCallback(tmp_path, diagnosis=False, histogram_freq=0)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[cb])
+    for layer in model.layers:
+        layer.trainable = True
+    model.compile(keras.optimizers.SGD(0.05), "categorical_crossentropy")
+    model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[cb])
+    run = oi.read_log(tmp_path)
+    assert run.variables[0] == model.layers[-1].kernel.path  # trained first
+    findings = oi.diagnose(tmp_path)
+    assert findings[0].code == "vanishing_gradients"
+    assert findings[0].layer == model.layers[0].kernel.path
+
+
+def test_adams_stability_ratio_is_judged_once_its_second_moment_settled(tmp_path):
+    """Adam's preconditioned sharpness swings while v settles (about 1/(1 − β2) =
+    1,000 steps): a ratio above 1 before then is not a finding, after it is."""
+    import dataclasses
+
+    import pandas as pd
+
+    model = _relu_net(optimizer=keras.optimizers.Adam(1e-3))
+    _diagnosed(model, tmp_path, *_separable(n=256))
+    run = oi.read_log(tmp_path)
+    assert run.summary["meta"]["optimizer"] == {"class": "Adam", "beta_2": 0.999}
+    probes = pd.DataFrame({"step": [2, 500], "epoch": [0, 0], "probe": ["hessian"] * 2,
+                           "stability_ratio": [40.0, 3.0], "sharpness": [4e3, 3e2],
+                           "stability_limit": [1e2, 1e2]})
+    from importlib import import_module
+
+    diagnose_run = import_module("optinsight.diagnose").diagnose_run
+    early = diagnose_run(dataclasses.replace(run, probes=probes))
+    assert "lr_too_high" not in [f.code for f in early]
+    late = diagnose_run(dataclasses.replace(run, probes=probes.assign(step=[2, 1000])))
+    assert [f.step for f in late if f.code == "lr_too_high"] == [1000]
