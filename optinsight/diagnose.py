@@ -20,6 +20,14 @@ LATE_FRACTION = 0.25
 #: The late median loss above this multiple of the early median: the run diverged
 #: (a healthy run's loss falls; noise alone does not raise a median by half).
 DIVERGENCE_FACTOR = 1.5
+#: A step whose whole-model update ratio ‖Δw‖/‖w‖ exceeds this moved the weights
+#: farther than their own size: the learning rate overshoots (healthy runs move by
+#: 1e-4 to 1e-2 of it a step).
+UPDATE_RATIO_LIMIT = 1.0
+#: At such a step, a gradient norm this many times the weights' norm says the gradient
+#: itself exploded (a bad initialisation, unnormalised targets under SGD), not the
+#: learning rate: healthy gradients are a fraction of the weights' norm.
+GRADIENT_RATIO_LIMIT = 10.0
 #: lr·λmax above this: plain gradient descent is unstable along the sharpest
 #: direction (a step overshoots when lr > 2/λmax). Used for logs written before the
 #: Hessian probe wrote each optimizer's own stability_ratio (warning when above 1).
@@ -78,7 +86,8 @@ CAUSES = {
                       "exploding_gradients", "not_converging"),
     "lr_too_high": ("dead_layer", "dead_units", "nonfinite", "exploding_gradients",
                     "unstable_loss", "not_converging"),
-    "exploding_gradients": ("nonfinite", "dead_layer", "dead_units"),
+    "exploding_gradients": ("nonfinite", "dead_layer", "dead_units", "unstable_loss",
+                            "not_converging"),
     "vanishing_gradients": ("not_converging", "stalled_layer"),
     "dead_layer": ("not_converging", "stalled_layer"),
     "zero_gradients": ("not_converging", "stalled_layer"),
@@ -94,7 +103,8 @@ def zero_key(thresholds):
 
 def variable_keys(thresholds):
     """The per-variable keys the rules read (the recorder keeps these in memory)."""
-    return ("grad_norm", "update_ratio", "nonfinite_grads", zero_key(thresholds))
+    return ("grad_norm", "weight_norm", "update_ratio", "nonfinite_grads",
+            zero_key(thresholds))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +198,19 @@ def _nonfinite(run):
         numbers={"steps": len(bad), "of": len(steps)})]
 
 
+def _largest_gradient(run, step):
+    """([the kernel with the largest squared gradient at `step`], its share of the
+    kernels' squared gradient norm), or None."""
+    kernels, _ = _kernels(run)
+    norms = run.key("grad_norm") if kernels else None
+    if norms is None or not (norms["step"] == step).any():
+        return None
+    row = norms.loc[norms["step"] == step, kernels].iloc[0] ** 2
+    if not row.sum() > 0:
+        return None
+    return [row.idxmax()], float(row.max() / row.sum())
+
+
 def _settled_from(run):
     """The first step at which an adaptive optimizer's second moment has settled
     (1/(1 − β2) steps: Adam's default 0.999 needs 1,000): before it, its preconditioned
@@ -209,6 +232,37 @@ def _learning_rate(run):
             "Lower the learning rate (try 10x smaller) or add warm-up",
             since=int(run.steps.loc[rising.idxmax(), "step"]),
             numbers={"early_loss": early.median(), "late_loss": late.median()}))
+    steps = run.steps
+    ratio = steps["update_ratio"].replace([np.inf, -np.inf], np.nan)
+    jumps = steps.loc[ratio > UPDATE_RATIO_LIMIT, "step"]
+    weights = steps["weight_norm"].shift(1).fillna(steps["weight_norm"])
+    gradient_ratio = (steps["grad_norm"] / weights).replace([np.inf, -np.inf], np.nan)
+    first = jumps.index[0] if len(jumps) else None
+    if first is not None and gradient_ratio[first] >= GRADIENT_RATIO_LIMIT:
+        step = int(steps.loc[first, "step"])
+        where, advice = _largest_gradient(run, step), _EXPLODING_ADVICE
+        if where is not None and where[0] == _kernels(run)[0][:1]:
+            where, advice = (f"; {100 * where[1]:.0f} % of it in the first layer "
+                             f"{where[0][0]}, which multiplies the inputs: they are "
+                             "probably not normalised", "Normalise the inputs (scale "
+                             "features to unit variance, pixels to [0, 1]); "
+                             + _EXPLODING_ADVICE[0].lower() + _EXPLODING_ADVICE[1:])
+        else:
+            where = ""
+        findings.append(Finding(
+            "exploding_gradients", "error", None, step,
+            f"at step {step} the gradient norm was {steps.loc[first, 'grad_norm']:.3g}, "
+            f"{gradient_ratio[first]:.3g}x the weights' norm, and the step moved the "
+            f"weights {ratio[first]:.3g}x their norm{where}", advice, since=step,
+            numbers={"gradient_ratio": float(gradient_ratio[first])}))
+    elif not findings and len(jumps):
+        findings.append(Finding(
+            "lr_too_high", "error", None, int(jumps.iloc[-1]),
+            f"{len(jumps)} steps moved the weights farther than their own norm "
+            f"(‖Δw‖/‖w‖ up to {ratio.max():.3g}, the first at step {int(jumps.iloc[0])}): "
+            "the steps overshoot", "Lower the learning rate (try 10x smaller), add "
+            "warm-up, or clip gradients (clipnorm=1.0)", since=int(jumps.iloc[0]),
+            numbers={"steps": len(jumps), "max_update_ratio": float(ratio.max())}))
     if not run.probes.empty and "stability_ratio" in run.probes:
         over = run.probes[(run.probes["stability_ratio"] > 1)
                           & (run.probes["step"] >= _settled_from(run))]
@@ -235,6 +289,11 @@ def _learning_rate(run):
     return findings
 
 
+_EXPLODING_ADVICE = ("Clip gradients (clipnorm=1.0), lower the learning rate, normalise "
+                     "(BatchNormalization/LayerNormalization), scale the targets, and "
+                     "initialise with variance scaling (Glorot, He)")
+
+
 def _exploding(run):
     norms = run.steps["grad_norm"].replace([np.inf, -np.inf], np.nan)
     early, late = _early(norms), _late(norms)
@@ -248,9 +307,8 @@ def _exploding(run):
         "exploding_gradients", "error", None, int(run.steps.loc[norms.idxmax(), "step"]),
         f"the gradient norm grew {growth:.3g}x: median {early.median():.3g} early, "
         f"{late.median():.3g} late (max {norms.max():.3g})",
-        "Clip gradients (clipnorm=1.0), lower the learning rate, or normalise "
-        "(BatchNormalization/LayerNormalization) and initialise with variance scaling",
-        since=int(run.steps.loc[grown.idxmax(), "step"]), numbers={"growth": growth})]
+        _EXPLODING_ADVICE, since=int(run.steps.loc[grown.idxmax(), "step"]),
+        numbers={"growth": growth})]
 
 
 def _rms(norms, name, size):
@@ -326,6 +384,16 @@ def _since(steps, condition):
     return int(np.asarray(steps)[start])
 
 
+def _zero_initialised_after(run, kernels, name):
+    """The first kernel after `name` whose weights were all zero after the run's first
+    step (weight_norm 0: initialised with zeros), or None."""
+    for later in kernels[kernels.index(name) + 1:]:
+        norms = run.layer(later)["weight_norm"].dropna()
+        if len(norms) and norms.iloc[0] == 0:
+            return later
+    return None
+
+
 def _dead(run):
     findings = []
     kernels, sizes = _kernels(run)
@@ -346,7 +414,15 @@ def _dead(run):
         extra = {"since": since, "numbers": {"fraction": fraction}}
         activation = activations.get(name)
         saturating = _through_saturating(run, kernels, name)
-        if activation is None or activation in EXACT_ZERO:
+        zero_after = _zero_initialised_after(run, kernels, name)
+        if zero_after:
+            findings.append(Finding(
+                "zero_gradients", "error", name, step,
+                f"{zero}: the kernel after it, {zero_after}, started with all-zero "
+                "weights, so no gradient reaches this layer (its weights stay unchanged)",
+                "Initialise every kernel randomly (Glorot or He), never with zeros or one "
+                "constant: units that start equal stay equal", **extra))
+        elif activation is None or activation in EXACT_ZERO:
             findings.append(Finding(
                 "dead_layer", "error", name, step, f"{zero}: the layer no longer learns, "
                 "and the layers after it get no signal through it", _DEAD_ADVICE, **extra))
@@ -624,6 +700,13 @@ def diagnose_run(run):
     # names its layer already.
     errors = {(f.code, f.layer) for f in findings if f.severity == "error" and f.layer}
     findings = [f for f in findings if f.severity == "error" or (f.code, f.layer) not in errors]
+    # Two rules may see one whole-model problem (a jump and a growth of the gradient):
+    # of whole-model findings with one code and severity, the one that began first.
+    first = {}
+    for f in sorted(findings, key=lambda f: f.since if f.since is not None else math.inf):
+        first.setdefault((f.code, f.severity, f.layer), f) if f.layer is None else None
+    findings = [f for f in findings if f.layer is not None
+                or first[(f.code, f.severity, None)] is f]
     return _root_cause_first(_grouped(findings, run), run)
 
 

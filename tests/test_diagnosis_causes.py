@@ -112,14 +112,18 @@ def _relu_net(output="softmax", loss="categorical_crossentropy", optimizer=None)
 
 
 def test_loss_spikes_are_named_before_the_layer_they_kill(tmp_path):
-    """Unnormalised inputs (x20), momentum 0.9, batch 4: the loss spikes, then the
-    first layer dies. The first finding is unstable_loss, and dead_layer says it was
-    caused by it (only dead_layer was named). The same data normalised: no finding."""
+    """Unnormalised inputs (x20), momentum 0.9, batch 4: a step with a gradient 184x
+    the weights jumps them, the loss spikes, then the first layer dies. The first
+    finding is that jump (exploding_gradients), unstable_loss follows, and dead_layer
+    says what caused it (only dead_layer was named). Normalised: no finding."""
     findings = _diagnosed(_relu_net(), tmp_path / "spiky", *_separable(20.0), epochs=4,
                           batch_size=4)
-    assert findings[0].code == "unstable_loss" and findings[0].since is not None
+    codes = [f.code for f in findings]
+    assert codes[:2] == ["exploding_gradients", "unstable_loss"]
+    assert findings[1].caused_by == "exploding_gradients"
     dead = [f for f in findings if f.code == "dead_layer"]
-    assert dead and dead[0].caused_by == "unstable_loss" and dead[0].since > findings[0].since
+    assert dead and dead[0].caused_by == "exploding_gradients"
+    assert dead[0].since > findings[0].since
     assert _diagnosed(_relu_net(), tmp_path / "twin", *_separable(1.0), epochs=4,
                       batch_size=4) == []
 
@@ -184,7 +188,7 @@ def test_diagnose_json_for_ci_and_notebooks(tmp_path, capsys):
     assert set(findings[0]) == {"code", "severity", "layer", "step", "since", "caused_by",
                                 "evidence", "advice", "numbers"}
     dead = next(f for f in findings if f["code"] == "dead_layer")
-    assert dead["caused_by"] == "unstable_loss" and dead["numbers"]["fraction"] >= 0.99
+    assert dead["caused_by"] == "exploding_gradients" and dead["numbers"]["fraction"] >= 0.99
 
 
 def _exponential_stack():
