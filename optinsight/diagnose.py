@@ -185,17 +185,37 @@ def _nonfinite(run):
         return []
     first = bad.iloc[0]
     since = int(first["step"])
-    per_variable = run.key("nonfinite_grads").drop(columns="step").sum() if run.variables \
-        else pd.Series(dtype=float)
-    per_variable = per_variable[per_variable > 0]
-    worst = per_variable.idxmax() if len(per_variable) else None
-    return [Finding(
-        "nonfinite", "error", worst, int(first["step"]),
-        f"{len(bad)} of {len(steps)} steps had NaN/Inf gradients or loss "
-        f"({int(first['nonfinite_grads'])} gradient entries at the first)",
-        "Lower the learning rate, clip gradients (clipnorm=1.0), check the inputs for "
-        "NaN/Inf, and guard log/sqrt/division in custom losses", since=since,
-        numbers={"steps": len(bad), "of": len(steps)})]
+    counts = f"{len(bad)} of {len(steps)} steps had NaN/Inf gradients or loss"
+    origin = run.summary.get("meta", {}).get("nonfinite_origin") or {}
+    advice = ("Lower the learning rate, clip gradients (clipnorm=1.0), check the inputs "
+              "for NaN/Inf, and guard log/sqrt/division in custom losses")
+    if origin.get("step") == since and origin.get("layer"):
+        layer = origin["layer"]
+        evidence = (f"NaN/Inf first appeared in the output of layer {layer} at step "
+                    f"{since}, in the forward pass; {counts}")
+        advice = (f"Look at {layer} and what feeds it: an activation that overflows "
+                  "(exponential, large logits), a division or log of zero, inputs with "
+                  "NaN/Inf or far too large. " + advice)
+    else:
+        layer = _first_nonfinite_variable(run, since)
+        evidence = (f"{counts} ({int(first['nonfinite_grads'])} gradient entries at the "
+                    "first" + (", whose forward pass was finite: the loss or the backward "
+                               "pass made them)" if origin.get("step") == since else ")"))
+    return [Finding("nonfinite", "error", layer, since, evidence, advice, since=since,
+                    numbers={"steps": len(bad), "of": len(steps)})]
+
+
+def _first_nonfinite_variable(run, step):
+    """The first variable in the model's order with a NaN/Inf gradient at `step`."""
+    if not run.variables:
+        return None
+    counts = run.key("nonfinite_grads")
+    row = counts.loc[counts["step"] == step].drop(columns="step")
+    if row.empty:
+        return None
+    positions = run.summary.get("meta", {}).get("positions") or {}
+    bad = [name for name in row.columns if row[name].iloc[0] > 0]
+    return min(bad, key=lambda n: positions.get(n, len(positions))) if bad else None
 
 
 def _largest_gradient(run, step):

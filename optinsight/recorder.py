@@ -33,6 +33,7 @@ from optinsight.checkpoint import (
 )
 from optinsight.diagnose import diagnose_run
 from optinsight.dynamics import GLOBAL_STATS, DynamicsTracker, metric_names, model_metric_names
+from optinsight.locate import NonfiniteLocator
 from optinsight.logs.jsonlog import read_json, truncate_jsonl
 from optinsight.logs.reader import part_matrix
 from optinsight.logs.run_writer import RunWriter
@@ -121,6 +122,7 @@ class InsightRecorder:
         self.names, self.sizes = [], {}  # every variable the run has trained, in order
         self.variable_changes = []  # [{"step", "added", "removed"}]: trainable_changed
         self.partial_epochs = []  # epochs that training stopped inside
+        self.nonfinite_origin = None  # where NaN/Inf first appeared before a resume
         self.writer = None  # RunWriter of the chief; None on other workers
         self.history = None
         self.step = 0  # steps trained
@@ -177,6 +179,7 @@ class InsightRecorder:
         if chief:
             self.writer = RunWriter(self.log_dir, self.names, options)
         self.tracker = tracker
+        self.locator = NonfiniteLocator(model, tracker._state)
         if checkpoint is not None:
             self._restore(checkpoint[0], document)
         if options.verbose and chief:
@@ -215,6 +218,9 @@ class InsightRecorder:
             self.names = known + [n for n in self.names if n not in known]
             self.partial_epochs = [e for e in meta.get("partial_epochs", [])
                                    if e < state["epoch"]]
+            origin = meta.get("nonfinite_origin")
+            self.nonfinite_origin = origin if origin and origin["step"] <= state["step"] \
+                else None
         self.sizes.update(zip(tracker.names, tracker.sizes))
         if change is not None:
             self.variable_changes.append({"step": int(state["step"]), **change})
@@ -326,7 +332,7 @@ class InsightRecorder:
         return os.path.join(self.log_dir, *parts)
 
     # ----------------------------------------------------------- in the step
-    def apply_gradients(self, grads_and_vars, loss=None):
+    def apply_gradients(self, grads_and_vars, loss=None, inputs=None):
         """`optimizer.apply_gradients(grads_and_vars)`, recorded. Call it in the
         (compiled) train step, in each replica under a tf.distribute strategy.
 
@@ -337,6 +343,9 @@ class InsightRecorder:
             loss: the scalar whose gradients these are (under a strategy, each
                 replica's share: train_loss is the sum over replicas); None leaves
                 train_loss null.
+            inputs: the batch's model inputs (optional): at the run's first step with
+                NaN/Inf, the first layer whose output is not finite is located on them
+                (`optinsight.locate`), for the diagnosis.
         Returns what `optimizer.apply_gradients` returns.
         """
         pairs = list(grads_and_vars)
@@ -359,6 +368,7 @@ class InsightRecorder:
         applied, raw = applied_gradients(self.optimizer, grads)  # before the scale moves
         skipped = skips_step(self.optimizer, applied if raw is None else raw)
         weights_before = self.tracker.read_weights()
+        self.locator.in_step(inputs, loss, skipped, self.tracker.step.read_value() + 1)
         result = self.optimizer.apply_gradients(pairs)
         self.tracker.update(applied, weights_before,
                             tf.constant(math.nan, tf.float64) if loss is None else loss, raw,
@@ -515,6 +525,7 @@ class InsightRecorder:
             "variable_sizes": [self.sizes[n] for n in self.names],
             "variable_changes": self.variable_changes,
             "partial_epochs": self.partial_epochs,
+            "nonfinite_origin": self.locator.read() or self.nonfinite_origin,
             "activations": self.activations, "positions": self.positions,
             **self.model_facts,
             "steps": self.step, "histogram_freq": options.histogram_freq,

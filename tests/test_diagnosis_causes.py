@@ -282,3 +282,49 @@ def test_adams_stability_ratio_is_judged_once_its_second_moment_settled(tmp_path
     assert "lr_too_high" not in [f.code for f in early]
     late = diagnose_run(dataclasses.replace(run, probes=probes.assign(step=[2, 1000])))
     assert [f.step for f in late if f.code == "lr_too_high"] == [1000]
+
+
+def test_nonfinite_names_the_layer_where_nan_first_appears(tmp_path):
+    """Activation('exponential') layers overflow in the forward pass of the first
+    batch: the nonfinite finding names the first layer whose output is not finite, as
+    a layer-by-layer replay of that batch by hand finds it (it named the first kernel)."""
+    x, y = _separable(5.0, n=256)
+    index = None
+    value = x[:32]
+    for i, layer in enumerate(_exponential_stack().layers):  # the same weights, eagerly
+        value = layer(value)
+        if not np.all(np.isfinite(np.asarray(value))):
+            index = i
+            break
+    model = _exponential_stack()
+    assert index is not None and index > 0
+    expected = model.layers[index].name
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[
+        oi.OptimizationInsightCallback(tmp_path, diagnosis=False)])
+    finding = oi.diagnose(tmp_path)[0]
+    assert (finding.code, finding.layer, finding.since) == ("nonfinite", expected, 1)
+    assert f"first appeared in the output of layer {expected}" in finding.evidence
+    assert oi.read_log(tmp_path).summary["meta"]["nonfinite_origin"] == {
+        "step": 1, "layer": expected}
+
+
+def test_nonfinite_from_the_loss_says_the_forward_pass_was_finite(tmp_path):
+    """log(0) in a hand-written loss: the forward pass is finite, the finding says so and
+    names the first variable (in the model's order) with a NaN gradient."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(32, activation="relu"),
+                              keras.layers.Dense(3, activation="softmax",
+                                                 kernel_initializer=keras.initializers
+                                                 .RandomNormal(stddev=10.0, seed=0))])
+
+    def loss(y_true, y_pred):
+        return -keras.ops.sum(y_true * keras.ops.log(y_pred), axis=-1)
+
+    model.compile(keras.optimizers.SGD(0.01), loss)
+    x, y = _separable(3.0, n=256)
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[
+        oi.OptimizationInsightCallback(tmp_path, diagnosis=False)])
+    finding = oi.diagnose(tmp_path)[0]
+    assert finding.code == "nonfinite" and "forward pass was finite" in finding.evidence
+    assert finding.layer == model.layers[0].kernel.path
+    assert oi.read_log(tmp_path).summary["meta"]["nonfinite_origin"]["layer"] is None
