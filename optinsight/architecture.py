@@ -4,8 +4,6 @@ loss, and the optimizer's second-moment decay. With them it names a cause (a ReL
 that never fires, a sigmoid that saturates, a ReLU output under cross-entropy)
 instead of guessing it from the gradients alone. Written to insight.json's meta."""
 
-import keras
-
 #: Activations that output exact zeros on a whole range of inputs, with a zero
 #: derivative there: a unit can die.
 EXACT_ZERO = frozenset({"relu", "relu6", "hard_sigmoid", "hard_silu", "hard_swish",
@@ -14,9 +12,16 @@ EXACT_ZERO = frozenset({"relu", "relu6", "hard_sigmoid", "hard_silu", "hard_swis
 #: stacks of them (hard_sigmoid and hard_tanh also reach exact zeros).
 SATURATING = frozenset({"sigmoid", "tanh", "softmax", "exponential", "softsign",
                         "hard_sigmoid", "hard_tanh", "log_softmax", "softplus"})
-#: Layers that pass a previous layer's output on without an activation of their own.
-_PASS_THROUGH = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
-                 keras.layers.Dropout, keras.layers.GroupNormalization)
+
+
+def _pass_through():
+    """Layers that pass a previous layer's output on without an activation of their
+    own (Keras is imported here, not with the module: the diagnosis reads the names
+    above without loading TensorFlow)."""
+    import keras
+
+    return (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+            keras.layers.Dropout, keras.layers.GroupNormalization)
 
 
 def _name(activation):
@@ -29,6 +34,8 @@ def _name(activation):
 
 def _layer_activation(layer):
     """The activation a layer applies itself, or None when it has none."""
+    import keras
+
     if isinstance(layer, keras.layers.Activation):
         return _name(layer.activation)
     if isinstance(layer, keras.layers.ReLU):
@@ -70,7 +77,7 @@ def variable_activations(model, variables):
         activation = _layer_activation(layers[index])
         if activation in (None, "linear"):
             for after in layers[index + 1:]:
-                if isinstance(after, _PASS_THROUGH):
+                if isinstance(after, _pass_through()):
                     continue
                 following = _layer_activation(after)
                 if following is not None and not after.weights:

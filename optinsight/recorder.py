@@ -106,7 +106,7 @@ class InsightRecorder:
         **options: as `OptimizationInsightCallback` (thresholds, ema_decay,
             histogram_freq, histogram_bins, sign_map_freq, sign_map_max_params,
             probes, probe_data, tensorboard, update_freq, variable_update_freq,
-            resume, checkpoint_freq, diagnosis, verbose).
+            resume, checkpoint_freq, diagnosis, stop_on, verbose).
 
     Use it as a context manager (`close()` on exit, also on an exception). With
     `resume=True`, continue the loop at epoch `initial_epoch`, step `step`.

@@ -62,3 +62,18 @@ def step_records(log_dir):
             "layers": {name: plain(rows[i]) for name, rows in layers.items()}})
         assert all(rows[i]["step"] == row["step"] for rows in layers.values())
     return records
+
+
+def mixed_precision_regression(optimizer, n=256):
+    """A small mixed_float16 regression on unscaled targets (about 700), whose dynamic
+    loss scale overflows and skips its first steps: (compiled model, x, y)."""
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(32, "relu"),
+                                  keras.layers.Dense(1, dtype="float32")])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    model.compile(optimizer=optimizer, loss="mse")
+    x = np.random.default_rng(0).normal(size=(n, 6)).astype("float32") * 30
+    return model, x, (x.sum(1, keepdims=True) * 10).astype("float32")

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_data, tiny_relu_model
+from conftest import mixed_precision_regression, tiny_data, tiny_relu_model
 
 import optinsight as oi
 
@@ -50,16 +50,7 @@ def test_vanishing_gradients_through_sigmoids_are_not_dead_relus(tmp_path):
 def test_mixed_precision_loss_scale_skips_are_not_errors(tmp_path):
     """A healthy mixed_float16 regression whose dynamic loss scale skips its first
     overflowing steps, by design: no nonfinite error (every such run had one)."""
-    keras.config.set_dtype_policy("mixed_float16")
-    try:
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(32, "relu"),
-                                  keras.layers.Dense(1, dtype="float32")])
-    finally:
-        keras.config.set_dtype_policy("float32")
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
-    x = np.random.default_rng(0).normal(size=(256, 6)).astype("float32") * 30
-    y = (x.sum(1, keepdims=True) * 10).astype("float32")
+    model, x, y = mixed_precision_regression(keras.optimizers.Adam(1e-2))
     findings = _diagnosed(model, tmp_path, x, y, epochs=4, batch_size=8)
     steps = oi.read_log(tmp_path).steps
     loss = steps["train_loss"]
@@ -328,3 +319,16 @@ def test_nonfinite_from_the_loss_says_the_forward_pass_was_finite(tmp_path):
     assert finding.code == "nonfinite" and "forward pass was finite" in finding.evidence
     assert finding.layer == model.layers[0].kernel.path
     assert oi.read_log(tmp_path).summary["meta"]["nonfinite_origin"]["layer"] is None
+
+
+def test_the_package_and_its_diagnosis_import_without_tensorflow():
+    """The `optinsight` command's readers and the diagnosis start without TensorFlow
+    (main.py hides TensorFlow's start-up lines only where it imports it)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, optinsight, optinsight.diagnose, "
+         "optinsight.architecture; print('tensorflow' in sys.modules, 'keras' in sys.modules)"],
+        capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False", "False"], done.stderr[-2000:]

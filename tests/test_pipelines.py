@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import step_records, tiny_data, tiny_relu_model
+from conftest import mixed_precision_regression, step_records, tiny_data, tiny_relu_model
 
 import optinsight as oi
 
@@ -212,16 +212,7 @@ def test_loss_scale_skips_are_recorded_as_skipped(tmp_path):
     """mixed_float16 with Keras's dynamic loss scale skips every step whose scaled
     gradient overflows (and halves the scale). Such a step has skipped = 1 and no
     weight change; every applied one has skipped = 0 (they were indistinguishable)."""
-    keras.config.set_dtype_policy("mixed_float16")
-    try:
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(32, "relu"),
-                                  keras.layers.Dense(1, dtype="float32")])
-    finally:
-        keras.config.set_dtype_policy("float32")
-    model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
-    x = np.random.default_rng(0).normal(size=(64, 6)).astype("float32") * 30
-    y = (x.sum(1, keepdims=True) * 10).astype("float32")
+    model, x, y = mixed_precision_regression(keras.optimizers.SGD(1e-4), n=64)
     scales = []
 
     class Scale(keras.callbacks.Callback):
