@@ -6,7 +6,7 @@ The public API is re-exported here and imported on first use, so that the
 
 import importlib
 
-from optinsight.compat import check_versions
+from optinsight.compat import check_backend, check_versions
 
 # Imported now: the function `diagnose` shares its name with its module, and binding
 # it here keeps the function, not the module, as `optinsight.diagnose`.
@@ -30,8 +30,11 @@ __all__ = ["Finding", "InsightModel", "InsightRecorder", "OptimizationInsightCal
 
 def __getattr__(name):
     if name == "probes":
+        check_backend()
         return importlib.import_module("optinsight.probes")
     if name in _EXPORTS:
+        if _EXPORTS[name] != "optinsight.logs.reader":
+            check_backend()  # one line, before Keras is imported with another backend
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'optinsight' has no attribute {name!r}")
 

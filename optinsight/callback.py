@@ -65,6 +65,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                  update_freq="batch", variable_update_freq=200, resume=False,
                  checkpoint_freq=1, diagnosis=True, stop_on=None, verbose=0):
         super().__init__()
+        compat.check_backend()
         self.log_dir = validate_log_dir(log_dir)
         self.options = InsightOptions(
             thresholds=thresholds, ema_decay=ema_decay, histogram_freq=histogram_freq,

@@ -20,16 +20,20 @@ def _summary(args):
     import pandas as pd
 
     from optinsight.logs.reader import read_log
+    from optinsight.tags import run_families
 
     run = read_log(args.log_dir)
     table = run.epochs.copy()
     if not run.steps.empty:
+        tag = run_families(run.summary.get("meta", {}))[0][-1]  # the widest zero band
         per_epoch = run.steps.groupby("epoch")
-        table = table.merge(per_epoch.agg(
-            steps=("step", "count"), grad_norm=("grad_norm", "mean"),
-            update_ratio=("update_ratio", "mean"),
-            zero_grads_e5=("no_zero_e5_grad2", "mean"),
-            nonfinite=("nonfinite_grads", "sum")).reset_index(), on="epoch", how="outer")
+        columns = {"steps": ("step", "count"), "grad_norm": ("grad_norm", "mean"),
+                   "update_ratio": ("update_ratio", "mean"),
+                   f"zero_grads_{tag}": (f"no_zero_{tag}_grad2", "mean"),
+                   "nonfinite": ("nonfinite_grads", "sum")}
+        table = table.merge(per_epoch.agg(**{
+            name: spec for name, spec in columns.items() if spec[0] in run.steps})
+            .reset_index(), on="epoch", how="outer")
     with pd.option_context("display.width", 200, "display.max_columns", 50):
         print(f"{args.log_dir}: {len(run.steps)} steps, {len(run.epochs)} epochs")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

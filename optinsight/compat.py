@@ -7,6 +7,9 @@ the newest versions and a fast subset on the oldest.
 
 import importlib.metadata
 import inspect
+import json
+import os
+import sys
 
 #: (oldest supported, first unsupported) per distribution; setup.cfg says the same.
 SUPPORTED = {"tensorflow": ((2, 16), (2, 22)), "keras": ((3, 3), (4, 0))}
@@ -42,6 +45,36 @@ def check_versions():
         if version is None or not lo <= _release(version) < hi:
             have = ", ".join(f"{p} {v or 'not installed'}" for p, v in installed.items())
             raise ImportError(f"optinsight supports {wanted}; this environment has {have}")
+
+
+def selected_backend():
+    """The Keras backend in use, or the one Keras will load (KERAS_BACKEND, else
+    keras.json under KERAS_HOME or ~/.keras, else "tensorflow"), without importing it."""
+    if "keras" in sys.modules:
+        try:
+            return sys.modules["keras"].config.backend()
+        except AttributeError:  # keras is being imported
+            pass
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    path = os.path.join(os.environ.get("KERAS_HOME") or os.path.expanduser("~/.keras"),
+                        "keras.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
+
+
+def check_backend():
+    """ValueError, one line, unless Keras runs (or will run) on TensorFlow: the insight
+    train step, the fused kernel and the probes are TensorFlow code."""
+    backend = selected_backend()
+    if backend != "tensorflow":
+        raise ValueError(
+            f"optinsight needs Keras's TensorFlow backend, but Keras is set to {backend!r}: "
+            "set KERAS_BACKEND=tensorflow (or \"backend\": \"tensorflow\" in "
+            "~/.keras/keras.json) before Keras is imported")
 
 
 def train_loss(model, x, y, y_pred, sample_weight):

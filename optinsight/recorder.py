@@ -114,6 +114,7 @@ class InsightRecorder:
 
     def __init__(self, log_dir, model, optimizer, *, jit_compile=False, steps_per_call=1,
                  **options):
+        compat.check_backend()
         self.log_dir = validate_log_dir(log_dir)
         self.options = InsightOptions.of(options)
         self.model, self.optimizer = model, optimizer

@@ -14,3 +14,12 @@ def threshold_tag(threshold):
 def ema_suffix(ema_decay):
     """Key suffix of the moving-average family: `_09avg` for a decay of 0.9."""
     return "_" + f"{ema_decay:g}".replace(".", "") + "avg"
+
+
+def run_families(meta):
+    """(threshold tags, moving-average suffixes) of a run from its insight.json meta:
+    e.g. (["e7", "e5"], ["", "_09avg"]); the defaults for a run without them."""
+    thresholds = meta.get("thresholds") or (1e-7, 1e-5)
+    decay = meta.get("ema_decay", 0.9) if "thresholds" in meta else 0.9
+    return ([threshold_tag(t) for t in thresholds],
+            [""] + ([] if decay is None else [ema_suffix(decay)]))

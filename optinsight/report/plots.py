@@ -12,6 +12,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from optinsight.signs import SIGN_COLOURS  # noqa: E402
+from optinsight.tags import run_families  # noqa: E402
 
 
 class MissingData(Exception):
@@ -85,24 +86,34 @@ def loss_and_accuracy(run):
     return fig
 
 
+def _families(run):
+    return run_families(run.summary.get("meta", {}))
+
+
 def zero_gradients(run):
-    steps = _steps(run, "no_zero_e7_grad2", "no_zero_e5_grad2")
+    tags, _ = _families(run)
+    keys = [f"no_zero_{tag}_grad2" for tag in tags]
+    steps = _steps(run, *keys)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
-    for key, colour in (("no_zero_e7_grad2", "tab:purple"), ("no_zero_e5_grad2", "tab:orange")):
+    colours = ("tab:purple", "tab:orange", "tab:green", "tab:red", "tab:brown")
+    for key, colour in zip(keys, colours * len(keys)):
         a.plot(steps["step"], steps[key], lw=0.8, color=colour, label=key)
         per_epoch = steps.groupby("epoch")[key].mean()
         b.plot(per_epoch.index + 1, per_epoch.to_numpy(), "o-", color=colour, label=key)
     _epoch_ticks(a, steps)
     a.set(xlabel="step", ylabel="gradients in the zero band", title="Zero gradients per batch")
-    b.set(xlabel="epoch", ylabel="mean per batch", title="Zero gradients per epoch (1e-7, 1e-5)")
+    thresholds = run.summary.get("meta", {}).get("thresholds") or (1e-7, 1e-5)
+    b.set(xlabel="epoch", ylabel="mean per batch",
+          title=f"Zero gradients per epoch ({', '.join(f'{t:g}' for t in thresholds)})")
     a.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def _fraction_figure(run, key_pattern, title, ylabel):
-    keys = [key_pattern.format(tag=t) + s for t in ("e7", "e5") for s in ("", "_09avg")]
-    steps = _steps(run, *keys[:2])
+    tags, suffixes = _families(run)
+    keys = [key_pattern.format(tag=t) + s for t in tags for s in suffixes]
+    steps = _steps(run, *[key_pattern.format(tag=t) for t in tags])
     fig, ax = plt.subplots(figsize=(11, 3.4))
     for key in keys:
         if key in steps:
