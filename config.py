@@ -156,20 +156,23 @@ def _decay(text):
 
 def build_parser():
     p = _Parser(prog="main.py", description="Train the reference CNN with optimization "
-                "insight switched on.")
+                "insight switched on.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = DataConfig()
     t = TrainConfig()
     i = InsightConfig()
     p.add_argument("--dataset", default=d.dataset, help=f"one of {DATASETS}")
     p.add_argument("--data-dir", default=None, help="directory holding the dataset's files")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--validation-split", type=float, default=d.validation_split)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per batch")
+    p.add_argument("--validation-split", type=float, default=d.validation_split,
+                   help="fraction of the training examples held out for validation")
     p.add_argument("--limit", type=int, default=None,
                    help="train on the first N examples only (quick runs)")
-    p.add_argument("--epochs", type=int, default=t.epochs)
+    p.add_argument("--epochs", type=int, default=t.epochs, help="epochs to train")
     p.add_argument("--lr", type=float, default=t.lr, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=t.seed)
-    p.add_argument("--log-dir", default=None, help="default: runs/<dataset>-<timestamp>")
+    p.add_argument("--seed", type=int, default=t.seed,
+                   help="seed of weights, shuffling and probes")
+    p.add_argument("--log-dir", default=None,
+                   help="where the run's logs go; runs/<dataset>-<timestamp> when not given")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --log-dir from its last checkpoint")
     p.add_argument("--strategy", default=t.strategy,
@@ -182,11 +185,16 @@ def build_parser():
                    help="epochs between checkpoints (0: none)")
     p.add_argument("--thresholds", type=_number_list, default=i.thresholds,
                    help="zero-band thresholds, e.g. 1e-7,1e-5")
-    p.add_argument("--ema-decay", type=_decay, default=i.ema_decay, help="or 'none'")
-    p.add_argument("--histogram-freq", type=int, default=i.histogram_freq)
-    p.add_argument("--histogram-bins", type=int, default=i.histogram_bins)
-    p.add_argument("--sign-map-freq", type=_freq(("epoch",)), default=i.sign_map_freq)
-    p.add_argument("--update-freq", type=_freq(("batch", "epoch")), default=i.update_freq)
+    p.add_argument("--ema-decay", type=_decay, default=i.ema_decay,
+                   help="decay of the gradient/weight moving averages, or 'none'")
+    p.add_argument("--histogram-freq", type=int, default=i.histogram_freq,
+                   help="batches between gradient/weight histograms (0: none)")
+    p.add_argument("--histogram-bins", type=int, default=i.histogram_bins,
+                   help="bins per histogram")
+    p.add_argument("--sign-map-freq", type=_freq(("epoch",)), default=i.sign_map_freq,
+                   help="gradient sign maps every epoch, or every N batches (0: none)")
+    p.add_argument("--update-freq", type=_freq(("batch", "epoch")), default=i.update_freq,
+                   help="whole-model TensorBoard scalars: 'batch', 'epoch' or every N batches")
     p.add_argument("--variable-update-freq", type=_freq(("epoch",)),
                    default=i.variable_update_freq,
                    help="batches between per-variable TensorBoard scalars, 'epoch' or 0")

@@ -54,3 +54,18 @@ def test_commands_and_figures_read_the_runs_own_thresholds(tmp_path, capsys, opt
         suffix = "_05avg" if options.get("ema_decay") == 0.5 else "_09avg"
         run = oi.read_log(tmp_path)
         assert any(c.endswith(suffix) for c in run.steps.columns)
+
+
+def test_every_main_flag_has_help_and_its_default():
+    """main.py --help: every flag says what it does and its default (most had
+    neither)."""
+    import config
+
+    parser = config.build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.option_strings
+        assert "%(default)s" in parser._get_formatter()._get_help_string(action), action.dest
+    assert "(default: 1024)" in text and "(default: 0.9)" in text
