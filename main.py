@@ -115,7 +115,7 @@ def run(config):
                         "probe_data": probe_batch(val_ds or train_ds,
                                                   config.insight.probe_examples)}
     options = {"resume": config.train.resume, "checkpoint_freq": config.train.checkpoint_every,
-               **probe_kwargs, **config.insight.callback_kwargs()}
+               "verbose": 1, **probe_kwargs, **config.insight.callback_kwargs()}
     with strategy.scope():  # the custom loop uses the loss for its probes only
         model.compile(
             optimizer=optimizer, loss="categorical_crossentropy",

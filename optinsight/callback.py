@@ -56,7 +56,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             of the diagnosis: at the step for NaN/Inf gradients or loss (within the
             32 steps of a burst for gradients, at once for the loss), otherwise at the
             epoch end that first shows it; None (default) never stops.
-        verbose: 1 prints where the logs go at train begin.
+        verbose: 1 prints where the logs go at train begin, and a line per probe
+            evaluation with its time (the step-0 evaluations take a while).
     """
 
     def __init__(self, log_dir, thresholds=(1e-7, 1e-5), ema_decay=0.9,

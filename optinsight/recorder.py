@@ -539,8 +539,12 @@ class InsightRecorder:
     def _run_probe(self, probe):
         x, y = self.options.probe_data
         record = {"step": self.step, "epoch": self.epoch, "probe": probe.name}
+        began = time.monotonic()
         try:
             result = probe(self.model, x, y)
+            if self.options.verbose and self.writer is not None:
+                print(f"optinsight: probe {probe.name!r} at step {self.step}: "
+                      f"{time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
         except Exception as e:  # a probe must not end a long training run
             if self.writer is None:
                 return

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 from datafiles import write_cifar_dir
@@ -23,8 +24,10 @@ def test_trains_and_writes_every_promised_log(cifar_dir, tmp_path, capsys):
     argv = ["--dataset", "cifar10", "--data-dir", str(cifar_dir), "--epochs", "1",
             "--batch-size", "32", "--log-dir", str(log_dir), "--histogram-freq", "2"]
     assert main.main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "final:" in out and "val_accuracy=" in out and "macro_f1=" in out
+    # progress while the step-0 probes run (it was silent for about 24 s)
+    assert re.search(r"optinsight: probe 'hessian' at step 0: \d+\.\d s", err)
     assert f"tensorboard --logdir {log_dir / 'tensorboard'}" in out
     steps = read_jsonl(log_dir / "steps.jsonl")
     assert [s["step"] for s in steps] == [1, 2, 3]  # 90 training examples / 32
