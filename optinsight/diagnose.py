@@ -653,8 +653,25 @@ def _improper_output(run):
                     numbers={"units": units})]
 
 
-RULES = (_improper_output, _nonfinite, _learning_rate, _unstable_loss, _not_converging,
-         _exploding, _vanishing, _dead, _dead_units, _stalled, _rank_collapse, _saturation)
+def _failed_probes(run):
+    """Probes that failed: what they would have measured is missing, and why."""
+    if run.probes.empty or "error" not in run.probes:
+        return []
+    failed = run.probes[run.probes["error"].notna()]
+    return [Finding(
+        "probe_failed", "warning", None, int(rows["step"].iloc[-1]),
+        f"probe {name!r} failed at {len(rows)} of "
+        f"{int((run.probes['probe'] == name).sum())} evaluations, the first at step "
+        f"{int(rows['step'].iloc[0])}: {rows['error'].iloc[0]}",
+        "Its quantities are missing from the logs and the report: check probe_data "
+        "(x as the model's inputs, y as the loss expects) and the probe's arguments",
+        numbers={"failures": len(rows)})
+        for name, rows in failed.groupby("probe", sort=False)]
+
+
+RULES = (_failed_probes, _improper_output, _nonfinite, _learning_rate, _unstable_loss,
+         _not_converging, _exploding, _vanishing, _dead, _dead_units, _stalled,
+         _rank_collapse, _saturation)
 
 
 def _grouped(findings, run):

@@ -50,6 +50,33 @@ def validate_update_freq(update_freq):
     return 1 if value == "batch" else value
 
 
+def validate_probe_data(probe_data):
+    """(x, y) as numpy arrays: a pair of numeric array-likes with one row per example;
+    else ValueError naming what is wrong."""
+    if not isinstance(probe_data, (tuple, list)) or len(probe_data) != 2:
+        raise ValueError("probe_data must be a pair (x, y) of arrays, one row per example; "
+                         f"got {type(probe_data).__name__}"
+                         + (f" of length {len(probe_data)}"
+                            if isinstance(probe_data, (tuple, list)) else ""))
+    arrays = []
+    for name, value in zip(("x", "y"), probe_data):
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"probe_data's {name} is not an array ({e})") from None
+        if array.ndim == 0 or not (np.issubdtype(array.dtype, np.number)
+                                   or array.dtype == bool):
+            raise ValueError(f"probe_data's {name} must be a numeric array with one row per "
+                             f"example, got dtype {array.dtype} and shape {array.shape}"
+                             + (" (labels as strings? encode them as integers or one-hot)"
+                                if name == "y" and array.dtype.kind in "USO" else ""))
+        arrays.append(array)
+    if len(arrays[0]) != len(arrays[1]):
+        raise ValueError(f"probe_data's x has {len(arrays[0])} examples but y has "
+                         f"{len(arrays[1])}")
+    return tuple(arrays)
+
+
 def validate_log_dir(log_dir):
     """`log_dir` as a str path; ValueError if it is not a path."""
     if not isinstance(log_dir, (str, os.PathLike)):
@@ -117,6 +144,8 @@ class InsightOptions:
             validate_freq(f"probe {probe.name!r} every", probe.every, ("epoch",))
         if self.probes and self.probe_data is None:
             raise ValueError("probes need probe_data=(x, y), the batch they run on")
+        if self.probe_data is not None:
+            set_("probe_data", validate_probe_data(self.probe_data))
         set_("tensorboard", bool(self.tensorboard))
         set_("resume", bool(self.resume))
         set_("checkpoint_freq", validate_freq("checkpoint_freq", self.checkpoint_freq))

@@ -15,6 +15,7 @@ workers touch no file.
 
 import math
 import os
+import re
 import sys
 import time
 
@@ -85,6 +86,20 @@ def skips_step(optimizer, gradients):
         return False
     return tf.logical_not(tf.reduce_all(
         tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])))
+
+
+def error_line(error):
+    """The line that says what went wrong: the innermost cause of `error`, without the
+    wrappers Keras and TensorFlow add ("Exception encountered when calling ...",
+    "in user code:", file lines, the arguments received)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    skip = ("Exception encountered when calling", "in user code:", "File ", "Arguments received",
+            "•", "Traceback", "Call arguments received")
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(skip)]
+    name, line = type(error).__name__, lines[-1] if lines else ""
+    return line if line.startswith(f"{name}: ") else f"{name}: {line}".rstrip(": ")
 
 
 def is_chief(strategy):
@@ -161,6 +176,7 @@ class InsightRecorder:
         elif options.resume:
             raise ValueError("resume=True is not supported under a multi-worker "
                              "strategy: the checkpoint is on the chief only")
+        self._check_probe_data()
         tracker = self._new_tracker(variables, strategy)
         checkpoint = read_checkpoint(self._path("checkpoint")) if options.resume else None
         if options.resume and checkpoint is None and os.path.exists(self._path("steps.jsonl")):
@@ -233,6 +249,23 @@ class InsightRecorder:
                                 f"added, {len(change['removed'])} removed"),
                   file=sys.stderr)
         return document
+
+    def _check_probe_data(self):
+        """ValueError, one line, when the probes' x does not fit the model's input (a
+        functional or Sequential model's): before any step or probe runs."""
+        try:
+            inputs = self.model.inputs if self.options.probes else None
+        except (AttributeError, ValueError):
+            inputs = None
+        if not inputs or len(inputs) != 1:
+            return
+        x = self.options.probe_data[0]
+        wanted = tuple(inputs[0].shape[1:])
+        if len(x.shape) - 1 != len(wanted) or any(
+                w is not None and w != g for w, g in zip(wanted, x.shape[1:])):
+            raise ValueError(
+                f"probe_data's x has examples of shape {tuple(x.shape[1:])}, but model "
+                f"{self.model.name!r} takes inputs of shape {wanted}")
 
     def _note_model(self, tracker):
         """What the diagnosis reads of the model (`architecture`), under the run's
@@ -548,7 +581,7 @@ class InsightRecorder:
         except Exception as e:  # a probe must not end a long training run
             if self.writer is None:
                 return
-            message = f"{type(e).__name__}: {e}".splitlines()[0]
+            message = error_line(e)
             print(f"optinsight: probe {probe.name!r} failed at step {self.step}: {message}",
                   file=sys.stderr)
             self.writer.probe_error(record, message)

@@ -1,11 +1,12 @@
-"""A new user's first hour (issue 31): another Keras backend, a run recorded with other
-thresholds or without moving averages read by every command and figure."""
+"""A new user's first hour (issue 31): another Keras backend, bad probe data, a failing
+probe, a run recorded with other thresholds or without moving averages."""
 
 import os
 import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 from conftest import tiny_data, tiny_relu_model
 
@@ -69,3 +70,59 @@ def test_every_main_flag_has_help_and_its_default():
         assert action.help, action.option_strings
         assert "%(default)s" in parser._get_formatter()._get_help_string(action), action.dest
     assert "(default: 1024)" in text and "(default: 0.9)" in text
+
+
+@pytest.mark.parametrize("probe_data, match", [
+    (np.zeros((8, 6)), "must be a pair \\(x, y\\) of arrays.*got ndarray"),
+    ((np.zeros((8, 6)), np.array(["cat"] * 8)), "y must be a numeric array.*encode them"),
+    ((np.zeros((8, 6)), np.zeros((7, 3))), "x has 8 examples but y has 7"),
+])
+def test_bad_probe_data_is_refused_when_the_callback_is_built(tmp_path, probe_data, match):
+    """Labels as strings, x without y, unequal lengths: one line at construction (they
+    failed later, quietly, or with 'too many values to unpack')."""
+    from optinsight import probes
+
+    with pytest.raises(ValueError, match=match):
+        oi.OptimizationInsightCallback(tmp_path, probes=[probes.NTKProbe()],
+                                       probe_data=probe_data)
+
+
+def test_probe_data_of_another_shape_is_refused_before_the_first_step(tmp_path):
+    """Images of the wrong size: one line at train begin naming both shapes, before any
+    training step (every probe failed at every epoch with Keras's first line)."""
+    from optinsight import probes
+
+    x, y = tiny_data(n=32)
+    model = tiny_relu_model()
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    weights = [w.copy() for w in model.get_weights()]
+    cb = oi.OptimizationInsightCallback(tmp_path, probes=[probes.NTKProbe()],
+                                        probe_data=(np.zeros((8, 7), "float32"), y[:8]))
+    with pytest.raises(ValueError, match=r"x has examples of shape \(7,\), but model .* "
+                                         r"takes inputs of shape \(6,\)"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+    for a, b in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_failing_probe_says_why_and_the_diagnosis_reports_it(tmp_path, capsys):
+    """Labels of 5 classes for a 3-class model: the probe's one line names the real
+    error (it printed Keras's wrapper line), probes.jsonl records it, and the
+    diagnosis reports it instead of 'no problems found'."""
+    from optinsight import probes
+
+    x, y = tiny_data(n=32)
+    model = tiny_relu_model()
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    wrong = keras.utils.to_categorical(np.arange(16) % 5, 5)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[oi.OptimizationInsightCallback(
+        tmp_path, probes=[probes.HessianProbe()], probe_data=(x[:16], wrong),
+        diagnosis=False)])
+    err = capsys.readouterr().err
+    assert "probe 'hessian' failed at step 0: ValueError: Arguments `target` and `output` " \
+           "must have the same shape" in err
+    assert oi.read_log(tmp_path).probes["error"].notna().all()
+    finding = oi.diagnose(tmp_path)[0]
+    assert finding.code == "probe_failed" and "must have the same shape" in finding.evidence
+    assert cli(["diagnose", str(tmp_path)]) == 0  # a warning
+    assert "probe_failed" in capsys.readouterr().out

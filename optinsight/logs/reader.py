@@ -227,8 +227,9 @@ def _probe_row(record, path, index):
         raise ValueError(f"{path}: record {index + 1} is not a probe record")
     row = {"step": record["step"], "epoch": record["epoch"], "probe": record["probe"]}
     row.update(record.get("values", {}))
-    if "arrays" in record:
-        row["arrays"] = record["arrays"]
+    for key in ("arrays", "error"):  # error: the probe failed, and why (one line)
+        if key in record:
+            row[key] = record[key]
     return row
 
 
