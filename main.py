@@ -104,8 +104,7 @@ def run(config):
                                      config.data.validation_split, seed=config.train.seed)
     log_dir = config.train.run_dir(config.data.dataset)
     if is_chief(strategy):
-        print(f"{config.data.dataset}: {len(x_train)} examples of shape {x_train.shape[1:]}, "
-              f"logging to {log_dir}")
+        print(f"{config.data.dataset}: {len(x_train)} examples of shape {x_train.shape[1:]}")
     with strategy.scope():
         model = build_model(x_train.shape[1:])
         optimizer = keras.optimizers.Adam(config.train.lr)
