@@ -35,6 +35,10 @@ OLDEST_TESTS := tests/test_dynamics.py tests/test_native.py \
 	tests/test_resume.py::test_resume_keeps_the_compiled_learning_rate \
 	tests/test_resume.py::test_resume_after_unfreezing_layers_continues_the_run \
 	tests/test_pipelines.py::test_unknown_length_records_what_a_known_length_records \
+	tests/test_pipelines.py::test_loss_scale_skips_are_recorded_as_skipped \
+	tests/test_diagnosis_causes.py::test_vanishing_gradients_through_sigmoids_are_not_dead_relus \
+	tests/test_diagnosis_causes.py::test_nonfinite_names_the_layer_where_nan_first_appears \
+	tests/test_diagnosis_causes.py::test_stop_on_error_stops_at_the_nonfinite_step \
 	tests/test_compat.py
 
 # Benchmark-only extras (PyTorch and PyHessian, JAX: the references benchmarks/hessian.py
