@@ -74,9 +74,13 @@ def read_checkpoint(directory):
         return state, dict(saved)
 
 
+def _short_name(variable):
+    """The last part of a variable's path: "iteration", "learning_rate", ..."""
+    return (getattr(variable, "path", None) or variable.name).split("/")[-1]
+
+
 def _is_learning_rate(variable):
-    return (getattr(variable, "path", None) or variable.name).split("/")[-1] \
-        .startswith("learning_rate")
+    return _short_name(variable).startswith("learning_rate")
 
 
 def _saved_optimizer(directory, state, model, optimizer):
@@ -123,8 +127,7 @@ def restore_optimizer(optimizer, saved, saved_positions, positions):
         new, old = _slots(variables, len(positions)), _slots(saved, len(saved_positions))
         if new is None or old is None or len(new[0]) != len(old[0]):
             pairs = [(v, a) for v, a in zip(variables, saved)
-                     if np.ndim(a) == 0 and (getattr(v, "path", None) or v.name)
-                     .split("/")[-1].startswith("iteration")][:1]
+                     if np.ndim(a) == 0 and _short_name(v).startswith("iteration")][:1]
             kept = "its iterations only (its slots did not match the model's variables)"
         else:
             pairs = list(zip(new[0], old[0]))

@@ -148,6 +148,11 @@ def _early(series):
     return series.iloc[: max(1, int(len(series) * LATE_FRACTION))] if len(series) else series
 
 
+def _zero_threshold(run):
+    """The run's smallest zero-band threshold (1e-7 for logs without its meta)."""
+    return min(run.summary.get("meta", {}).get("thresholds") or [1e-7])
+
+
 def _kernels(run):
     """(the recorded kernels in the model's order, {variable: size}). The model's order
     is meta.positions (places in model.weights); logs before it keep the order in which
@@ -360,9 +365,8 @@ def _vanishing(run):
     kernels, sizes = _kernels(run)
     if len(kernels) < 2:
         return []
-    threshold = min(run.summary.get("meta", {}).get("thresholds") or [1e-7])
-    zeros = _late(run.key(zero_key([threshold]))[kernels[0]]).median() / sizes[kernels[0]]
-    if zeros >= DEAD_FRACTION:
+    zeros = run.layer(kernels[0])[zero_key([_zero_threshold(run)])]  # one variable read
+    if _late(zeros).median() / sizes[kernels[0]] >= DEAD_FRACTION:
         return []
     norms = run.key("grad_norm")
     first = _rms(norms, kernels[0], sizes[kernels[0]])
@@ -418,7 +422,7 @@ def _dead(run):
     findings = []
     kernels, sizes = _kernels(run)
     previous_dead = False
-    threshold = min(run.summary.get("meta", {}).get("thresholds") or [1e-7])
+    threshold = _zero_threshold(run)
     zeros = run.key(zero_key([threshold])) if kernels else None
     activations = _activations(run)
     for name in kernels if zeros is not None else ():
@@ -479,7 +483,7 @@ def _dead_units(run):
     if not zero_since or len(steps) < 4:
         return []
     window_start = int(steps.iloc[int(len(steps) * (1 - LATE_FRACTION))])
-    threshold = min(run.summary.get("meta", {}).get("thresholds") or [1e-7])
+    threshold = _zero_threshold(run)
     findings = []
     activations = _activations(run)
     for name in kernels:

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from optinsight import native
-from optinsight.tags import ema_suffix, threshold_tag
+from optinsight.tags import family_suffixes, threshold_tag
 
 #: Statistics kept per variable regardless of threshold (columns 0..4 of a row).
 GLOBAL_STATS = ("grad_sq", "weight_sq", "prev_weight_sq", "wdiff_sq", "nonfinite")
@@ -551,7 +551,7 @@ def metric_names(thresholds, ema_decay):
     """Every per-variable metric key, in output order (whole model adds `train_loss`)."""
     names = ["grad_norm", "raw_grad_norm", "weight_norm", "wdiff", "update_ratio",
              "nonfinite_grads", "zero_units"]
-    suffixes = [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)])
+    suffixes = family_suffixes(ema_decay)
     for suffix in suffixes:
         for threshold in thresholds:
             names += list(_keys(threshold_tag(threshold), suffix).values())
@@ -570,7 +570,7 @@ def model_metric_names(thresholds, ema_decay):
 def count_keys(thresholds, ema_decay):
     """The keys of `model_metric_names` whose values are counts (ints)."""
     counts = {"nonfinite_grads", "zero_units", "skipped"}
-    suffixes = [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)])
+    suffixes = family_suffixes(ema_decay)
     for suffix in suffixes:
         for threshold in thresholds:
             keys = _keys(threshold_tag(threshold), suffix)
@@ -620,7 +620,7 @@ def metric_table(stats, has_prev, thresholds, ema_decay):
         "nonfinite_grads": nonfinite,
     }
     block = n_global
-    for suffix in [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)]):
+    for suffix in family_suffixes(ema_decay):
         for threshold in thresholds:
             s = {name: rows[..., block + i] for i, name in enumerate(BAND_STATS)}
             block += len(BAND_STATS)

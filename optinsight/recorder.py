@@ -42,6 +42,7 @@ from optinsight.logs.store import part_paths, truncate_parts
 from optinsight.logs.summary import RunHistory
 from optinsight.logs.tensorboard import truncate_events
 from optinsight.options import InsightOptions, prepare_log_dir, validate_log_dir
+from optinsight.probes.common import check_input_shape
 
 #: The tracker's rows are read (and their log lines written) once this many steps
 #: have accumulated or this many seconds have passed, whichever comes first: one
@@ -176,7 +177,8 @@ class InsightRecorder:
         elif options.resume:
             raise ValueError("resume=True is not supported under a multi-worker "
                              "strategy: the checkpoint is on the chief only")
-        self._check_probe_data()
+        if options.probes:  # before any step or probe runs
+            check_input_shape(model, options.probe_data[0], "probe_data's x")
         tracker = self._new_tracker(variables, strategy)
         checkpoint = read_checkpoint(self._path("checkpoint")) if options.resume else None
         if options.resume and checkpoint is None and os.path.exists(self._path("steps.jsonl")):
@@ -249,23 +251,6 @@ class InsightRecorder:
                                 f"added, {len(change['removed'])} removed"),
                   file=sys.stderr)
         return document
-
-    def _check_probe_data(self):
-        """ValueError, one line, when the probes' x does not fit the model's input (a
-        functional or Sequential model's): before any step or probe runs."""
-        try:
-            inputs = self.model.inputs if self.options.probes else None
-        except (AttributeError, ValueError):
-            inputs = None
-        if not inputs or len(inputs) != 1:
-            return
-        x = self.options.probe_data[0]
-        wanted = tuple(inputs[0].shape[1:])
-        if len(x.shape) - 1 != len(wanted) or any(
-                w is not None and w != g for w, g in zip(wanted, x.shape[1:])):
-            raise ValueError(
-                f"probe_data's x has examples of shape {tuple(x.shape[1:])}, but model "
-                f"{self.model.name!r} takes inputs of shape {wanted}")
 
     def _note_model(self, tracker):
         """What the diagnosis reads of the model (`architecture`), under the run's

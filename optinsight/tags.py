@@ -16,10 +16,15 @@ def ema_suffix(ema_decay):
     return "_" + f"{ema_decay:g}".replace(".", "") + "avg"
 
 
+def family_suffixes(ema_decay):
+    """Key suffixes of the metric families: "" (raw values), then the moving
+    average's unless `ema_decay` is None."""
+    return [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)])
+
+
 def run_families(meta):
     """(threshold tags, moving-average suffixes) of a run from its insight.json meta:
     e.g. (["e7", "e5"], ["", "_09avg"]); the defaults for a run without them."""
     thresholds = meta.get("thresholds") or (1e-7, 1e-5)
     decay = meta.get("ema_decay", 0.9) if "thresholds" in meta else 0.9
-    return ([threshold_tag(t) for t in thresholds],
-            [""] + ([] if decay is None else [ema_suffix(decay)]))
+    return [threshold_tag(t) for t in thresholds], family_suffixes(decay)

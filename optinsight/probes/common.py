@@ -348,6 +348,20 @@ def _symbolic_inputs(model):
         return None
 
 
+def check_input_shape(model, x, name="x"):
+    """ValueError, one line, when the examples of `x` (an array) do not fit the input of
+    a single-input functional or Sequential model (None dimensions fit any size);
+    nothing is checked for other models."""
+    inputs = _symbolic_inputs(model)
+    if not inputs or len(inputs) != 1:
+        return
+    wanted = tuple(inputs[0].shape[1:])
+    if len(x.shape) - 1 != len(wanted) or any(
+            w is not None and w != g for w, g in zip(wanted, x.shape[1:])):
+        raise ValueError(f"{name} has examples of shape {tuple(x.shape[1:])}, but model "
+                         f"{model.name!r} takes inputs of shape {wanted}")
+
+
 def layer_extractor(model, kind, layers):
     """A keras.Model from `model`'s inputs to the `kind` ("input" or "output") of each
     of `layers`, cached per model."""
@@ -370,9 +384,7 @@ def layer_features(model, x, layers=None, batch_size=256):
                          "probes need a functional or Sequential model built on keras.Input")
     extractor = layer_extractor(model, "output", chosen)
     x = np.asarray(x)
-    if x.shape[1:] != tuple(inputs[0].shape[1:]):
-        raise ValueError(f"x has examples of shape {x.shape[1:]}; model {model.name!r} "
-                         f"takes {tuple(inputs[0].shape[1:])}")
+    check_input_shape(model, x)
     outputs = extractor.predict(x, batch_size=batch_size, verbose=0)
     if len(chosen) == 1:
         outputs = [outputs]
