@@ -154,19 +154,43 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
                 getattr(model, "_compile_metrics", None), model.jit_compile, model.run_eagerly,
                 self._steps_per_call(model), *model.trainable_variables)
 
+    @property
+    def async_safe(self):
+        """Keras may run `on_train_batch_end` on a thread pool, overlapping the next
+        step (its asynchronous dispatch), unless stop_on asks for a stop at the very
+        step whose loss is not finite. The recording's host work happens in
+        `on_train_batch_begin`, on the training thread, between two steps."""
+        return self.options.stop_on is None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._catch_up(batch)  # `batch` steps of this epoch have finished
+
     def on_train_batch_end(self, batch, logs=None):
+        if not self.options.stop_on:
+            return
+        # synchronous (not async_safe): the schedule's work now, and the loss checked
+        self._catch_up(batch + 1 if self._steps_per_call(self.model) == 1 else None)
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.recorder.stop(f"the loss is {float(loss)} at step {self.recorder.step}")
+        self.model.stop_training |= self.recorder.stop_reason is not None
+
+    def _catch_up(self, finished=None):
+        """Tell the recorder about the steps finished since it last heard (histograms,
+        sign maps, probes due among them run now, at the weights they were due at).
+
+        finished: steps finished in this epoch; None reads the tracker's device count
+        (an epoch's last call of steps_per_execution may run fewer steps)."""
         recorder = self.recorder
-        if self._steps_per_call(self.model) == 1:
-            recorder.batch_end()  # one step more, whatever `batch` counts from
-        else:  # an epoch's last call may run fewer steps than `batch` counts
-            recorder.batch_end(int(recorder.tracker.step.numpy()))
-        if self.options.stop_on:
-            loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(float(loss)):
-                recorder.stop(f"the loss is {float(loss)} at step {recorder.step}")
-            self.model.stop_training |= recorder.stop_reason is not None
+        if recorder.tracker is None:  # built in the first step
+            return
+        step = int(recorder.tracker.step.numpy()) if finished is None \
+            else recorder.epoch_start_step + finished
+        if step > recorder.step:
+            recorder.batch_end(step)
 
     def on_epoch_end(self, epoch, logs=None):
+        self._catch_up()
         self.recorder.epoch_end(logs=logs)
         if self.recorder.stop_reason is not None:
             self.model.stop_training = True

@@ -126,3 +126,80 @@ def test_a_failing_probe_says_why_and_the_diagnosis_reports_it(tmp_path, capsys)
     assert finding.code == "probe_failed" and "must have the same shape" in finding.evidence
     assert cli(["diagnose", str(tmp_path)]) == 0  # a warning
     assert "probe_failed" in capsys.readouterr().out
+
+
+class KernelSum:
+    """A probe: the sum of the model's first kernel at the weights it runs on."""
+
+    name, kind = "kernel_sum", "test"
+
+    def __init__(self, every):
+        self.every = every
+
+    def __call__(self, model, x, y):
+        return {"sum": float(np.sum(model.trainable_variables[0].numpy()))}
+
+
+class ThreadOfBatchEnd(keras.callbacks.Callback):
+    """Notes the threads Keras runs on_train_batch_end on (async-safe itself, so it
+    leaves Keras's dispatch as the other callbacks make it)."""
+
+    async_safe = True
+
+    def __init__(self):
+        super().__init__()
+        self.threads = set()
+
+    def on_train_batch_end(self, batch, logs=None):
+        import threading
+
+        self.threads.add(threading.current_thread())
+
+
+class Synchronous(keras.callbacks.Callback):
+    """A callback that is not async-safe: Keras dispatches batch ends in order."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+
+def test_keras_asynchronous_dispatch_stays_on_and_records_the_same(tmp_path, monkeypatch):
+    """The callback lets Keras dispatch batch ends on its thread pool (verbose=0), and
+    what it records then equals what it records with synchronous dispatch: probes at
+    the weights of the step they were due at, histograms and sign maps at theirs.
+    Keras dispatches asynchronously on thread-safe backends only; since Keras 3.7 the
+    TensorFlow backend says it is not (3.6 dispatched), so the test says it is."""
+    import threading
+
+    from keras.src import backend
+
+    if not hasattr(backend, "IS_THREAD_SAFE"):
+        pytest.skip("this Keras has no asynchronous dispatch (before 3.6)")
+    monkeypatch.setattr(backend, "IS_THREAD_SAFE", True)
+
+    x, y = tiny_data(n=96)
+    runs = {}
+    for mode, extra in (("async", ThreadOfBatchEnd()), ("sync", Synchronous())):
+        keras.utils.set_random_seed(0)
+        model = tiny_relu_model()
+        model.compile(optimizer="adam", loss="categorical_crossentropy")
+        threads = ThreadOfBatchEnd()
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[
+            oi.OptimizationInsightCallback(tmp_path / mode, histogram_freq=4,
+                                           sign_map_freq=5, probes=[KernelSum(every=3)],
+                                           probe_data=(x[:8], y[:8])), extra, threads])
+        runs[mode] = (oi.read_log(tmp_path / mode), threads.threads)
+    (run, threads), (sync, sync_threads) = runs["async"], runs["sync"]
+    assert threading.current_thread() not in threads  # dispatched on Keras's pool
+    assert sync_threads == {threading.current_thread()}
+    assert run.probes["step"].tolist() == list(range(0, 25, 3))
+    np.testing.assert_array_equal(run.probes["sum"], sync.probes["sum"])
+    assert [h["step"] for h in run.histograms()] == list(range(4, 25, 4))
+    assert [h["step"] for h in run.histograms()] == [h["step"] for h in sync.histograms()]
+    assert [label for label, _, _ in run.sign_maps()] == \
+        [label for label, _, _ in sync.sign_maps()]
+    for (_, a, _), (_, b, _) in zip(run.sign_maps(), sync.sign_maps()):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+    assert run.steps.equals(sync.steps)
+    assert not oi.OptimizationInsightCallback(tmp_path / "s", stop_on="error").async_safe

@@ -148,8 +148,8 @@ def test_a_live_read_has_every_line_of_steps_jsonl(tmp_path, monkeypatch):
     seen = []
 
     class ReadLive(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if batch == 36:
+        def on_train_batch_begin(self, batch, logs=None):  # after cb's (it hears first)
+            if batch == 37:
                 cb.recorder.writer.flush()
                 lines = open(tmp_path / "steps.jsonl").read().splitlines()
                 seen.append((len(lines), oi.read_log(tmp_path).steps["step"].tolist()))

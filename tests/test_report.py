@@ -1,6 +1,7 @@
 """The report: every figure from a real run, one self-contained page that renders in
 headless Chromium, and clear errors for bad log dirs."""
 
+import html
 import os
 import re
 import shutil
@@ -41,9 +42,9 @@ def run_dir(tmp_path_factory):
 
 def test_every_figure_is_drawn_from_a_full_run(run_dir):
     run = oi.read_log(run_dir)
-    for name, _, make in plots.FIGURES:
-        figure = make(run)
-        assert figure.axes, name
+    for spec in plots.FIGURES:
+        figure = spec.draw(run)
+        assert figure.axes, spec.name
         figure.clf()
 
 
@@ -63,18 +64,25 @@ def test_missing_data_gives_a_note_not_a_crash(tmp_path):
     assert cli(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report" / "index.html").read_text()
     assert "sign map: no gradient sign maps" in page
+    # probes that did not run are named once, with their figures, not figure by figure
+    assert page.count("Not in this run") == 1 and "hessian (sharpness, hessian density)" \
+        in page and "recorded no" not in page
 
 
 def test_report_page_is_self_contained_and_renders(run_dir, tmp_path, capsys):
     out = tmp_path / "report"
     assert cli(["report", str(run_dir), "-o", str(out)]) == 0
     assert f"report: {out / 'index.html'}" in capsys.readouterr().out
-    names = [name for name, _, _ in plots.FIGURES]
+    names = [spec.name for spec in plots.FIGURES]
     assert sorted(p[:-4] for p in os.listdir(out) if p.endswith(".png")) == sorted(names)
     page = (out / "index.html").read_text()
     assert page.count("data:image/png;base64,") == len(names)
     assert not re.search(r"""(src|href)=['"]?(https?:|//)""", page)  # nothing from a network
     assert "No problems found" in page or "class='finding" in page
+    for spec in plots.FIGURES:  # each figure says what it shows and what healthy is
+        assert f"<b>{spec.name.replace('_', ' ')}</b>: {html.escape(spec.caption)}" \
+            "</figcaption>" in page
+        assert spec.caption.endswith(".") and spec.caption.count(". ") == 0
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (make test installs it)")
     profile = tmp_path / "profile"
@@ -85,7 +93,7 @@ def test_report_page_is_self_contained_and_renders(run_dir, tmp_path, capsys):
     assert f'data-figures-rendered="{len(names)}/{len(names)}"' in dom
     shot = tmp_path / "page.png"
     subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                    "--window-size=1280,4000", f"--screenshot={shot}",
+                    "--window-size=1400,4000", f"--screenshot={shot}",
                     (out / "index.html").as_uri()], capture_output=True, timeout=120)
     assert shot.stat().st_size > 50_000  # a page with pictures, not a blank one
 
@@ -93,6 +101,9 @@ def test_report_page_is_self_contained_and_renders(run_dir, tmp_path, capsys):
 def test_report_bad_log_dirs(tmp_path, capsys):
     assert cli(["report", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert cli(["report", str(tmp_path / "a_file")]) == 2
+    assert "is a file: give the run's log directory" in capsys.readouterr().err
     assert cli(["report", str(tmp_path)]) == 2
     assert "holds no optinsight run" in capsys.readouterr().err
 
@@ -101,3 +112,36 @@ def test_summary_table(run_dir, capsys):
     assert cli(["summary", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "2 epochs" in out and "train_mean_loss" in out and "grad_norm" in out
+
+
+def test_figures_label_what_they_draw(run_dir):
+    """Epochs numbered from 0 as in `summary`; a formula axis label rendered as maths,
+    not a literal w_{t−1}; one histogram titled by its step, not "steps 30…30"."""
+    run = oi.read_log(run_dir)
+    accuracy = plots.loss_and_accuracy(run).axes[1]
+    assert list(accuracy.lines[0].get_xdata()) == list(run.epochs["epoch"]) == [0, 1]
+    assert all(float(t).is_integer() for t in accuracy.get_xticks())
+    label = plots.weight_difference(run).axes[0].get_ylabel()
+    assert label.startswith("$") and label.endswith("$")
+    first = run.histograms()[:1]
+    run.histograms = lambda *args, **kwargs: first  # a run with one histogram
+    title = plots.gradient_histograms(run).texts[0].get_text()
+    step = first[0]["step"]
+    assert title.endswith(f"step {step}") and "…" not in title
+
+
+@pytest.mark.parametrize("lr, axes", [(1e-3, 2), (0.5, 1)])
+def test_sharpness_far_below_its_limit_gets_a_second_axis(run_dir, lr, axes):
+    """SGD's limit 2/lr far above λmax would flatten the sharpness to a line on one
+    axis, so it gets its own; near it, they share one. The title gives the ratio."""
+    run = oi.read_log(run_dir)
+    rows = run.probes[run.probes["probe"] == "hessian"].copy()
+    rows = rows.drop(columns=["stability_limit", "sharpness"])
+    rows["lambda_1"] = [1.0, 2.0, 3.0, 3.5]
+    rows["lr_times_lambda_max"] = lr * rows["lambda_1"]
+    run.probes = rows
+    figure = plots.sharpness(run)
+    assert len(figure.axes) == axes
+    assert f"{3.5 * lr / 2:.2g}× the stability limit" in figure.axes[0].get_title()
+    limit = figure.axes[-1].lines[-1]
+    np.testing.assert_allclose(limit.get_ydata(), 2 / lr)

@@ -286,6 +286,9 @@ def read_log(log_dir):
     JSON Lines file (a crash mid-write) is ignored.
     """
     log_dir = os.fspath(log_dir)
+    if os.path.isfile(log_dir):
+        raise FileNotFoundError(f"{log_dir!r} is a file: give the run's log directory "
+                                "(the one that holds insight.json)")
     if not os.path.isdir(log_dir):
         raise FileNotFoundError(f"log dir {log_dir!r} does not exist")
     summary_path = os.path.join(log_dir, "insight.json")

@@ -9,7 +9,7 @@ import os
 
 import matplotlib.pyplot as plt
 
-from optinsight.report.plots import FIGURES, MissingData
+from optinsight.report.plots import FIGURES, MissingData, ProbeAbsent
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222;
@@ -27,7 +27,8 @@ table{border-collapse:collapse;background:#fff;font-size:13px}
 td,th{border:1px solid #e5e7eb;padding:4px 10px;text-align:left}
 figure{background:#fff;margin:10px 0;padding:10px;border-radius:4px;
 box-shadow:0 1px 2px rgba(0,0,0,.06)}
-figure img{max-width:100%} figcaption{font-size:12px;color:#666}
+figure img{max-width:100%} figcaption{font-size:13px;color:#444;margin-top:4px;
+line-height:1.4}
 .missing{color:#888;font-size:13px;font-style:italic;margin:4px 0}
 """
 
@@ -44,22 +45,22 @@ window.addEventListener('load', function () {
 def render_figures(run, out_dir):
     """Save every figure the run has data for as out_dir/<name>.png.
 
-    Returns [(name, concern, png bytes or None, note)].
+    Returns [(figure, png bytes or None, why none: a MissingData)].
     """
     results = []
-    for name, concern, make in FIGURES:
+    for figure_spec in FIGURES:
         try:
-            figure = make(run)
+            figure = figure_spec.draw(run)
         except MissingData as e:
-            results.append((name, concern, None, str(e)))
+            results.append((figure_spec, None, e))
             continue
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=100)
         plt.close(figure)
         png = buffer.getvalue()
-        with open(os.path.join(out_dir, f"{name}.png"), "wb") as f:
+        with open(os.path.join(out_dir, f"{figure_spec.name}.png"), "wb") as f:
             f.write(png)
-        results.append((name, concern, png, ""))
+        results.append((figure_spec, png, None))
     return results
 
 
@@ -99,17 +100,28 @@ def write_report(run, findings, out_dir):
     parts += [f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>"
               for k, v in _summary_rows(run)]
     parts.append("</table>")
+    absent = {}  # probe -> its figures, mentioned once at the end
     concern = None
-    for name, group, png, note in figures:
-        if group != concern:
-            parts.append(f"<h2>{esc(group)}</h2>")
-            concern = group
+    for figure, png, missing in figures:
+        if isinstance(missing, ProbeAbsent):
+            absent.setdefault(missing.probe, []).append(figure.name.replace("_", " "))
+            continue
+        if figure.concern != concern:
+            parts.append(f"<h2>{esc(figure.concern)}</h2>")
+            concern = figure.concern
+        title = figure.name.replace("_", " ")
         if png is None:
-            parts.append(f"<p class='missing'>{esc(name.replace('_', ' '))}: {esc(note)}</p>")
+            parts.append(f"<p class='missing'>{esc(title)}: {esc(str(missing))}</p>")
             continue
         data = base64.b64encode(png).decode("ascii")
-        parts.append(f"<figure><img alt='{esc(name)}' src='data:image/png;base64,{data}'>"
-                     f"<figcaption>{esc(name)}.png</figcaption></figure>")
+        parts.append(f"<figure><img alt='{esc(title)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption><b>{esc(title)}</b>: {esc(figure.caption)}</figcaption>"
+                     "</figure>")
+    if absent:
+        listed = "; ".join(f"{probe} ({', '.join(names)})" for probe, names in absent.items())
+        parts.append(f"<h2>Not in this run</h2><p class='missing'>These probes did not run, "
+                     f"so their figures are left out: {esc(listed)}. Add them to "
+                     "probes= to see them.</p>")
     parts.append(f"</main>{_CHECK}</body></html>")
     path = os.path.join(out_dir, "index.html")
     with open(path, "w", encoding="utf-8") as f:

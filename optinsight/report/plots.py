@@ -3,6 +3,8 @@ Figure, or raises `MissingData` saying what the run lacks (the report then shows
 that note instead). `FIGURES` lists them with the concern they belong to.
 """
 
+from typing import Callable, NamedTuple
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -10,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from optinsight.signs import SIGN_COLOURS  # noqa: E402
 from optinsight.tags import run_families  # noqa: E402
@@ -17,6 +20,14 @@ from optinsight.tags import run_families  # noqa: E402
 
 class MissingData(Exception):
     """The run has no data for this figure (the message says which)."""
+
+
+class ProbeAbsent(MissingData):
+    """The figure's probe is not in this run (`probe` names it)."""
+
+    def __init__(self, probe):
+        super().__init__(f"no {probe!r} probe in this run")
+        self.probe = probe
 
 
 def _steps(run, *columns):
@@ -30,7 +41,7 @@ def _steps(run, *columns):
 
 def _probe(run, name, *columns):
     if run.probes.empty or name not in set(run.probes["probe"]):
-        raise MissingData(f"no {name!r} probe in this run (add it to probes=)")
+        raise ProbeAbsent(name)
     rows = run.probes[run.probes["probe"] == name]
     missing = [c for c in columns if c not in rows or rows[c].isna().all()]
     if missing:
@@ -39,7 +50,9 @@ def _probe(run, name, *columns):
 
 
 def _arrays(run, probe, missing):
-    """[(step, {name: array})] of `probe`'s evaluations; MissingData(missing) if none."""
+    """[(step, {name: array})] of `probe`'s evaluations; ProbeAbsent if the run has no
+    such probe, MissingData(missing) if it recorded no arrays."""
+    _probe(run, probe)
     evaluations = run.probe_arrays(probe)
     if not evaluations:
         raise MissingData(missing)
@@ -74,10 +87,11 @@ def loss_and_accuracy(run):
                 a.plot(ends, epochs[key], style, label=key.replace("_", " "))
         for key, style in (("train_mean_acc", "o-"), ("val_mean_acc", "s--")):
             if key in epochs and epochs[key].notna().any():
-                b.plot(epochs["epoch"] + 1, epochs[key], style, label=key.replace("_", " "))
+                b.plot(epochs["epoch"], epochs[key], style, label=key.replace("_", " "))
     a.set(xlabel="step", ylabel="loss", title="Loss")
     a.legend(fontsize=8)
-    b.set(xlabel="epoch", ylabel="accuracy", title="Accuracy per epoch")
+    b.set(xlabel="epoch (from 0)", ylabel="accuracy", title="Accuracy per epoch")
+    b.xaxis.set_major_locator(MaxNLocator(integer=True))
     if b.lines:
         b.legend(fontsize=8)
     else:
@@ -99,12 +113,13 @@ def zero_gradients(run):
     for key, colour in zip(keys, colours * len(keys)):
         a.plot(steps["step"], steps[key], lw=0.8, color=colour, label=key)
         per_epoch = steps.groupby("epoch")[key].mean()
-        b.plot(per_epoch.index + 1, per_epoch.to_numpy(), "o-", color=colour, label=key)
+        b.plot(per_epoch.index, per_epoch.to_numpy(), "o-", color=colour, label=key)
     _epoch_ticks(a, steps)
     a.set(xlabel="step", ylabel="gradients in the zero band", title="Zero gradients per batch")
     thresholds = run.summary.get("meta", {}).get("thresholds") or (1e-7, 1e-5)
-    b.set(xlabel="epoch", ylabel="mean per batch",
+    b.set(xlabel="epoch (from 0)", ylabel="mean per batch",
           title=f"Zero gradients per epoch ({', '.join(f'{t:g}' for t in thresholds)})")
+    b.xaxis.set_major_locator(MaxNLocator(integer=True))
     a.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -143,7 +158,7 @@ def weight_difference(run):
     fig, ax = plt.subplots(figsize=(11, 3.4))
     ax.plot(steps["step"], steps["wdiff"], lw=0.8, color="tab:green")
     _epoch_ticks(ax, steps)
-    ax.set(xlabel="step", ylabel="‖w_t − w_{t−1}‖₂", yscale="log",
+    ax.set(xlabel="step", ylabel=r"$\|w_t - w_{t-1}\|_2$", yscale="log",
            title="How far the weights move each batch")
     fig.tight_layout()
     return fig
@@ -226,15 +241,15 @@ def gradient_histograms(run, kind="gradients"):
         ax.tick_params(labelsize=7)
     for row in axes:
         row[0].set_ylabel("fraction of entries", fontsize=8)
-    fig.suptitle(f"{kind.capitalize()} histograms of the kernels, steps {steps[0]}…{steps[-1]} "
-                 "(dark early, yellow late)", fontsize=9)
+    when = f"step {steps[0]}" if len(steps) == 1 else \
+        f"steps {steps[0]}…{steps[-1]} (dark early, yellow late)"
+    fig.suptitle(f"{kind.capitalize()} histograms of the kernels, {when}", fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def activations_over_time(run):
-    evaluations = _arrays(run, "activations",
-                          "no 'activations' probe in this run (ActivationProbe)")
+    evaluations = _arrays(run, "activations", "the 'activations' probe recorded no histograms")
     layers = [k[len("hist/"):] for k in evaluations[-1][1] if k.startswith("hist/")]
     cols = min(3, len(layers))  # panels of about 3.6 in (≥ 250 px at the page's width)
     rows = -(-len(layers) // cols)
@@ -263,20 +278,36 @@ def sharpness(run):
     rows = _probe(run, "hessian", "lambda_1")
     fig, ax = plt.subplots(figsize=(11, 3.4))
     ax.plot(rows["step"], rows["lambda_1"], "o-", label="λmax (top Hessian eigenvalue)")
+    own = rows["lambda_1"]
     if "stability_limit" in rows and rows["stability_limit"].notna().any():
         # the optimizer's own sharpness (preconditioned for Adam, RMSprop) and limit
         if not np.allclose(rows["sharpness"], rows["lambda_1"], equal_nan=True):
             ax.plot(rows["step"], rows["sharpness"], "s-", label="the optimizer's sharpness")
-        ax.plot(rows["step"], rows["stability_limit"], "k--",
-                label="the optimizer's stability limit")
+            own = rows["sharpness"]
+        limit, limit_label = rows["stability_limit"], "the optimizer's stability limit"
     elif "lr_times_lambda_max" in rows:
-        lr = rows["lr_times_lambda_max"] / rows["lambda_1"]
-        ax.plot(rows["step"], 2 / lr, "k--", label="2 / learning rate (stability limit)")
-    layers = [c for c in rows.columns if c.startswith("lambda_max/")]
-    for c in layers:
+        limit = 2 * rows["lambda_1"] / rows["lr_times_lambda_max"]
+        limit_label = "2 / learning rate (stability limit)"
+    else:
+        limit = None
+    for c in [c for c in rows.columns if c.startswith("lambda_max/")]:
         ax.plot(rows["step"], rows[c], lw=0.8, alpha=0.7, label=c)
-    ax.set(xlabel="step", ylabel="eigenvalue", yscale="symlog", title="Sharpness")
-    ax.legend(fontsize=7, ncol=2)
+    title = "Sharpness"
+    if limit is not None:
+        share = np.abs(own.to_numpy()) / limit.to_numpy()
+        share = share[np.isfinite(share)]  # Adam has no limit before its first step
+        if len(share):
+            title += f" (at the last evaluation {share[-1]:.2g}× the stability limit)"
+        far = len(share) and share.max() < 0.1  # the limit would flatten the sharpness
+        limit_ax = ax.twinx() if far else ax
+        limit_ax.plot(rows["step"], limit, "k--", label=limit_label + (
+            " (right axis)" if far else ""))
+        if far:
+            limit_ax.set_ylabel("stability limit")
+            limit_ax.set_yscale("symlog")
+    ax.set(xlabel="step", ylabel="eigenvalue", yscale="symlog", title=title)
+    handles = [h for a in {ax, *fig.axes} for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
 
@@ -318,8 +349,8 @@ def ntk(run):
 
 
 def weight_spectra(run):
-    evaluations = _arrays(run, "weight_spectrum",
-                          "no 'weight_spectrum' probe in this run (WeightSpectrumProbe)")
+    evaluations = _arrays(run, "weight_spectrum", "the 'weight_spectrum' probe recorded no "
+                                                  "spectra")
     step, arrays = evaluations[-1]
     fig, ax = plt.subplots(figsize=(11, 3.6))
     for key, values in arrays.items():
@@ -333,19 +364,71 @@ def weight_spectra(run):
     return fig
 
 
-#: (figure name, concern, function), in the report's order.
+class Figure(NamedTuple):
+    """One figure of the report: its file name, the concern it belongs to, the
+    function that draws it from a `Run`, and its one-sentence caption (what it shows,
+    what healthy looks like)."""
+
+    name: str
+    concern: str
+    draw: Callable
+    caption: str
+
+
+#: The report's figures, in its order.
 FIGURES = (
-    ("loss_and_accuracy", "Training", loss_and_accuracy),
-    ("zero_gradients", "Gradient dynamics", zero_gradients),
-    ("released_fraction", "Gradient dynamics", released_fraction),
-    ("sign_flips", "Gradient dynamics", sign_flips),
-    ("sign_map", "Gradient dynamics", sign_map),
-    ("gradient_histograms", "Gradient dynamics", gradient_histograms),
-    ("weight_difference", "Weight updates", weight_difference),
-    ("update_ratio", "Weight updates", update_ratio),
-    ("weight_spectra", "Weight updates", weight_spectra),
-    ("sharpness", "Loss landscape", sharpness),
-    ("hessian_density", "Loss landscape", hessian_density),
-    ("ntk", "Tangent kernel", ntk),
-    ("activations_over_time", "Representations", activations_over_time),
+    Figure("loss_and_accuracy", "Training", loss_and_accuracy,
+           "The loss of each batch with the epoch means on training and validation data "
+           "(left) and the accuracy per epoch (right): healthy losses fall together, and "
+           "a validation loss that rises while the training loss falls is overfitting."),
+    Figure("zero_gradients", "Gradient dynamics", zero_gradients,
+           "How many gradient entries lie in each zero band (|g| at most the threshold) "
+           "per batch and per epoch: a small, steady count is healthy, while a count that "
+           "climbs towards a layer's size means the layer stops learning."),
+    Figure("released_fraction", "Gradient dynamics", released_fraction,
+           "Of the gradients in the zero band at the previous batch, the fraction that "
+           "left it at this one: near 1 zeros are passing, near 0 for many steps the same "
+           "entries are stuck at zero."),
+    Figure("sign_flips", "Gradient dynamics", sign_flips,
+           "Of the gradients that stayed in the zero band, the fraction whose sign "
+           "flipped: near 0.5 they jitter around zero (a flat or noisy direction), near 0 "
+           "they stay on one side."),
+    Figure("sign_map", "Gradient dynamics", sign_map,
+           "Each row is a map of one variable's gradient at one time (white: outside the "
+           "band, red/green: small negative/positive, black: exactly zero): a speckled "
+           "map is healthy, and black columns that persist down the rows are entries that "
+           "never get a gradient."),
+    Figure("gradient_histograms", "Gradient dynamics", gradient_histograms,
+           "How each kernel's gradient entries are distributed, dark early to yellow "
+           "late: healthy curves keep their spread around zero, curves that narrow onto "
+           "zero are vanishing gradients, and wide flat tails are exploding ones."),
+    Figure("weight_difference", "Weight updates", weight_difference,
+           "The length of each batch's update of all weights together: it usually settles "
+           "or falls as training converges, and spikes mark unstable steps."),
+    Figure("update_ratio", "Weight updates", update_ratio,
+           "Per variable, the update's norm over the weights' norm: about 1e-3 is a "
+           "common healthy level, near 1e-1 the step is too large for that variable, "
+           "below 1e-5 it barely learns."),
+    Figure("weight_spectra", "Weight updates", weight_spectra,
+           "The eigenvalues of each kernel's W Wᵀ by rank, on log axes: trained layers "
+           "show a steep head of a few large eigenvalues over a flat tail, untrained "
+           "ones a flat spectrum."),
+    Figure("sharpness", "Loss landscape", sharpness,
+           "The Hessian's top eigenvalue (sharpness) at each evaluation against the "
+           "largest sharpness at which the optimizer is stable: healthy training stays "
+           "below the limit, and sharpness that rises to it and hovers there is training "
+           "at the edge of stability."),
+    Figure("hessian_density", "Loss landscape", hessian_density,
+           "The density of the Hessian's eigenvalues (stochastic Lanczos quadrature), one "
+           "curve per evaluation: most mass near zero with a few outliers is typical, "
+           "and large negative eigenvalues mean a saddle."),
+    Figure("ntk", "Tangent kernel", ntk,
+           "The empirical neural tangent kernel on the probe batch: mean entries within "
+           "and across classes (left) and the kernel's change since its first evaluation "
+           "(right); a within-class mean that grows above the across-class mean is the "
+           "network learning the classes."),
+    Figure("activations_over_time", "Representations", activations_over_time,
+           "Per layer, how the activations spread over value bins at each evaluation "
+           "(brighter: more of them): mass that piles into the lowest bin is units that "
+           "stopped firing."),
 )
