@@ -5,17 +5,32 @@ The public API is re-exported here and imported on first use, so that the
 """
 
 import importlib
+import sys
 
 from optinsight.compat import check_backend, check_versions
 
 # Imported now: the function `diagnose` shares its name with its module, and binding
 # it here keeps the function, not the module, as `optinsight.diagnose`.
-from optinsight.diagnose import Finding, diagnose
+from optinsight.diagnose import Finding, diagnose, diagnose_run
 
 # An unsupported TensorFlow or Keras: one line naming them and the supported range.
 check_versions()
 
 __version__ = "0.1.0"
+
+
+def _notebook_views():
+    """Inside IPython (Jupyter), show a `Run` as HTML: its epochs, sparklines and
+    findings (optinsight.report.notebook)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is not None:
+        from optinsight.report.notebook import register
+
+        register(shell, diagnose_run)
+
+
+_notebook_views()
 
 _EXPORTS = {
     "InsightModel": "optinsight.model",

@@ -137,6 +137,11 @@ class Finding:
         """The finding as a JSON-ready dict (`optinsight diagnose --format json`)."""
         return dataclasses.asdict(self)
 
+    def _repr_html_(self):
+        from optinsight.report.notebook import findings_html
+
+        return findings_html([self])
+
 
 def _late(series):
     series = series.dropna()
@@ -730,12 +735,22 @@ def _root_cause_first(findings, run):
     return out
 
 
+class Findings(list):
+    """The diagnosis' findings, first cause first: a list that shows as a table in a
+    notebook."""
+
+    def _repr_html_(self):
+        from optinsight.report.notebook import findings_html
+
+        return findings_html(self)
+
+
 def diagnose_run(run):
     """Findings for a loaded `Run`: the problem that began first comes first, and each
     later one names the earlier problem that explains it (`caused_by`); one code found
     in many layers is one finding."""
     if run.steps.empty:
-        return []
+        return Findings()
     findings = [f for rule in RULES for f in rule(run)]
     # A layer's cause is named once: a warning is dropped when an error of its code
     # names its layer already.
@@ -748,7 +763,7 @@ def diagnose_run(run):
         first.setdefault((f.code, f.severity, f.layer), f) if f.layer is None else None
     findings = [f for f in findings if f.layer is not None
                 or first[(f.code, f.severity, None)] is f]
-    return _root_cause_first(_grouped(findings, run), run)
+    return Findings(_root_cause_first(_grouped(findings, run), run))
 
 
 def diagnose(log_dir):

@@ -203,3 +203,48 @@ def test_keras_asynchronous_dispatch_stays_on_and_records_the_same(tmp_path, mon
             np.testing.assert_array_equal(a[name], b[name])
     assert run.steps.equals(sync.steps)
     assert not oi.OptimizationInsightCallback(tmp_path / "s", stop_on="error").async_safe
+
+
+NOTEBOOK = """
+import json, sys
+import matplotlib
+from IPython.core.interactiveshell import InteractiveShell
+shell = InteractiveShell.instance()  # as in a Jupyter kernel: a shell, then the import
+backend = matplotlib.get_backend()
+import optinsight as oi
+run = oi.read_log(sys.argv[1])
+shown, _ = shell.display_formatter.format(run)
+findings, _ = shell.display_formatter.format(oi.diagnose(sys.argv[1]))
+one, _ = shell.display_formatter.format(oi.diagnose(sys.argv[1])[0])
+print(json.dumps({"run": shown.get("text/html"), "plain": shown["text/plain"],
+                  "findings": findings.get("text/html"), "one": one.get("text/html"),
+                  "backend": [backend, matplotlib.get_backend()]}))
+"""
+
+
+def test_a_run_and_its_findings_show_as_html_in_a_notebook(tmp_path):
+    """In IPython a Run shows its size, sparklines, epochs table and findings, and the
+    findings show as a table, without touching the notebook's plotting backend."""
+    import json
+
+    x, y = tiny_data(n=96)
+    keras.utils.set_random_seed(0)
+    model = tiny_relu_model()
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+              callbacks=[oi.OptimizationInsightCallback(tmp_path, diagnosis=False)])
+    findings = oi.diagnose(tmp_path)
+    assert findings  # the tiny ReLU net has dead units
+    out = subprocess.run([sys.executable, "-c", NOTEBOOK, str(tmp_path)], capture_output=True,
+                         text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    shown = json.loads(out.stdout.strip().splitlines()[-1])
+    assert shown["plain"] == f"Run({str(tmp_path)!r}: 24 steps, 2 epochs, 4 variables)"
+    page = shown["run"]
+    assert "24 steps, 2 epochs, 4 variables" in page
+    assert page.count("data:image/png;base64,") == 4  # loss, gradient norm, update, wdiff
+    assert "<th>train_mean_loss</th>" in page and page.count("<tr>") >= 3
+    for finding in findings:
+        assert f"<b>{finding.code}</b>" in page and f"<b>{finding.code}</b>" in \
+            shown["findings"]
+    assert shown["one"].count("<tr>") == 2  # a header and the finding
+    assert shown["backend"][0] == shown["backend"][1]

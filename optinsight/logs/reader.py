@@ -99,7 +99,7 @@ def store_variables(directory):
     return []
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class Run:
     """A run's logs.
 
@@ -119,6 +119,10 @@ class Run:
     probes: pd.DataFrame
     log_dir: str
     variable_data: object = None  # ArrayFrames or StoreFrames
+
+    def __repr__(self):
+        return (f"Run({self.log_dir!r}: {len(self.steps)} steps, {len(self.epochs)} epochs, "
+                f"{len(self.variables)} variables)")
 
     @property
     def variables(self):
