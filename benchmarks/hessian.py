@@ -39,7 +39,7 @@ import tensorflow as tf  # noqa: E402
 from common import read_results, timed, write_results  # noqa: E402
 
 from main import build_model  # noqa: E402
-from optinsight.probes import hessian  # noqa: E402
+from optinsight.probes import hessian, hvp, krylov  # noqa: E402
 
 
 def cnn_part(args):
@@ -78,14 +78,14 @@ def cnn_part(args):
               f"{results[f'hvp_{m}_over_gradient']:.2f}x a gradient "
               f"({grad_s * 1e3:.0f} ms) (target <= 2.5)", flush=True)
 
-    op = ops[hessian.default_method(model)]
+    op = ops[hvp.default_method(model)]
     reference = hessian.top_eigenvalues(model, x, y, k=1, tol=1e-9, max_iter=200)[0]
     start = np.random.default_rng(1).standard_normal(op.size)
-    alphas, betas = hessian.lanczos(op.matvec, tf.constant(start, op.dtype), 60,
+    alphas, betas = krylov.lanczos(op.matvec, tf.constant(start, op.dtype), 60,
                                     full_reorthogonalization=True)
     lanczos_needed = next(
         (m for m in range(1, len(alphas) + 1)
-         if abs(np.linalg.eigvalsh(hessian._tridiagonal(alphas[:m], betas[:m - 1])).max()
+         if abs(np.linalg.eigvalsh(krylov._tridiagonal(alphas[:m], betas[:m - 1])).max()
                 - reference) <= 1e-3 * abs(reference)), None)
     q, power_needed = start / np.linalg.norm(start), None
     for i in range(1, 301):
@@ -164,7 +164,7 @@ def pyhessian_part(args):
         row = compare(partial(ours, tol), partial(theirs, tol), reference, args.repeats)
         row["pyhessian_hvps"] = len(pyhessian_products) // args.repeats  # seeded: the same
         op = hessian.HessianOperator(model, x, y)
-        hessian.top_eigenpairs(op.matvec, op.random(np.random.default_rng(0)), 1, 100, tol)
+        krylov.top_eigenpairs(op.matvec, op.random(np.random.default_rng(0)), 1, 100, tol)
         row["optinsight_hvps"] = op.products
         results[f"tol_{tol:g}"] = row
         print(f"λmax on the MLP, 512 examples, tol {tol:g}: optinsight "

@@ -107,10 +107,10 @@ def epoch_end_times(root, epochs=50, steps=200):
 
 def write_long_run(log_dir, steps=100_000, n_vars=214, burst=32):
     """A run of `steps` steps of `n_vars` variables through StepLog (synthetic stats)."""
-    from optinsight.dynamics import BAND_STATS, EXTRA_STATS, GLOBAL_STATS, Row
     from optinsight.logs.guard import WriteGuard
     from optinsight.logs.jsonlog import JsonlWriter, write_json_atomic
     from optinsight.logs.step_log import StepLog
+    from optinsight.metrics import BAND_STATS, EXTRA_STATS, GLOBAL_STATS, Row
 
     names = [f"block{i // 2}/{'kernel' if i % 2 == 0 else 'bias'}" for i in range(n_vars)]
     thresholds, decay = (1e-7, 1e-5), 0.9

@@ -20,7 +20,7 @@ def _summary(args):
     import pandas as pd
 
     from optinsight.logs.reader import read_log
-    from optinsight.tags import run_families
+    from optinsight.metrics import run_families
 
     run = read_log(args.log_dir)
     table = run.epochs.copy()

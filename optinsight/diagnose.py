@@ -14,7 +14,7 @@ import pandas as pd
 
 from optinsight.architecture import EXACT_ZERO, PROBABILISTIC_LOSSES, SATURATING
 from optinsight.logs.reader import read_log
-from optinsight.tags import threshold_tag
+from optinsight.metrics import zero_key
 
 LATE_FRACTION = 0.25
 #: The late median loss above this multiple of the early median: the run diverged
@@ -94,17 +94,6 @@ CAUSES = {
 }
 
 SEVERITIES = ("info", "warning", "error")
-
-
-def zero_key(thresholds):
-    """The key dead_layer reads: zero-band counts at the smallest threshold."""
-    return f"no_zero_{threshold_tag(min(thresholds))}_grad2"
-
-
-def variable_keys(thresholds):
-    """The per-variable keys the rules read (the recorder keeps these in memory)."""
-    return ("grad_norm", "weight_norm", "update_ratio", "nonfinite_grads",
-            zero_key(thresholds))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,47 +7,20 @@ compiled train step, `DynamicsTracker.update` reduces a step's gradients and wei
 (O(parameters) work, no host transfer) to a `[n_vars, n_stats]` float64 matrix: on
 the CPU with the fused kernel of `optinsight.native` (one pass over the parameters),
 elsewhere with `_step_statistics` under XLA (all trainable variables flattened into
-one float32 vector). On the host,
-`summarize` turns one such matrix into the named metrics of the README, per
-variable and for the whole model. Nothing of size O(parameters) leaves the device
-per step, and memory is constant in the number of steps.
+one float32 vector). On the host, `metrics.metric_table` turns such matrices into
+the named metrics of the README, per variable and for the whole model. Nothing of
+size O(parameters) leaves the device per step, and memory is constant in the number
+of steps.
 """
 
 import contextlib
 import math
-import typing
 
 import numpy as np
 import tensorflow as tf
 
 from optinsight import native
-from optinsight.tags import family_suffixes, threshold_tag
-
-#: Statistics kept per variable regardless of threshold (columns 0..4 of a row).
-GLOBAL_STATS = ("grad_sq", "weight_sq", "prev_weight_sq", "wdiff_sq", "nonfinite")
-#: Statistics kept per (family, threshold) block, in column order.
-BAND_STATS = (
-    "grad1", "grad2", "retained", "flipped", "min", "max", "wdiff_sum", "wdiff_max",
-)
-#: Statistics after the blocks, computed outside the fused kernel: the squared norm of
-#: the gradient before the optimizer clipped it, and the units (see `unit_count`) whose
-#: gradient is entirely in the smallest zero band.
-EXTRA_STATS = ("raw_grad_sq", "zero_units")
-
-
-class Row(typing.NamedTuple):
-    """One recorded step as read from the device."""
-
-    step: int
-    loss: float  # the batch's loss (NaN: not recorded)
-    skipped: float  # 1.0 when the optimizer applied nothing (a loss-scale overflow)
-    has_prev: bool  # a previous step exists (metrics against step t-1 are defined)
-    stats: np.ndarray  # float64 [n_vars, n_stats]
-
-
-#: Whole-model keys after the per-variable metrics: the batch loss and whether the
-#: optimizer skipped the step.
-MODEL_KEYS = ("train_loss", "skipped")
+from optinsight.metrics import BAND_STATS, EXTRA_STATS, GLOBAL_STATS, Row
 
 
 def unit_count(shape):
@@ -529,132 +502,3 @@ class DynamicsTracker(tf.Module):
             if k in state:  # checkpoints before zero_since lack it: it starts at 0
                 getattr(self, k).assign(state[k])
         self.names = tuple(names)
-
-
-def _keys(tag, suffix):
-    return {
-        "grad1": f"no_zero_{tag}_grad1{suffix}",
-        "grad2": f"no_zero_{tag}_grad2{suffix}",
-        "retained": f"no_zero_{tag}_grad_retained{suffix}",
-        "released": f"no_zero_{tag}_grad_released{suffix}",
-        "fraction_released": f"fraction_zeros_{tag}_released{suffix}",
-        "flipped": f"no_grad_flipped_{tag}{suffix}",
-        "fraction_flipped": f"fraction_grad_flipped_{tag}{suffix}",
-        "min": f"no_min_{tag}{suffix}",
-        "max": f"no_max_{tag}{suffix}",
-        "wdiff_mean": f"w_diff_0_0_{tag}_mean{suffix}",
-        "wdiff_max": f"w_diff_0_0_{tag}_max{suffix}",
-    }
-
-
-def metric_names(thresholds, ema_decay):
-    """Every per-variable metric key, in output order (whole model adds `train_loss`)."""
-    names = ["grad_norm", "raw_grad_norm", "weight_norm", "wdiff", "update_ratio",
-             "nonfinite_grads", "zero_units"]
-    suffixes = family_suffixes(ema_decay)
-    for suffix in suffixes:
-        for threshold in thresholds:
-            names += list(_keys(threshold_tag(threshold), suffix).values())
-    return names
-
-
-def _ratio(num, den):
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
-
-
-def model_metric_names(thresholds, ema_decay):
-    """Every whole-model key, in output order: `metric_names`, then MODEL_KEYS."""
-    return metric_names(thresholds, ema_decay) + list(MODEL_KEYS)
-
-
-def count_keys(thresholds, ema_decay):
-    """The keys of `model_metric_names` whose values are counts (ints)."""
-    counts = {"nonfinite_grads", "zero_units", "skipped"}
-    suffixes = family_suffixes(ema_decay)
-    for suffix in suffixes:
-        for threshold in thresholds:
-            keys = _keys(threshold_tag(threshold), suffix)
-            counts.update(keys[k] for k in
-                          ("grad1", "grad2", "retained", "released", "flipped", "min", "max"))
-    return counts
-
-
-def metric_table(stats, has_prev, thresholds, ema_decay):
-    """Metrics of steps from their statistics matrices, as tables.
-
-    Args:
-        stats: float64 [..., n_vars, n_stats] from `DynamicsTracker` (any leading
-            dimensions, e.g. one per step); an all-NaN row is a variable that was not
-            trained at that step: its metrics are NaN and the whole model leaves it out.
-        has_prev: bool [...]: whether a previous step exists (False on a run's first
-            step: metrics that need g_{t-1} are undefined).
-    Returns:
-        float64 [..., n_vars + 1, n_keys]: a row per variable, then the whole model
-        (sums of counts and squares, maxima of maxima, fractions and norms
-        recomputed); columns in `metric_names` order; NaN where undefined.
-    """
-    stats = np.asarray(stats, dtype=np.float64)
-    n_global = len(GLOBAL_STATS)
-    absent = np.isnan(stats[..., 0])  # variables not trained at a step: NaN rows
-    total = np.nansum(stats, axis=-2)
-    n_band_columns = stats.shape[-1] - n_global - len(EXTRA_STATS)
-    maxima = [n_global + i for i in range(n_band_columns)
-              if (i % len(BAND_STATS)) == BAND_STATS.index("wdiff_max")]
-    total[..., maxima] = np.fmax.reduce(stats[..., maxima], axis=-2)
-    rows = np.concatenate([stats, total[..., None, :]], axis=-2)
-    grad_sq, weight_sq, prev_sq, wdiff_sq, nonfinite = (rows[..., i] for i in range(n_global))
-    first = np.asarray(has_prev, bool)[..., None]  # False: all but grad2 need step t-1
-
-    def defined(values):
-        return np.where(first, values, np.nan)
-
-    columns = {  # key: values [..., n_vars + 1]
-        "grad_norm": np.sqrt(grad_sq),
-        "raw_grad_norm": np.sqrt(rows[..., n_global + n_band_columns]),
-        "zero_units": rows[..., n_global + n_band_columns + 1],
-        "weight_norm": np.sqrt(weight_sq),
-        "wdiff": np.sqrt(wdiff_sq),
-        # undefined for a variable whose previous weights are all zero
-        "update_ratio": np.where(
-            prev_sq > 0, np.sqrt(wdiff_sq) / np.sqrt(np.where(prev_sq > 0, prev_sq, 1)), np.nan),
-        "nonfinite_grads": nonfinite,
-    }
-    block = n_global
-    for suffix in family_suffixes(ema_decay):
-        for threshold in thresholds:
-            s = {name: rows[..., block + i] for i, name in enumerate(BAND_STATS)}
-            block += len(BAND_STATS)
-            keys = _keys(threshold_tag(threshold), suffix)
-            released = s["grad1"] - s["retained"]
-            columns[keys["grad1"]] = defined(s["grad1"])
-            columns[keys["grad2"]] = s["grad2"]
-            columns[keys["retained"]] = defined(s["retained"])
-            columns[keys["released"]] = defined(released)
-            columns[keys["fraction_released"]] = defined(_ratio(released, s["grad1"]))
-            columns[keys["flipped"]] = defined(s["flipped"])
-            columns[keys["fraction_flipped"]] = defined(_ratio(s["flipped"], s["retained"]))
-            columns[keys["min"]] = defined(s["min"])
-            columns[keys["max"]] = defined(s["max"])
-            columns[keys["wdiff_mean"]] = defined(_ratio(s["wdiff_sum"], s["retained"]))
-            columns[keys["wdiff_max"]] = defined(s["wdiff_max"])
-    table = np.stack([columns[k] for k in metric_names(thresholds, ema_decay)], axis=-1)
-    table[~np.isfinite(table)] = np.nan
-    table[..., :-1, :][absent] = np.nan
-    return table
-
-
-def table_row_dict(row, keys, counts):
-    """{key: int | float | None} of one table row (NaN -> None, counts -> int)."""
-    return {k: None if v != v else (int(v) if k in counts else v)
-            for k, v in zip(keys, row.tolist())}
-
-
-def summarize(stats, has_prev, names, thresholds, ema_decay):
-    """Metrics of one step as dicts: (model {key: value}, layers {name: {key: value}}).
-
-    See `metric_table`; counts are int, everything else float or None.
-    """
-    table = metric_table(stats, has_prev, thresholds, ema_decay)
-    keys, counts = metric_names(thresholds, ema_decay), count_keys(thresholds, ema_decay)
-    layers = {name: table_row_dict(table[r], keys, counts) for r, name in enumerate(names)}
-    return table_row_dict(table[-1], keys, counts), layers

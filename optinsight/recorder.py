@@ -33,7 +33,7 @@ from optinsight.checkpoint import (
     weight_positions,
 )
 from optinsight.diagnose import diagnose_run
-from optinsight.dynamics import GLOBAL_STATS, DynamicsTracker, metric_names, model_metric_names
+from optinsight.dynamics import DynamicsTracker
 from optinsight.locate import NonfiniteLocator
 from optinsight.logs.jsonlog import read_json, truncate_jsonl
 from optinsight.logs.reader import part_matrix
@@ -41,6 +41,7 @@ from optinsight.logs.run_writer import RunWriter
 from optinsight.logs.store import part_paths, truncate_parts
 from optinsight.logs.summary import RunHistory
 from optinsight.logs.tensorboard import truncate_events
+from optinsight.metrics import GLOBAL_STATS, metric_names, model_metric_names
 from optinsight.options import InsightOptions, prepare_log_dir, validate_log_dir
 from optinsight.probes.common import check_input_shape
 

@@ -43,7 +43,7 @@ def step_records(log_dir):
     """Each step's metrics as {"step", "epoch", "batch", "model": {key: v}, "layers":
     {variable: {key: v}}} (counts int, nulls None), read back through `read_log`."""
     import optinsight as oi
-    from optinsight.dynamics import count_keys
+    from optinsight.metrics import count_keys
 
     run = oi.read_log(log_dir)
     meta = run.summary["meta"]

@@ -15,7 +15,8 @@ import tensorflow as tf
 from conftest import step_records, tiny_data, tiny_relu_model
 
 import optinsight as oi
-from optinsight.dynamics import DynamicsTracker, summarize, threshold_tag
+from optinsight.dynamics import DynamicsTracker
+from optinsight.metrics import summarize, threshold_tag
 from optinsight.signs import sign_codes
 
 THRESHOLDS = (1e-7, 1e-5)
@@ -445,7 +446,8 @@ def test_a_zero_size_variable_has_zero_counts_and_maxima_with_either_kernel(kern
     """A variable with no entries: every count, sum and maximum 0 (w_diff max too),
     whichever kernel computes the statistics; its neighbour's values are unaffected."""
     from optinsight import native
-    from optinsight.dynamics import DynamicsTracker, summarize
+    from optinsight.dynamics import DynamicsTracker
+    from optinsight.metrics import summarize
 
     if kernel == "native" and native.load() is None:
         pytest.skip("the native kernel is not built")

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import optinsight as oi
-from optinsight.probes import hessian
+from optinsight.probes import common, hessian, hvp, krylov
 
 
 def small_model(seed=3):
@@ -65,8 +65,8 @@ def test_hvp_is_compiled_once(setup):
     v = np.ones(H.shape[0])
     hessian.hvp(model, x, y, v)
     hessian.top_eigenvalues(model, x, y)
-    fns = hessian._hvp_function(model, model.trainable_variables, None,
-                                hessian.default_method(model), False)
+    fns = hvp._hvp_function(model, model.trainable_variables, None,
+                                hvp.default_method(model), False)
     counts = [fn.experimental_get_tracing_count() for fn in fns]
     for n in (40, 10, 25):  # any batch size reuses the flat HVP's one trace
         hessian.hvp(model, x, y, v * 2)
@@ -79,11 +79,11 @@ def test_the_default_hvp_is_reverse_below_large_models_and_forward_from_them(set
     model, x, y, H = setup
 
     def compiled(method):
-        return hessian._hvp_function(model, [model.layers[-1].bias], None, method, False)[1]
+        return hvp._hvp_function(model, [model.layers[-1].bias], None, method, False)[1]
 
     block = hessian.HessianOperator(model, x, y, variables=[model.layers[-1].bias])
     assert block._flat_fn is compiled("reverse")
-    monkeypatch.setattr(hessian, "_LARGE", H.shape[0])  # the whole model's size decides
+    monkeypatch.setattr(common, "LARGE", H.shape[0])  # the whole model's size decides
     block = hessian.HessianOperator(model, x, y, variables=[model.layers[-1].bias])
     assert block._flat_fn is compiled("forward")
 
@@ -117,9 +117,9 @@ def test_lanczos_needs_fewer_products_than_power(setup):
         op = hessian.HessianOperator(model, x, y)
         rng = np.random.default_rng(0)
         if method == "lanczos":
-            hessian.top_eigenpairs(op.matvec, op.random(rng), 1, 100, 1e-3)
+            krylov.top_eigenpairs(op.matvec, op.random(rng), 1, 100, 1e-3)
         else:
-            hessian._power(op, op.size, 1, 1000, 1e-6, rng)
+            krylov._power(op, op.size, 1, 1000, 1e-6, rng)
         ops[method] = op.products
     assert ops["lanczos"] < ops["power"]
 
@@ -276,7 +276,7 @@ def test_thick_restart_with_a_small_basis_matches_the_dense_spectrum(setup):
     model, x, y, H = setup
     dense = np.sort(np.linalg.eigvalsh(H))[::-1]
     op = hessian.HessianOperator(model, x, y)
-    values, vectors, products, residuals = hessian.top_eigenpairs(
+    values, vectors, products, residuals = krylov.top_eigenpairs(
         op.matvec, op.random(np.random.default_rng(0)), 3, 500, 1e-9, basis_size=5)
     assert products > 5  # the basis of 5 was restarted
     assert residuals.max() <= 1e-9
@@ -290,7 +290,7 @@ def test_warm_start_from_the_top_eigenvector_converges_at_once(setup):
     model, x, y, H = setup
     _, vectors = hessian.top_eigenvalues(model, x, y, k=2, tol=1e-9, return_vectors=True)
     op = hessian.HessianOperator(model, x, y)
-    values, _, products, _ = hessian.top_eigenpairs(op.matvec, tf.constant(vectors.sum(0)), 2,
+    values, _, products, _ = krylov.top_eigenpairs(op.matvec, tf.constant(vectors.sum(0)), 2,
                                                  100, 1e-6)
     np.testing.assert_allclose(values, np.sort(np.linalg.eigvalsh(H))[::-1][:2], rtol=1e-6)
     assert products <= 3
@@ -312,8 +312,8 @@ def test_quadrature_moments_survive_local_reorthogonalisation(setup):
 
     scale = np.abs(np.linalg.eigvalsh(H)).max()
     for full in (False, True):
-        alphas, betas = hessian.lanczos(matvec, tf.constant(v), 40, full)
-        theta, s = np.linalg.eigh(hessian._tridiagonal(alphas, betas))
+        alphas, betas = krylov.lanczos(matvec, tf.constant(v), 40, full)
+        theta, s = np.linalg.eigh(krylov._tridiagonal(alphas, betas))
         for j in range(1, 7):
             exact = v @ np.linalg.matrix_power(H, j) @ v
             assert (s[0] ** 2) @ theta ** j == pytest.approx(exact, abs=1e-9 * scale ** j)
@@ -336,13 +336,13 @@ def test_hessian_probe_starts_from_its_previous_eigenvectors(setup):
 MEMORY_CHILD = """
 import json, resource, sys
 import numpy as np, tensorflow as tf
-from optinsight.probes import hessian
+from optinsight.probes import krylov
 size = 2_000_000  # 8 MB a float32 vector
 diagonal = tf.constant(np.linspace(0.0, 1.0, size) ** 0.1, tf.float32)  # a slow top cluster
 start = tf.constant(np.random.default_rng(0).standard_normal(size), tf.float32)
-hessian.top_eigenpairs(lambda v: diagonal * v, start, 1, 3, 1e-12, basis_size=4)  # warm up
+krylov.top_eigenpairs(lambda v: diagonal * v, start, 1, 3, 1e-12, basis_size=4)  # warm up
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-_, vectors, products, _ = hessian.top_eigenpairs(lambda v: diagonal * v, start, 1, 60, 1e-12,
+_, vectors, products, _ = krylov.top_eigenpairs(lambda v: diagonal * v, start, 1, 60, 1e-12,
                                                  basis_size=8)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"products": products, "vectors": (after - before) / (4 * size),
@@ -387,7 +387,7 @@ def test_time_budget_stops_lanczos_with_the_residual_it_reached(setup, capsys):
     model, x, y, H = setup
     dense = np.sort(np.linalg.eigvalsh(H))[::-1]
     op = hessian.HessianOperator(model, x, y)
-    values, vectors, products, residuals = hessian.top_eigenpairs(
+    values, vectors, products, residuals = krylov.top_eigenpairs(
         op.matvec, op.random(np.random.default_rng(0)), 2, 100, 1e-12, deadline=0)
     assert products == 3  # k + 1, then the deadline
     vectors = np.asarray(vectors)
@@ -439,7 +439,9 @@ def test_auto_examples_fit_the_products_in_the_time_budget(setup, monkeypatch, c
     for seconds, expected in ((1.0, 8), (0.0625, 30)):  # 8 · 6 s / (25 · seconds)
         clock = iter([0.0, 0.0, 0.0, 0.0, seconds] + [0.0] * 10_000)  # the budget's start,
         # the first product's start and end (tracing), then the timed one's
-        monkeypatch.setattr(hessian, "time", SimpleNamespace(monotonic=clock.__next__))
+        clock_module = SimpleNamespace(monotonic=clock.__next__)
+        for module in (hessian, hvp, krylov):  # one clock for the probe, operator, solver
+            monkeypatch.setattr(module, "time", clock_module)
         probe = oi.probes.HessianProbe(per_layer=False, time_budget=6.0)
         assert probe(model, x, y)["hessian_examples"] == expected
         assert f"measured on {expected} of the 40 probe examples" in capsys.readouterr().err
@@ -470,7 +472,9 @@ def ticking_clock(monkeypatch):
         clock.now += clock.steps.pop(0) if clock.steps else 1.0
         return clock.now
 
-    monkeypatch.setattr(hessian, "time", SimpleNamespace(monotonic=monotonic))
+    clock_module = SimpleNamespace(monotonic=monotonic)
+    for module in (hessian, hvp, krylov):  # one clock for the probe, operator, solver
+        monkeypatch.setattr(module, "time", clock_module)
     return clock
 
 
@@ -538,14 +542,14 @@ def test_from_large_entries_the_default_basis_is_two_vectors_smaller(monkeypatch
             return combine(vectors, weights)
         return orthogonalise, recorded
 
-    monkeypatch.setattr(hessian, "_XLA", recording(hessian._XLA))
-    monkeypatch.setattr(hessian, "_GRAPH", recording(hessian._GRAPH))
+    monkeypatch.setattr(krylov, "_XLA", recording(krylov._XLA))
+    monkeypatch.setattr(krylov, "_GRAPH", recording(krylov._GRAPH))
     diagonal = tf.constant(np.linspace(0.0, 1.0, 400) ** 0.1)  # a slow top cluster
     start = tf.constant(np.random.default_rng(0).standard_normal(400))
     for large, basis in ((1 << 22, 2 + 8), (400, 2 + 6)):
-        monkeypatch.setattr(hessian, "_LARGE", large)
+        monkeypatch.setattr(common, "LARGE", large)
         lengths.clear()
-        hessian.top_eigenpairs(lambda v: diagonal * v, start, 2, 30, 1e-12)
+        krylov.top_eigenpairs(lambda v: diagonal * v, start, 2, 30, 1e-12)
         assert lengths[0] == basis
 
 
@@ -560,7 +564,9 @@ def test_the_budget_counts_lanczos_own_work(monkeypatch, capsys):
     try:
         model, (x, y) = small_model(), small_data()
         clock = SimpleNamespace(now=0.0)
-        monkeypatch.setattr(hessian, "time", SimpleNamespace(monotonic=lambda: clock.now))
+        clock_module = SimpleNamespace(monotonic=lambda: clock.now)
+        for module in (hessian, hvp, krylov):  # one clock for the probe, operator, solver
+            monkeypatch.setattr(module, "time", clock_module)
         mean = hessian.HessianOperator._mean
 
         def slow_mean(self, fn, vector):
@@ -569,14 +575,14 @@ def test_the_budget_counts_lanczos_own_work(monkeypatch, capsys):
                 return fn(*args)
             return mean(self, product, vector)
 
-        orthogonalise, combine = hessian._GRAPH
+        orthogonalise, combine = krylov._GRAPH
 
         def slow_orthogonalise(w, basis):
             clock.now += 10.0
             return orthogonalise(w, basis)
 
         monkeypatch.setattr(hessian.HessianOperator, "_mean", slow_mean)
-        monkeypatch.setattr(hessian, "_GRAPH", (slow_orthogonalise, combine))
+        monkeypatch.setattr(krylov, "_GRAPH", (slow_orthogonalise, combine))
         for budget in range(60, 300, 12):
             probe = hessian.HessianProbe(k=1, trace_samples=10, density=True,
                                          density_steps=8, density_samples=2,
@@ -594,12 +600,12 @@ def test_lanczos_traces_its_helpers_once_per_shape():
     """Bases of every length and vectors of two sizes reuse one trace each (before, a
     trace per basis length: TensorFlow's retracing warning at every evaluation)."""
     rng = np.random.default_rng(0)
-    before = (hessian._orthogonalise_graph.experimental_get_tracing_count(),
-              hessian._combine_graph.experimental_get_tracing_count())
+    before = (krylov._orthogonalise_graph.experimental_get_tracing_count(),
+              krylov._combine_graph.experimental_get_tracing_count())
     for size in (300, 200, 250):
         diagonal = tf.constant(np.linspace(0.0, 1.0, size) ** 0.1)
         start = tf.constant(rng.standard_normal(size))
-        hessian.top_eigenpairs(lambda v, d=diagonal: d * v, start, 2, 40, 1e-12)
-    after = (hessian._orthogonalise_graph.experimental_get_tracing_count(),
-             hessian._combine_graph.experimental_get_tracing_count())
+        krylov.top_eigenpairs(lambda v, d=diagonal: d * v, start, 2, 40, 1e-12)
+    after = (krylov._orthogonalise_graph.experimental_get_tracing_count(),
+             krylov._combine_graph.experimental_get_tracing_count())
     assert after[0] - before[0] <= 2 and after[1] - before[1] <= 2

@@ -13,13 +13,13 @@ import os
 
 import numpy as np
 
-from optinsight.diagnose import variable_keys
 from optinsight.logs.background import BackgroundWriter
 from optinsight.logs.guard import WriteGuard
 from optinsight.logs.jsonlog import JsonlWriter, write_json_atomic
 from optinsight.logs.step_log import StepLog, histogram_table
 from optinsight.logs.store import PartWriter
 from optinsight.logs.tensorboard import TensorBoardWriter
+from optinsight.metrics import diagnosis_keys
 from optinsight.signs import sign_codes, sign_map_image
 
 
@@ -53,7 +53,7 @@ class RunWriter:
         self.step_log = StepLog(
             root, self.names, options.thresholds, options.ema_decay,
             self._tb if options.tensorboard else None, options.update_freq,
-            options.variable_update_freq, variable_keys(options.thresholds), self.guard,
+            options.variable_update_freq, diagnosis_keys(options.thresholds), self.guard,
             self._writer("steps.jsonl"))
 
     def path(self, *parts):

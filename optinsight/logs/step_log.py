@@ -7,14 +7,14 @@ epoch means, a bounded thinned history for the diagnosis). Runs on the writer th
 import numpy as np
 import pyarrow as pa
 
-from optinsight.dynamics import (
+from optinsight.logs.store import PartWriter, dictionary
+from optinsight.metrics import (
     count_keys,
     metric_names,
     metric_table,
     model_metric_names,
     table_row_dict,
 )
-from optinsight.logs.store import PartWriter, dictionary
 
 #: Steps of per-variable rows buffered before they reach layers/ as one record batch.
 STORE_FLUSH_STEPS = 32
@@ -140,7 +140,7 @@ class StepLog:
         self._sum, self._count = np.zeros(n), np.zeros(n)
 
     def write(self, rows, epoch, epoch_start):
-        """Metrics of a burst of `dynamics.Row`s of `epoch` to the logs."""
+        """Metrics of a burst of `metrics.Row`s of `epoch` to the logs."""
         steps = np.array([row.step for row in rows], np.int64)
         tables = metric_table(np.stack([row.stats for row in rows]),
                               [row.has_prev for row in rows], self.thresholds, self.ema_decay)

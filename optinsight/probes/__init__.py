@@ -1,13 +1,14 @@
 """Probes of the loss landscape and the network (README, five-minute tour; each
 function and probe class documents what it computes).
 
-`hessian`, `ntk` and `stability` are used as modules (`probes.hessian.top_eigenvalues`); every
-other function and every probe class is available here directly. A probe object has
+`hessian`, `ntk` and `stability` are used as modules (`probes.hessian.top_eigenvalues`), as
+are `hvp` (the Hessian operator) and `krylov` (the matvec-only solvers); every other
+function and every probe class is available here directly. A probe object has
 `name`, `every` (steps or "epoch") and `__call__(model, x, y) -> dict` of scalars and
 arrays, for `OptimizationInsightCallback(probes=..., probe_data=(x, y))`.
 """
 
-from optinsight.probes import hessian, ntk, stability
+from optinsight.probes import hessian, hvp, krylov, ntk, stability
 from optinsight.probes.collapse import NeuralCollapseProbe, neural_collapse
 from optinsight.probes.gradients import (
     GradientNoiseProbe,
@@ -40,7 +41,7 @@ from optinsight.probes.spectra import (
 )
 
 __all__ = [
-    "hessian", "ntk", "stability",
+    "hessian", "hvp", "krylov", "ntk", "stability",
     "ActivationProbe", "AugmentationProbe", "GradientNoiseProbe", "HessianProbe",
     "NTKProbe", "NeuralCollapseProbe", "RepresentationProbe", "WeightNormProbe",
     "WeightSpectrumProbe",

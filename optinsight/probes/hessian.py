@@ -11,164 +11,20 @@ Eigenvalues and traces are in units of loss per parameter squared. Flat vectors
 (eigenvectors) concatenate the variables in order, each flattened row-major.
 """
 
-import functools
 import sys
 import time
-import weakref
 
 import numpy as np
 import tensorflow as tf
 
 from optinsight.probes.common import (
-    batches,
-    flatten,
     layer_name,
-    loss_function,
     num_examples,
-    num_parameters,
     optimizer_learning_rate,
-    resolve_variables,
-    unflatten,
 )
-
-METHODS = ("forward", "reverse")
-#: Models from this many parameters are large: their Lanczos basis is most of a probe's
-#: memory, so it is two vectors smaller, and their HVP is forward-over-reverse, which
-#: keeps no second tape (and on ResNet50 took 13.9 s against 15.4). Below, the HVP is
-#: reverse-over-reverse: on CPU 2.1 gradients against 2.8 on the reference CNN, and
-#: 7.5 ms against 10.8 on the MLP of benchmarks/hessian.py.
-_LARGE = 1 << 22
-
-
-def default_method(model):
-    """The HVP method used when none is given: by the size of the whole model (a block
-    of a large model's variables still differentiates through all of it)."""
-    return "forward" if num_parameters(model.trainable_variables) >= _LARGE else "reverse"
-
-_ZERO = tf.UnconnectedGradients.ZERO
-_COMPILED = weakref.WeakKeyDictionary()  # model -> {key: tf.function}
-
-
-def _hvp_function(model, variables, loss, method, training):
-    """Compiled `(f(x, y, tensors) -> H·tensors, g(x, y, flat) -> H·flat)` for one
-    batch, cached per model: per-variable tensors, or one flat vector in the widest
-    variable dtype (split, cast and concatenated inside the graph)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    cache = _COMPILED.setdefault(model, {})
-    key = (tuple(id(v) for v in variables), id(loss), method, bool(training))
-    if key in cache:
-        return cache[key]
-    loss_fn = loss_function(model, loss)
-    sizes = [int(np.prod(v.shape)) for v in variables]
-    dtype = _widest(variables)
-
-    def gradient(x, y, tape):
-        with tape:
-            value = loss_fn(x, y, training)
-        return tape.gradient(value, variables, unconnected_gradients=_ZERO)
-
-    def reverse_over_reverse(x, y, vector):
-        with tf.GradientTape() as outer:
-            grads = gradient(x, y, tf.GradientTape())
-            dot = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, vector)])
-        return outer.gradient(dot, variables, unconnected_gradients=_ZERO)
-
-    def forward_over_reverse(x, y, vector):
-        with tf.autodiff.ForwardAccumulator(
-                primals=[getattr(v, "value", v) for v in variables], tangents=list(vector)) as acc:
-            grads = gradient(x, y, tf.GradientTape())
-        return [acc.jvp(g, unconnected_gradients=_ZERO) for g in grads]
-
-    fn = forward_over_reverse if method == "forward" else reverse_over_reverse
-
-    def flat(x, y, vector):
-        tensors = [tf.cast(tf.reshape(p, v.shape), v.dtype)
-                   for p, v in zip(tf.split(vector, sizes), variables)]
-        return tf.concat([tf.cast(tf.reshape(o, [-1]), dtype) for o in fn(x, y, tensors)], 0)
-
-    cache[key] = (tf.function(fn, reduce_retracing=True),
-                  tf.function(flat, reduce_retracing=True))
-    return cache[key]
-
-
-def _widest(variables):
-    return max((tf.as_dtype(v.dtype) for v in variables), key=lambda d: d.size)
-
-
-class HessianOperator:
-    """H as a linear map, over one batch or a whole dataset: on per-variable tensors
-    (`matvec_tensors`), on flat tensors in `dtype` (`matvec`), on flat float64 numpy
-    vectors (calling it)."""
-
-    def __init__(self, model, x, y=None, loss=None, variables=None, method=None,
-                 training=False):
-        self.variables = resolve_variables(model, variables)
-        self.size = num_parameters(self.variables)
-        self.dtype = _widest(self.variables)
-        self.data = [(tf.nest.map_structure(tf.convert_to_tensor, bx),
-                      tf.nest.map_structure(tf.convert_to_tensor, by), n)
-                     for bx, by, n in batches(x, y)]
-        self.total = sum(n for _, _, n in self.data)
-        self._fn, self._flat_fn = _hvp_function(model, self.variables, loss,
-                                                method or default_method(model), training)
-        self.products = 0  # HVPs computed, each over all the data
-        self.last_seconds = None  # wall time of the last product
-        self.trace_seconds = 0.0  # wall time this operator spent tracing the flat product
-        self._relaxed = False
-
-    @property
-    def traced(self):
-        """Whether the flat product is compiled already (by any operator on the same
-        model and variables)."""
-        return self._flat_fn.experimental_get_tracing_count() > 0
-
-    def _relax(self):
-        """Trace the flat HVP once for any batch size (a sub-batch or a dataset's last
-        batch then reuses it; tracing a large model takes seconds)."""
-        def spec(t):
-            return tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
-
-        began = None if self.traced else time.monotonic()
-        bx, by, _ = self.data[0]
-        self._flat_fn.get_concrete_function(tf.nest.map_structure(spec, bx),
-                                            tf.nest.map_structure(spec, by),
-                                            tf.TensorSpec([self.size], self.dtype))
-        if began is not None:
-            self.trace_seconds = time.monotonic() - began
-        self._relaxed = True
-
-    def _mean(self, fn, vector):
-        """The example-weighted mean over the batches of fn(x, y, vector)."""
-        began = time.monotonic()
-        out = None
-        for bx, by, n in self.data:
-            part = fn(bx, by, vector)
-            if len(self.data) > 1:
-                part = tf.nest.map_structure(lambda p, n=n: p * (n / self.total), part)
-            out = part if out is None else tf.nest.map_structure(tf.add, out, part)
-        self.products += 1
-        self.last_seconds = time.monotonic() - began
-        return out
-
-    def matvec_tensors(self, vector):
-        """H·vector for a list of tensors shaped like `variables`."""
-        return self._mean(self._fn, vector)
-
-    def matvec(self, vector):
-        """H·vector for a flat tensor [size] in `dtype`; a flat tensor in `dtype`."""
-        if not self._relaxed:
-            self._relax()
-        return self._mean(self._flat_fn, vector)
-
-    def random(self, rng, rademacher=False):
-        """A random flat tensor in `dtype`: standard normal, or ±1 with `rademacher`."""
-        values = rng.choice([-1.0, 1.0], self.size) if rademacher else \
-            rng.standard_normal(self.size)
-        return tf.constant(values, self.dtype)
-
-    def __call__(self, vector):
-        return flatten(self.matvec_tensors(unflatten(vector, self.variables)))
+from optinsight.probes.hvp import HessianOperator
+from optinsight.probes.krylov import _power, slq_density, top_eigenpairs
+from optinsight.probes.stability import preconditioned, stability_summary
 
 
 def hvp(model, x, y, vector, loss=None, variables=None, method=None, training=False):
@@ -178,7 +34,7 @@ def hvp(model, x, y, vector, loss=None, variables=None, method=None, training=Fa
         vector: a flat vector of all the variables' entries, or a list of arrays
             shaped like `variables`.
         method: "forward" (forward-over-reverse) or "reverse" (double backward);
-            None picks `default_method`. Both are exact.
+            None picks `hvp.default_method`. Both are exact.
     Returns:
         numpy: flat if `vector` was flat, else a list shaped like `variables`.
     """
@@ -194,199 +50,6 @@ def hvp(model, x, y, vector, loss=None, variables=None, method=None, training=Fa
     if vector.size != op.size:
         raise ValueError(f"vector has {vector.size} entries; the variables have {op.size}")
     return op(vector)
-
-
-def _unit(vector):
-    return vector / tf.norm(vector)
-
-
-def lanczos(matvec, start, steps, full_reorthogonalization=False):
-    """`steps` Lanczos steps from `start` (a flat tensor): the tridiagonal (alphas,
-    betas) as float64 numpy, fewer when the Krylov space is exhausted.
-
-    Each new vector is orthogonalised twice against the previous two (memory: three
-    vectors), so after an eigenvalue converges copies of it can appear among the Ritz
-    values; Gauss quadrature over the tridiagonal (stochastic Lanczos quadrature)
-    stays accurate regardless (Golub & Meurant, "Matrices, Moments and Quadrature
-    with Applications", 2010, ch. 4). With `full_reorthogonalization`, against every
-    earlier vector instead (memory: `steps` vectors).
-    """
-    q, alphas, betas = _unit(start), [], []
-    kept = [q]  # the vectors each new one is orthogonalised against
-    for _ in range(steps):
-        w = matvec(q)
-        alpha = float(tf.tensordot(w, q, 1))
-        alphas.append(alpha)
-        for _ in range(2):  # twice is enough (Kahan–Parlett)
-            for u in kept:
-                w = w - tf.tensordot(w, u, 1) * u
-        beta = float(tf.norm(w))
-        if beta <= 1e-10 * max(abs(alpha), 1.0) or len(alphas) == steps:
-            break
-        betas.append(beta)
-        q = w / beta
-        kept = kept + [q] if full_reorthogonalization else [kept[-1], q]
-    return np.array(alphas), np.array(betas)
-
-
-def _tridiagonal(alphas, betas):
-    t = np.diag(alphas)
-    off = np.asarray(betas[:len(alphas) - 1])
-    return t + np.diag(off, 1) + np.diag(off, -1)
-
-
-def top_eigenpairs(matvec, start, k, max_products, tol, basis_size=None, deadline=None):
-    """The k largest eigenpairs of a symmetric map by thick-restart Lanczos
-    (Wu & Simon, SIAM J. Matrix Anal. Appl. 22, 2000).
-
-    Keeps at most `basis_size` (default k + 8; k + 6 from `_LARGE` entries, where the
-    basis is most of the memory) orthonormal vectors in `start`'s dtype,
-    each new one orthogonalised twice against all of them. When the basis is full it
-    restarts from its best Ritz vectors (the top k and about half the rest) and the
-    residual. Stops once every top-k Ritz pair has residual ‖A y − θ y‖ <= tol·|θ|
-    (tol > 0; an eigenvalue error of at most that, usually far less), after
-    `max_products` products, when another step would end past `deadline` (in
-    `time.monotonic()` seconds, judged by the last one; after k + 1 products at least),
-    or when the Krylov space is exhausted.
-
-    Returns (values [k] descending float64 numpy, vectors [k, size] tensor, products,
-    relative residuals [k]: ‖A y − θ y‖ / |θ|, the accuracy reached). Ritz values
-    never exceed the largest eigenvalue, and each is within its residual of one.
-    Memory: basis_size + 2 vectors the size of `start` (below 4 M entries, a stacked
-    copy of the basis besides); while restarting, also the kept Ritz vectors
-    (max(k, (basis_size + k) // 2 - 1)).
-    """
-    size = int(start.shape[0])
-    m = max(min(basis_size or k + (6 if size >= _LARGE else 8), size), k + 1)
-    orthogonalise, combine = _XLA if size >= _COMPILE_FROM else _GRAPH
-    basis = [_unit(start)]
-    projected = np.zeros((m, m))  # basisᵀ A basis
-    products = 0
-    while True:
-        j = len(basis) - 1
-        began = time.monotonic()
-        w = matvec(basis[j])
-        products += 1
-        w, coefficients, beta = orthogonalise(w, basis)
-        projected[: j + 1, j] = projected[j, : j + 1] = np.asarray(coefficients, np.float64)
-        beta = float(beta)
-        n = j + 1
-        theta, s = np.linalg.eigh(projected[:n, :n])
-        order = np.argsort(theta)[::-1]
-        top = order[:k]
-        residuals = beta * np.abs(s[n - 1, top])
-        relative = residuals / np.maximum(np.abs(theta[top]), 1e-30)
-        last = time.monotonic() - began  # the next step is expected to take as long
-        if (n >= k and tol > 0 and np.all(relative <= tol)) or products >= max_products \
-                or beta <= 1e-10 * max(np.abs(theta).max(), 1.0) \
-                or (deadline is not None and products > k
-                    and time.monotonic() + last > deadline):
-            break
-        if n == m:  # thick restart: keep the best Ritz vectors, continue from the residual
-            keep = order[: max(k, (m + k) // 2 - 1)]
-            basis = combine(basis, s[:, keep])
-            projected[:] = 0  # the next product fills row and column j, couplings included
-            projected[np.arange(len(keep)), np.arange(len(keep))] = theta[keep]
-        w /= beta  # no copy of it held through the next product
-        basis.append(w)
-    return theta[top], tf.stack(combine(basis, s[:, top])), products, relative
-
-
-def _orthogonalise(w, basis):
-    """(w without its components along the orthonormal vectors of `basis`, those
-    components [len(basis)], the norm of what is left): classical Gram–Schmidt twice
-    (Kahan–Parlett), one vector at a time (for XLA, which fuses each sweep into one
-    pass over memory)."""
-    total = 0
-    for _ in range(2):
-        coefficients = [tf.tensordot(w, u, 1) for u in basis]
-        for c, u in zip(coefficients, basis):
-            w -= c * u
-        total += tf.stack(coefficients)
-    return w, total, tf.norm(w)
-
-
-def _orthogonalise_stacked(w, stacked):
-    """`_orthogonalise` against the rows of `stacked` [n, size], by two matrix products
-    per sweep (2x faster without XLA; the stacked copy costs n vectors)."""
-    total = 0
-    for _ in range(2):
-        coefficients = tf.reshape(tf.matmul(stacked, tf.reshape(w, [-1, 1])), [-1])
-        w -= tf.reshape(tf.matmul(tf.reshape(coefficients, [1, -1]), stacked), [-1])
-        total += coefficients
-    return w, total, tf.norm(w)
-
-
-def _combine(vectors, weights):
-    """Σ_i weights[i]·vectors[i], one vector at a time."""
-    out = tf.zeros_like(vectors[0])
-    for i, vector in enumerate(vectors):
-        out += tf.cast(weights[i], out.dtype) * vector
-    return out
-
-
-def _combine_stacked(stacked, weights):
-    """weightsᵀ · stacked: [c, size] combinations of a stacked [n, size] basis by the
-    columns of weights [n, c]."""
-    return tf.matmul(tf.cast(weights, stacked.dtype), stacked, transpose_a=True)
-
-
-#: Vectors from this size on are orthogonalised and combined by XLA one at a time, in
-#: one pass over memory per sweep (3x faster than op by op at 23.6 M entries, and no
-#: stacked copy of the basis); smaller ones by matrix products over a stacked copy
-#: (XLA's compiling once per basis length costs ~0.1-0.3 s, more than it saves there).
-_COMPILE_FROM = 1 << 22
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(fn, length):
-    """`fn` compiled by XLA for bases of `length` vectors: one function per length, so
-    each is traced once (XLA needs a basis length's shapes anyway) and TensorFlow does
-    not warn of retracing."""
-    return tf.function(fn, jit_compile=True)
-
-
-def _xla_orthogonalise(w, basis):
-    return _compiled(_orthogonalise, len(basis))(w, basis)
-
-
-def _xla_combine(vectors, weights):
-    """One vector per column of weights [n, c]: Σ_i weights[i, j]·vectors[i]."""
-    fn = _compiled(_combine, len(vectors))
-    return [fn(vectors, weights[:, j]) for j in range(weights.shape[1])]
-
-
-# Below _COMPILE_FROM the basis enters as one stacked tensor whose length is a dynamic
-# dimension: traced once or twice in all, whatever the basis length or vector size.
-_orthogonalise_graph = tf.function(_orthogonalise_stacked, reduce_retracing=True)
-_combine_graph = tf.function(_combine_stacked, reduce_retracing=True)
-_XLA = (_xla_orthogonalise, _xla_combine)
-_GRAPH = (lambda w, basis: _orthogonalise_graph(w, tf.stack(basis)),
-          lambda vectors, weights: tf.unstack(_combine_graph(tf.stack(vectors), weights)))
-
-
-def _power(matvec, size, k, max_iter, tol, rng):
-    """Largest-magnitude eigenpairs by power iteration with deflation."""
-    values, vectors = [], []
-    for _ in range(k):
-        v = rng.standard_normal(size)
-        v /= np.linalg.norm(v)
-        value = None
-        for _ in range(max_iter):
-            w = matvec(v) - sum(lam * (u @ v) * u for lam, u in zip(values, vectors))
-            new = float(v @ w)
-            norm = np.linalg.norm(w)
-            if norm == 0:
-                break
-            v = w / norm
-            if value is not None and abs(new - value) <= tol * abs(new):
-                value = new
-                break
-            value = new
-        values.append(value if value is not None else 0.0)
-        vectors.append(v)
-    order = np.argsort(values)[::-1]
-    return np.array(values)[order], np.array(vectors)[order]
 
 
 def top_eigenvalues(model, x, y=None, k=1, method="lanczos", max_iter=100, tol=1e-3, seed=0,
@@ -464,26 +127,9 @@ def density(model, x, y=None, steps=30, samples=8, grid=None, sigma=None, seed=0
     (grid, density), both numpy.
     """
     op = HessianOperator(model, x, y, loss, variables, hvp_method, training)
-    return _density(op, steps, samples, np.random.default_rng(seed), grid, sigma,
-                    full_reorthogonalization)
-
-
-def _density(op, steps, samples, rng, grid=None, sigma=None, full_reorthogonalization=False):
-    nodes, weights = [], []
-    for _ in range(samples):
-        alphas, betas = lanczos(op.matvec, op.random(rng), steps, full_reorthogonalization)
-        theta, s = np.linalg.eigh(_tridiagonal(alphas, betas))
-        nodes.append(theta)
-        weights.append(s[0] ** 2 / samples)
-    nodes, weights = np.concatenate(nodes), np.concatenate(weights)
-    if sigma is None:
-        spread = float(nodes.max() - nodes.min())
-        sigma = 0.01 * spread if spread > 0 else 1e-3 * max(abs(float(nodes.max())), 1.0)
-    if grid is None:
-        grid = np.linspace(nodes.min() - 6 * sigma, nodes.max() + 6 * sigma, 1000)
-    grid = np.asarray(grid, dtype=np.float64)
-    gauss = np.exp(-0.5 * ((grid[:, None] - nodes[None, :]) / sigma) ** 2)
-    return grid, (gauss / (sigma * np.sqrt(2 * np.pi))) @ weights
+    rng = np.random.default_rng(seed)
+    return slq_density(op.matvec, lambda: op.random(rng), samples, steps, grid, sigma,
+                       full_reorthogonalization)
 
 
 #: max_examples="auto": the products λ and the sharpness should fit in the time budget
@@ -618,8 +264,6 @@ class HessianProbe:
         return x, y, timing_products
 
     def __call__(self, model, x, y):
-        from optinsight.probes.stability import preconditioned, stability_summary
-
         began = time.monotonic()
         deadline = None if self.time_budget is None else began + self.time_budget
         skipped = []
@@ -662,8 +306,8 @@ class HessianProbe:
             out["trace"], out["trace_stderr"] = _trace(op, self.trace_samples, rng)
         if self.density and time_left("the density",
                                       self.density_steps * self.density_samples):
-            out["density_grid"], out["density"] = _density(
-                op, self.density_steps, self.density_samples, rng)
+            out["density_grid"], out["density"] = slq_density(
+                op.matvec, lambda: op.random(rng), self.density_samples, self.density_steps)
         if self.per_layer:
             layers = {}
             for v in model.trainable_variables:

@@ -30,7 +30,8 @@ import tensorflow as tf
 
 from optinsight import compat
 from optinsight.probes.common import optimizer_learning_rate
-from optinsight.probes.hessian import HessianOperator, top_eigenpairs
+from optinsight.probes.hvp import HessianOperator
+from optinsight.probes.krylov import top_eigenpairs
 
 
 def _slot_vector(optimizer, slot, variables, dtype):

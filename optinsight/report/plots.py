@@ -14,8 +14,8 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from optinsight.metrics import run_families  # noqa: E402
 from optinsight.signs import SIGN_COLOURS  # noqa: E402
-from optinsight.tags import run_families  # noqa: E402
 
 
 class MissingData(Exception):
