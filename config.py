@@ -10,12 +10,8 @@ import datetime
 import os
 
 from data_loader import DATASETS
-from optinsight.options import (
-    validate_ema_decay,
-    validate_freq,
-    validate_thresholds,
-    validate_update_freq,
-)
+from optinsight.options import validate_ema_decay, validate_thresholds
+from optinsight.schedule import Every
 
 
 def _positive_int(name, value):
@@ -70,7 +66,7 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        validate_freq("checkpoint_every", self.checkpoint_every)
+        Every.parse("checkpoint_every", self.checkpoint_every, ())
         if self.resume and self.log_dir is None:
             raise ValueError("--resume needs --log-dir, the run to continue")
 
@@ -99,11 +95,11 @@ class InsightConfig:
     def __post_init__(self):
         validate_thresholds(self.thresholds)
         validate_ema_decay(self.ema_decay)
-        validate_freq("histogram_freq", self.histogram_freq)
+        Every.parse("histogram_freq", self.histogram_freq, ())
         _positive_int("histogram_bins", self.histogram_bins)
-        validate_freq("sign_map_freq", self.sign_map_freq, ("epoch",))
-        validate_update_freq(self.update_freq)
-        validate_freq("variable_update_freq", self.variable_update_freq, ("epoch",))
+        Every.parse("sign_map_freq", self.sign_map_freq)
+        Every.parse("update_freq", self.update_freq, ("batch", "epoch"), positive=True)
+        Every.parse("variable_update_freq", self.variable_update_freq)
         _positive_int("probe_examples", self.probe_examples)
 
     def callback_kwargs(self):

@@ -111,12 +111,14 @@ def write_long_run(log_dir, steps=100_000, n_vars=214, burst=32):
     from optinsight.logs.jsonlog import JsonlWriter, write_json_atomic
     from optinsight.logs.step_log import StepLog
     from optinsight.metrics import BAND_STATS, EXTRA_STATS, GLOBAL_STATS, Row
+    from optinsight.schedule import Every
 
     names = [f"block{i // 2}/{'kernel' if i % 2 == 0 else 'bias'}" for i in range(n_vars)]
     thresholds, decay = (1e-7, 1e-5), 0.9
     n_stats = len(GLOBAL_STATS) + 2 * len(thresholds) * len(BAND_STATS) + len(EXTRA_STATS)
     os.makedirs(log_dir)
-    log = StepLog(log_dir, names, thresholds, decay, None, 1, 0, (), WriteGuard(log_dir),
+    log = StepLog(log_dir, names, thresholds, decay, None, Every(1), Every(0), (),
+                  WriteGuard(log_dir),
                   JsonlWriter(os.path.join(log_dir, "steps.jsonl")))
     rng = np.random.default_rng(0)
     for start in range(0, steps, burst):

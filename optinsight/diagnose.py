@@ -15,6 +15,7 @@ import pandas as pd
 from optinsight.architecture import EXACT_ZERO, PROBABILISTIC_LOSSES, SATURATING
 from optinsight.logs.reader import read_log
 from optinsight.metrics import zero_key
+from optinsight.probes import base as probe_keys
 
 LATE_FRACTION = 0.25
 #: The late median loss above this multiple of the early median: the run diverged
@@ -282,27 +283,29 @@ def _learning_rate(run):
             "the steps overshoot", "Lower the learning rate (try 10x smaller), add "
             "warm-up, or clip gradients (clipnorm=1.0)", since=int(jumps.iloc[0]),
             numbers={"steps": len(jumps), "max_update_ratio": float(ratio.max())}))
-    if not run.probes.empty and "stability_ratio" in run.probes:
-        over = run.probes[(run.probes["stability_ratio"] > 1)
+    if not run.probes.empty and probe_keys.STABILITY_RATIO in run.probes:
+        over = run.probes[(run.probes[probe_keys.STABILITY_RATIO] > 1)
                           & (run.probes["step"] >= _settled_from(run))]
         if not over.empty:
             row = over.iloc[-1]
+            ratio = row[probe_keys.STABILITY_RATIO]
             findings.append(Finding(
                 "lr_too_high", "warning", None, int(row["step"]),
-                f"the optimizer's sharpness {row['sharpness']:.4g} is "
-                f"{row['stability_ratio']:.3g}x its stability limit "
-                f"{row['stability_limit']:.4g}: its steps overshoot along the sharpest "
-                "direction", f"Lower the learning rate {row['stability_ratio']:.3g}x or "
+                f"the optimizer's sharpness {row[probe_keys.SHARPNESS]:.4g} is "
+                f"{ratio:.3g}x its stability limit "
+                f"{row[probe_keys.STABILITY_LIMIT]:.4g}: its steps overshoot along the sharpest "
+                "direction", f"Lower the learning rate {ratio:.3g}x or "
                 "more, or add warm-up; if the loss still falls, training is at the edge "
                 "of stability, which can be benign"))
-    elif not run.probes.empty and "lr_times_lambda_max" in run.probes:  # older logs
-        over = run.probes[run.probes["lr_times_lambda_max"] > EDGE_OF_STABILITY]
+    elif not run.probes.empty and probe_keys.LR_TIMES_LAMBDA_MAX in run.probes:  # older logs
+        over = run.probes[run.probes[probe_keys.LR_TIMES_LAMBDA_MAX] > EDGE_OF_STABILITY]
         if not over.empty:
             row = over.iloc[-1]
             findings.append(Finding(
                 "lr_too_high", "warning", None, int(row["step"]),
-                f"lr·λmax = {row['lr_times_lambda_max']:.3g} > 2: past the stability "
-                f"limit of gradient descent (λmax = {row['lambda_1']:.4g})",
+                f"lr·λmax = {row[probe_keys.LR_TIMES_LAMBDA_MAX]:.3g} > 2: past the "
+                f"stability limit of gradient descent (λmax = "
+                f"{row[probe_keys.LAMBDA_1]:.4g})",
                 "Lower the learning rate below 2/λmax; with an adaptive optimiser this "
                 "is a hint, check that the loss still falls"))
     return findings
@@ -381,15 +384,17 @@ _DEAD_ADVICE = ("Its units never activate: lower the learning rate, normalise th
                 "check the bias initialisation, or use LeakyReLU/GELU")
 
 
-def _latest(run, suffix):
-    """(name, latest value, its step) of each probe quantity `<name><suffix>`."""
+def _latest(run, kind, key):
+    """(layer, latest value, its step) of each per-layer key `<layer>/<key>` that the
+    run's probes of `kind` (`probes.base`) wrote."""
     if run.probes.empty:
         return
-    for column in [c for c in run.probes.columns if c.endswith(suffix)]:
-        values = run.probes[column].dropna()
+    rows = run.probes[run.probes["kind"] == kind]
+    for column in [c for c in rows.columns if c.endswith("/" + key)]:
+        values = rows[column].dropna()
         if len(values):
-            yield (column[: -len(suffix)], values.iloc[-1],
-                   int(run.probes.loc[values.index[-1], "step"]))
+            yield (column[: -len(key) - 1], values.iloc[-1],
+                   int(rows.loc[values.index[-1], "step"]))
 
 
 def _since(steps, condition):
@@ -459,7 +464,7 @@ def _dead(run):
                 "Check what follows it (a frozen or zero-initialised layer, a stop_gradient, "
                 "a loss that ignores the output), the input scale and the learning rate",
                 **extra))
-    for layer, fraction, step in _latest(run, "/zero_fraction"):
+    for layer, fraction, step in _latest(run, probe_keys.ACTIVATIONS, probe_keys.ZERO_FRACTION):
         if fraction >= DEAD_FRACTION and not any(
                 f.layer and f.layer.startswith(layer) for f in findings):
             findings.append(Finding(
@@ -524,10 +529,11 @@ def _rank_collapse(run):
     return [Finding(
         "rank_collapse", "warning", name, step,
         f"{100 * fraction:.0f} % of its singular directions are near zero (stable rank "
-        f"{run.probes[f'{name}/stable_rank'].dropna().iloc[-1]:.3g})",
+        f"{run.probes[f'{name}/{probe_keys.STABLE_RANK}'].dropna().iloc[-1]:.3g})",
         "The layer uses few dimensions: lower weight decay or the learning rate, "
         "or check for a bottleneck")
-        for name, fraction, step in _latest(run, "/near_zero_fraction")
+        for name, fraction, step in _latest(run, probe_keys.WEIGHT_SPECTRUM,
+                                            probe_keys.NEAR_ZERO_FRACTION)
         if fraction >= RANK_COLLAPSE_FRACTION]
 
 
@@ -538,7 +544,8 @@ def _saturation(run):
         "where gradients vanish",
         "Normalise its inputs (BatchNormalization), lower the initial weight scale, "
         "or use a non-saturating activation")
-        for layer, fraction, step in _latest(run, "/saturated_fraction")
+        for layer, fraction, step in _latest(run, probe_keys.ACTIVATIONS,
+                                             probe_keys.SATURATED_FRACTION)
         if fraction >= SATURATION_FRACTION]
 
 

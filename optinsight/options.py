@@ -7,6 +7,9 @@ import os
 
 import numpy as np
 
+from optinsight.probes.base import check_probe, probe_kind
+from optinsight.schedule import Every
+
 
 def validate_thresholds(thresholds):
     """Tuple of floats, each positive and strictly increasing; else ValueError."""
@@ -30,24 +33,6 @@ def validate_ema_decay(ema_decay):
             or not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay must be None or a number in [0, 1), got {ema_decay!r}")
     return float(ema_decay)
-
-
-def validate_freq(name, value, allowed_words=()):
-    """A non-negative int, or one of `allowed_words`; else ValueError."""
-    if isinstance(value, str) and value in allowed_words:
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        words = "".join(f" or {w!r}" for w in allowed_words)
-        raise ValueError(f"{name} must be a non-negative integer{words}, got {value!r}")
-    return int(value)
-
-
-def validate_update_freq(update_freq):
-    """"batch" (as 1), "epoch", or a positive integer; else ValueError."""
-    value = validate_freq("update_freq", update_freq, ("batch", "epoch"))
-    if value == 0:
-        raise ValueError("update_freq must be 'batch', 'epoch' or a positive integer, got 0")
-    return 1 if value == "batch" else value
 
 
 def validate_probe_data(probe_data):
@@ -99,6 +84,13 @@ def prepare_log_dir(log_dir):
     return log_dir
 
 
+def _count(name, value, minimum=0):
+    """An int of at least `minimum`; else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+    return int(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class InsightOptions:
     """What is recorded and how often (the arguments of `OptimizationInsightCallback`,
@@ -106,17 +98,17 @@ class InsightOptions:
 
     thresholds: tuple = (1e-7, 1e-5)
     ema_decay: float | None = 0.9
-    histogram_freq: int = 30
+    histogram_freq: Every = 30
     histogram_bins: int = 1000
-    sign_map_freq: int | str = "epoch"
+    sign_map_freq: Every = "epoch"
     sign_map_max_params: int = 65536
     probes: tuple = ()
     probe_data: object = None
     tensorboard: bool = True
-    update_freq: int | str = "batch"
-    variable_update_freq: int | str = 200
+    update_freq: Every = "batch"
+    variable_update_freq: Every = 200
     resume: bool = False
-    checkpoint_freq: int = 1
+    checkpoint_freq: Every = 1
     diagnosis: bool = True
     stop_on: str | None = None
     verbose: int = 0
@@ -127,28 +119,24 @@ class InsightOptions:
 
         set_("thresholds", validate_thresholds(self.thresholds))
         set_("ema_decay", validate_ema_decay(self.ema_decay))
-        set_("histogram_freq", validate_freq("histogram_freq", self.histogram_freq))
-        set_("histogram_bins", validate_freq("histogram_bins", self.histogram_bins))
-        if self.histogram_bins < 1:
-            raise ValueError(f"histogram_bins must be at least 1, got {self.histogram_bins!r}")
-        set_("sign_map_freq", validate_freq("sign_map_freq", self.sign_map_freq, ("epoch",)))
-        set_("sign_map_max_params",
-             validate_freq("sign_map_max_params", self.sign_map_max_params))
-        set_("update_freq", validate_update_freq(self.update_freq))
-        set_("variable_update_freq", validate_freq(
-            "variable_update_freq", self.variable_update_freq, ("epoch",)))
+        set_("histogram_freq", Every.parse("histogram_freq", self.histogram_freq, ()))
+        set_("histogram_bins", _count("histogram_bins", self.histogram_bins, minimum=1))
+        set_("sign_map_freq", Every.parse("sign_map_freq", self.sign_map_freq))
+        set_("sign_map_max_params", _count("sign_map_max_params", self.sign_map_max_params))
+        set_("update_freq", Every.parse("update_freq", self.update_freq, ("batch", "epoch"),
+                                        positive=True))
+        set_("variable_update_freq", Every.parse("variable_update_freq",
+                                                 self.variable_update_freq))
         set_("probes", tuple(self.probes))
         for probe in self.probes:
-            if not (hasattr(probe, "name") and hasattr(probe, "every") and callable(probe)):
-                raise ValueError(f"probe {probe!r} needs a name, an every and __call__")
-            validate_freq(f"probe {probe.name!r} every", probe.every, ("epoch",))
+            check_probe(probe)
         if self.probes and self.probe_data is None:
             raise ValueError("probes need probe_data=(x, y), the batch they run on")
         if self.probe_data is not None:
             set_("probe_data", validate_probe_data(self.probe_data))
         set_("tensorboard", bool(self.tensorboard))
         set_("resume", bool(self.resume))
-        set_("checkpoint_freq", validate_freq("checkpoint_freq", self.checkpoint_freq))
+        set_("checkpoint_freq", Every.parse("checkpoint_freq", self.checkpoint_freq, ()))
         set_("diagnosis", bool(self.diagnosis))
         if self.stop_on not in (None, "error"):
             raise ValueError(f"stop_on must be None or 'error', got {self.stop_on!r}")
@@ -163,6 +151,15 @@ class InsightOptions:
             raise ValueError(f"unknown option {unknown[0]!r}; the options are "
                              f"{', '.join(sorted(known))}")
         return cls(**options)
+
+    def probe_schedules(self):
+        """[(probe, its kind, its `every` as a schedule)]."""
+        return [(p, probe_kind(p), Every.parse("every", p.every)) for p in self.probes]
+
+    def schedules(self):
+        """The schedule options' values as the logs' meta records them."""
+        return {name: getattr(self, name).value for name in (
+            "histogram_freq", "sign_map_freq", "update_freq", "variable_update_freq")}
 
     def as_kwargs(self):
         """The options as keyword arguments (the same objects, not copies)."""

@@ -134,6 +134,7 @@ class InsightRecorder:
         compat.check_backend()
         self.log_dir = validate_log_dir(log_dir)
         self.options = InsightOptions.of(options)
+        self._probes = self.options.probe_schedules()  # [(probe, kind, Every)]
         self.model, self.optimizer = model, optimizer
         self.jit_compile, self.steps_per_call = bool(jit_compile), int(steps_per_call)
         self.tracker = None  # of the variables trained now
@@ -206,8 +207,8 @@ class InsightRecorder:
             print(f"optinsight: logging to {self.log_dir}", file=sys.stderr)
         self._next_read = time.monotonic() + READ_EVERY_SECONDS
         if self.step == 0:
-            for probe in options.probes:  # the starting point: step 0
-                self._run_probe(probe)
+            for probe, kind, _ in self._probes:  # the starting point: step 0
+                self._run_probe(probe, kind)
 
     def _resume(self, tracker, state, saved):
         """Check the run in log_dir against the options, then restore the tracker, the
@@ -283,7 +284,7 @@ class InsightRecorder:
         optimizer built for them if it is not yet."""
         options = self.options
         tracker = DynamicsTracker(
-            variables, options.thresholds, options.ema_decay, options.histogram_freq,
+            variables, options.thresholds, options.ema_decay, options.histogram_freq.steps,
             options.histogram_bins, buffer_size=READ_EVERY_STEPS + self.steps_per_call,
             # A custom op cannot run inside an XLA-compiled train step.
             kernel="xla" if self.jit_compile else "auto", strategy=strategy)
@@ -405,21 +406,18 @@ class InsightRecorder:
         previous = self.step
         self.step = previous + 1 if step is None else int(step)
 
-        def reached(every):  # a multiple of `every` among the steps just trained
-            return every and self.step // every > previous // every
-
         options = self.options
         if self.writer is not None:
             if self.step - self._read >= READ_EVERY_STEPS \
                     or time.monotonic() >= self._next_read:
                 self._read_rows()
-            if reached(options.histogram_freq):
+            if options.histogram_freq.due(previous, self.step):
                 self._record_histograms()
-            if isinstance(options.sign_map_freq, int) and reached(options.sign_map_freq):
+            if options.sign_map_freq.due(previous, self.step):
                 self._record_sign_map(f"step_{self.step:08d}")
-        for probe in options.probes:
-            if probe.every != "epoch" and reached(probe.every):
-                self._run_probe(probe)
+        for probe, kind, every in self._probes:
+            if every.due(previous, self.step):
+                self._run_probe(probe, kind)
 
     def _read_rows(self):
         """Hand the tracker's rows after the last read to the writer thread."""
@@ -469,9 +467,9 @@ class InsightRecorder:
         if self.writer is not None:
             self._end_epoch(epoch, logs or {})
         else:  # other workers run the probes too: they may use collective ops
-            for probe in self.options.probes:
-                if probe.every == "epoch":
-                    self._run_probe(probe)
+            for probe, kind, every in self._probes:
+                if every.at_epoch_end:
+                    self._run_probe(probe, kind)
         self.epoch, self.epoch_start_step = epoch + 1, self.step
 
     def _end_epoch(self, epoch, logs):
@@ -479,16 +477,16 @@ class InsightRecorder:
         self._read_rows()
         steps, model_rows, means = self.writer.end_epoch(self.step)
         self.history.add_epoch(epoch, steps, model_rows, means, logs)
-        if options.sign_map_freq == "epoch":
+        if options.sign_map_freq.at_epoch_end:
             self._record_sign_map(f"epoch_{epoch:04d}")
-        for probe in options.probes:
-            if probe.every == "epoch":
-                self._run_probe(probe)
+        for probe, kind, every in self._probes:
+            if every.at_epoch_end:
+                self._run_probe(probe, kind)
         document = self.summary()
         self.writer.epoch_summary(
             document, {k: v[-1] for k, v in self.history.epoch_wise.items()}, self.step)
         self.writer.zero_since(self.tracker.read_zero_since(), self.step)
-        if options.checkpoint_freq and (epoch + 1) % options.checkpoint_freq == 0:
+        if options.checkpoint_freq.due(epoch, epoch + 1):
             self.writer.guard.run("checkpoint/", save_checkpoint, self._path("checkpoint"),
                                   epoch + 1, self.step, self.model, self.optimizer,
                                   self.tracker)
@@ -548,16 +546,14 @@ class InsightRecorder:
             "nonfinite_origin": self.locator.read() or self.nonfinite_origin,
             "activations": self.activations, "positions": self.positions,
             **self.model_facts,
-            "steps": self.step, "histogram_freq": options.histogram_freq,
-            "histogram_bins": options.histogram_bins, "sign_map_freq": options.sign_map_freq,
-            "update_freq": options.update_freq,
-            "variable_update_freq": options.variable_update_freq,
+            "steps": self.step, "histogram_bins": options.histogram_bins,
+            **options.schedules(),
         })
 
     # ---------------------------------------------------------------- probes
-    def _run_probe(self, probe):
+    def _run_probe(self, probe, kind):
         x, y = self.options.probe_data
-        record = {"step": self.step, "epoch": self.epoch, "probe": probe.name}
+        record = {"step": self.step, "epoch": self.epoch, "probe": probe.name, "kind": kind}
         began = time.monotonic()
         try:
             result = probe(self.model, x, y)

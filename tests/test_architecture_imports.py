@@ -10,8 +10,9 @@ import pytest
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "optinsight")
 #: Modules `logs/` may use besides its own: leaves, which import nothing of the package
-#: (the metric table and the sign-map codes: vocabulary shared by writers and readers).
-LEAVES_FOR_LOGS = {"optinsight.metrics", "optinsight.signs"}
+#: (the metric table, the schedule type and the sign-map codes: vocabulary shared by
+#: writers, readers and the recorder).
+LEAVES_FOR_LOGS = {"optinsight.metrics", "optinsight.schedule", "optinsight.signs"}
 
 
 def module_name(path):

@@ -268,6 +268,7 @@ def test_adams_stability_ratio_is_judged_once_its_second_moment_settled(tmp_path
     run = oi.read_log(tmp_path)
     assert run.summary["meta"]["optimizer"] == {"class": "Adam", "beta_2": 0.999}
     probes = pd.DataFrame({"step": [2, 500], "epoch": [0, 0], "probe": ["hessian"] * 2,
+                           "kind": ["hessian"] * 2,
                            "stability_ratio": [40.0, 3.0], "sharpness": [4e3, 3e2],
                            "stability_limit": [1e2, 1e2]})
     from importlib import import_module

@@ -145,3 +145,36 @@ def test_sharpness_far_below_its_limit_gets_a_second_axis(run_dir, lr, axes):
     assert f"{3.5 * lr / 2:.2g}× the stability limit" in figure.axes[0].get_title()
     limit = figure.axes[-1].lines[-1]
     np.testing.assert_allclose(limit.get_ydata(), 2 / lr)
+
+
+def test_probes_are_found_by_kind_not_by_name(tmp_path):
+    """A HessianProbe named "curvature" is drawn like any Hessian probe (the report
+    looked for the name "hessian"), probes.jsonl records its kind, and the diagnosis
+    reads an activation probe's zero fractions whatever its name."""
+    import dataclasses
+    from importlib import import_module
+
+    import pandas as pd
+
+    from optinsight import probes
+
+    x = np.random.default_rng(0).random((32, 6)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(32) % 3, 3)
+    x_in = keras.Input((6,))
+    model = keras.Model(x_in, keras.layers.Dense(3, activation="softmax")(x_in))
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[oi.OptimizationInsightCallback(
+        tmp_path, probes=[probes.HessianProbe(name="curvature", per_layer=False)],
+        probe_data=(x[:16], y[:16]), diagnosis=False)])
+    run = oi.read_log(tmp_path)
+    assert set(run.probes["probe"]) == {"curvature"} and set(run.probes["kind"]) == {
+        "hessian"}
+    assert plots.sharpness(run).axes
+    diagnose_run = import_module("optinsight.diagnose").diagnose_run
+    rows = pd.DataFrame({"step": [2], "epoch": [0], "probe": ["acts"],
+                         "kind": ["activations"], "dense/zero_fraction": [1.0]})
+    dead = diagnose_run(dataclasses.replace(run, probes=rows))
+    assert [(f.code, f.layer) for f in dead if f.code == "dead_layer"] == [
+        ("dead_layer", "dense")]
+    other = diagnose_run(dataclasses.replace(run, probes=rows.assign(kind="mine")))
+    assert "dead_layer" not in [f.code for f in other]

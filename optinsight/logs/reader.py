@@ -108,8 +108,9 @@ class Run:
             nulls are NaN. Per-variable data: `variables`, `layer(name)`, `key(key)`.
         epochs: one row per epoch: `epoch` and the epoch_wise keys.
         summary: the insight.json document.
-        probes: one row per probe evaluation: `step`, `epoch`, `probe`, its scalars
-            and, where it wrote arrays, `arrays` (a path relative to the log dir).
+        probes: one row per probe evaluation: `step`, `epoch`, `probe` (its name),
+            `kind` (what it measures, `probes.base`), its scalars and, where it wrote
+            arrays, `arrays` (a path relative to the log dir).
         log_dir: where the run lives.
     """
 
@@ -227,9 +228,11 @@ def _probe_row(record, path, index):
     if not (isinstance(record, dict) and _is_int(record.get("step"))
             and _is_int(record.get("epoch")) and isinstance(record.get("probe"), str)
             and _numbers(record.get("values", {}))
+            and isinstance(record.get("kind", ""), str)
             and isinstance(record.get("arrays", ""), str)):
         raise ValueError(f"{path}: record {index + 1} is not a probe record")
-    row = {"step": record["step"], "epoch": record["epoch"], "probe": record["probe"]}
+    row = {"step": record["step"], "epoch": record["epoch"], "probe": record["probe"],
+           "kind": record.get("kind") or record["probe"]}  # older logs: kind = name
     row.update(record.get("values", {}))
     for key in ("arrays", "error"):  # error: the probe failed, and why (one line)
         if key in record:

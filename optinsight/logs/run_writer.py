@@ -140,7 +140,7 @@ class RunWriter:
 
     # ---------------------------------------------------------------- probes
     def probe(self, record, scalars, arrays):
-        """A probe's result: `record` ({"step", "epoch", "probe"}) with its scalars to
+        """A probe's result: `record` ({"step", "epoch", "probe", "kind"}) with its scalars to
         probes.jsonl, its arrays to probes/<probe>_<step>.npz, scalars to TensorBoard."""
         record = {**record, "values": scalars}
         if arrays:

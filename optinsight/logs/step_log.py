@@ -99,9 +99,9 @@ class StepLog:
         root: the log dir.
         names: variable names, in the tracker's order.
         tensorboard: a TensorBoardWriter, or None.
-        update_freq: steps between whole-model TensorBoard scalars, or "epoch".
-        variable_update_freq: steps between per-variable TensorBoard scalars, "epoch"
-            (epoch means), or 0 (none).
+        update_freq: when whole-model TensorBoard scalars are due (`schedule.Every`).
+        variable_update_freq: when per-variable TensorBoard scalars are due (`Every`;
+            at the epoch end they are the epoch's means).
         history_keys: per-variable keys kept (thinned) for the epoch-end diagnosis.
         guard: a `logs.guard.WriteGuard`; a file whose write fails is skipped after.
         jsonl: the JsonlWriter of steps.jsonl.
@@ -169,13 +169,11 @@ class StepLog:
 
     def _write_scalars(self, steps, lines, layers):
         records = []
-        every, every_variable = self.update_freq, self.variable_update_freq
         for i, (step, line) in enumerate(zip(steps.tolist(), lines)):
             values = {}
-            if every != "epoch" and step % every == 0:
+            if self.update_freq.due(step - 1, step):
                 values.update({f"insight/{k}": v for k, v in line["model"].items()})
-            if isinstance(every_variable, int) and every_variable \
-                    and step % every_variable == 0:
+            if self.variable_update_freq.due(step - 1, step):
                 values.update(self._variable_scalars(layers[i]))
             if values:
                 records.append((values, step))
@@ -201,11 +199,11 @@ class StepLog:
             means = self._sum / self._count
         if self.tensorboard is not None:
             scalars = {}
-            if self.update_freq == "epoch" and len(model):
+            if self.update_freq.at_epoch_end and len(model):
                 with np.errstate(invalid="ignore"):
                     scalars.update({f"insight/{k}": float(m) for k, m in
                                     zip(self.model_keys, np.nanmean(model, axis=0))})
-            if self.variable_update_freq == "epoch":
+            if self.variable_update_freq.at_epoch_end:
                 scalars.update(self._variable_scalars(means))
             if scalars:
                 self.guard.run("tensorboard/", self.tensorboard.scalars, scalars, step)

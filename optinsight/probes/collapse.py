@@ -100,6 +100,8 @@ def neural_collapse(model, x, y, layer=None):
 class NeuralCollapseProbe:
     """Writes nc1, nc2_equinorm, nc2_equiangular, nc3, nc4 (see neural_collapse)."""
 
+    kind = "neural_collapse"
+
     def __init__(self, every="epoch", layer=None, name="neural_collapse"):
         self.every, self.layer, self.name = every, layer, name
 

@@ -100,6 +100,8 @@ class GradientNoiseProbe:
     convolution), and the backward pass stops there.
     """
 
+    kind = "gradient_noise"
+
     def __init__(self, every="epoch", k=5, chunk_size=64, max_parameters=2_000_000,
                  max_bytes=MAX_JACOBIAN_BYTES, name="gradient_noise"):
         self.every, self.k, self.chunk_size, self.name = every, k, chunk_size, name

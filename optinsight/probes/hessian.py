@@ -17,6 +17,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from optinsight.probes import base
 from optinsight.probes.common import (
     layer_name,
     num_examples,
@@ -195,6 +196,8 @@ class HessianProbe:
     over all 128 takes 14 s).
     """
 
+    kind = base.HESSIAN
+
     def __init__(self, every="epoch", k=1, trace_samples=0, density=False, per_layer=True,
                  max_iter=100, tol=1e-3, seed=0, density_steps=30, density_samples=8,
                  time_budget=60.0, max_examples="auto", name="hessian"):
@@ -293,7 +296,7 @@ class HessianProbe:
         out["lambda_residual"] = residual
         unconverged = [f"λ at {residual:.1e}"] if residual > self.tol else []
         if model.optimizer is not None:
-            out["lr_times_lambda_max"] = learning_rate(model) * float(values[0])
+            out[base.LR_TIMES_LAMBDA_MAX] = learning_rate(model) * float(values[0])
             if sharpness_matvec is None:
                 out.update(stability_summary(float(values[0]), limit))
             elif time_left("the sharpness", 3):
@@ -306,7 +309,7 @@ class HessianProbe:
             out["trace"], out["trace_stderr"] = _trace(op, self.trace_samples, rng)
         if self.density and time_left("the density",
                                       self.density_steps * self.density_samples):
-            out["density_grid"], out["density"] = slq_density(
+            out[base.DENSITY_GRID], out[base.DENSITY] = slq_density(
                 op.matvec, lambda: op.random(rng), self.density_samples, self.density_steps)
         if self.per_layer:
             layers = {}
@@ -320,7 +323,7 @@ class HessianProbe:
                     break
                 value, layer_residual = self._top(("layer", layer), block.matvec, block, 1,
                                                   rng, deadline)
-                out[f"lambda_max/{layer}"] = float(value[0])
+                out[base.LAYER_LAMBDA_MAX + layer] = float(value[0])
                 spent += block.products
                 if layer_residual > self.tol:
                     unconverged.append(f"λmax of {layer} at {layer_residual:.1e}")

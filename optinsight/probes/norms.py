@@ -14,6 +14,8 @@ def weight_norms(model):
 class WeightNormProbe:
     """Writes `<kernel path>`: its normalised norm (see weight_norms)."""
 
+    kind = "weight_norms"
+
     def __init__(self, every="epoch", name="weight_norms"):
         self.every, self.name = every, name
 

@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from optinsight.probes import base
 from optinsight.probes.common import (
     MAX_JACOBIAN_BYTES,
     class_labels,
@@ -106,7 +107,7 @@ def _similarity(K, labels):
     if not (same & off_diagonal).any() or not (~same).any():
         raise ValueError("class similarity needs two examples of one class and two classes")
     s, d = float(K[same & off_diagonal].mean()), float(K[~same].mean())
-    return {"same": s, "different": d, "ratio": s / d if d != 0 else float("inf")}
+    return {base.NTK_SAME: s, base.NTK_DIFFERENT: d, "ratio": s / d if d != 0 else float("inf")}
 
 
 def class_similarity(model, x, y, mode="sum_logits", variables=None, chunk_size=None):
@@ -161,6 +162,8 @@ class NTKProbe:
     convolution (about 1.1 M of 23.6 M), and the backward pass stops there.
     """
 
+    kind = base.NTK
+
     def __init__(self, every="epoch", n=256, k=5, mode="sum_logits", chunk_size=64,
                  max_parameters=2_000_000, max_bytes=MAX_JACOBIAN_BYTES, name="ntk"):
         self.every, self.n, self.k, self.mode = every, n, k, mode
@@ -184,6 +187,6 @@ class NTKProbe:
         out.update({f"eig_{i + 1}": float(v) for i, v in enumerate(values)})
         if self.initial is None or self.initial.shape != K.shape:
             self.initial = K
-        out["kernel_change"] = float(np.linalg.norm(K - self.initial)
+        out[base.KERNEL_CHANGE] = float(np.linalg.norm(K - self.initial)
                                      / np.linalg.norm(self.initial))
         return out

@@ -12,6 +12,7 @@ import os
 import keras
 import numpy as np
 
+from optinsight.probes import base
 from optinsight.probes.common import layer_features, sampled_layers
 
 #: Layers the representation probes read by default on a deeper model: this many,
@@ -221,6 +222,8 @@ class ActivationProbe:
     'activations over time' heatmap. Layers: `layers`, else at most `max_layers`
     evenly spaced by depth (all of the reference CNN's)."""
 
+    kind = base.ACTIVATIONS
+
     def __init__(self, every=100, bins=40, range=(0, 10), layers=None,  # noqa: A002
                  max_layers=MAX_LAYERS, name="activations"):
         self.every, self.bins, self.range, self.layers, self.name = (
@@ -231,11 +234,12 @@ class ActivationProbe:
         out = {}
         layers = sampled_layers(model, self.layers, self.max_layers)
         for k, f in layer_features(model, x, layers).items():
-            out[f"hist/{k}"] = np.histogram(f, bins=self.bins, range=self.range)[0]
-            out[f"{k}/zero_fraction"] = float(np.mean(f == 0))
+            out[base.ACTIVATION_HISTOGRAM + k] = np.histogram(f, bins=self.bins,
+                                                              range=self.range)[0]
+            out[f"{k}/{base.ZERO_FRACTION}"] = float(np.mean(f == 0))
             saturated = saturated_fraction(model.get_layer(k), f)
             if saturated is not None:
-                out[f"{k}/saturated_fraction"] = saturated
+                out[f"{k}/{base.SATURATED_FRACTION}"] = saturated
         return out
 
 
@@ -245,6 +249,8 @@ class RepresentationProbe:
     else at most `max_layers` evenly spaced by depth (all of the reference CNN's; 16
     of a ResNet50's 176), each read at no more than `max_features` features for the
     correlations."""
+
+    kind = "representations"
 
     def __init__(self, every="epoch", layers=None, max_layers=MAX_LAYERS, max_features=1024,
                  name="representations"):
@@ -263,6 +269,8 @@ class RepresentationProbe:
 class AugmentationProbe:
     """Writes `<layer>/variance` and `<layer>/relative` of augmentation_variance.
     Layers: `layers`, else at most `max_layers` evenly spaced by depth."""
+
+    kind = "augmentation"
 
     def __init__(self, every="epoch", augment=None, n=30, layers=None, seed=0,
                  max_layers=MAX_LAYERS, name="augmentation"):

@@ -9,6 +9,7 @@ left out), computed by SVD for accuracy.
 
 import numpy as np
 
+from optinsight.probes import base
 from optinsight.probes.common import kernels, variable_name
 
 
@@ -54,12 +55,12 @@ def matrix_spectrum(w, near_zero_tol=1e-3):
     eigenvalues = np.sort(sigma ** 2)[::-1]
     largest = eigenvalues[0]
     return {
-        "eigenvalues": eigenvalues,
+        base.EIGENVALUES: eigenvalues,
         "spectral_norm": float(sigma.max()),
         "condition_number": float(sigma.max() / sigma.min()) if sigma.min() > 0 else np.inf,
         "near_zero": int(np.sum(eigenvalues <= near_zero_tol * largest)),
-        "near_zero_fraction": float(np.mean(eigenvalues <= near_zero_tol * largest)),
-        "stable_rank": float(eigenvalues.sum() / largest) if largest > 0 else 0.0,
+        base.NEAR_ZERO_FRACTION: float(np.mean(eigenvalues <= near_zero_tol * largest)),
+        base.STABLE_RANK: float(eigenvalues.sum() / largest) if largest > 0 else 0.0,
         "alpha": power_law_alpha(eigenvalues),
     }
 
@@ -79,6 +80,8 @@ def weight_spectrum(model, near_zero_tol=1e-3):
 class WeightSpectrumProbe:
     """Writes `<kernel>/spectral_norm`, `condition_number`, `near_zero`,
     `near_zero_fraction`, `stable_rank`, `alpha`, and the array `<kernel>/eigenvalues`."""
+
+    kind = base.WEIGHT_SPECTRUM
 
     def __init__(self, every="epoch", near_zero_tol=1e-3, name="weight_spectrum"):
         self.every, self.near_zero_tol, self.name = every, near_zero_tol, name

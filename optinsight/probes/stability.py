@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from optinsight import compat
+from optinsight.probes import base
 from optinsight.probes.common import optimizer_learning_rate
 from optinsight.probes.hvp import HessianOperator
 from optinsight.probes.krylov import top_eigenpairs
@@ -98,5 +99,5 @@ def sharpness(model, x, y, optimizer=None, max_iter=100, tol=1e-3, seed=0, plain
 def stability_summary(sharpness_value, limit):
     """{"sharpness", "stability_limit", "stability_ratio"}: the ratio is None with the
     limit."""
-    return {"sharpness": sharpness_value, "stability_limit": limit,
-            "stability_ratio": None if limit is None else sharpness_value / limit}
+    return {base.SHARPNESS: sharpness_value, base.STABILITY_LIMIT: limit,
+            base.STABILITY_RATIO: None if limit is None else sharpness_value / limit}

@@ -15,6 +15,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from optinsight.metrics import run_families  # noqa: E402
+from optinsight.probes import base  # noqa: E402
 from optinsight.signs import SIGN_COLOURS  # noqa: E402
 
 
@@ -39,9 +40,12 @@ def _steps(run, *columns):
     return run.steps
 
 
-def _probe(run, name, *columns):
-    if run.probes.empty or name not in set(run.probes["probe"]):
-        raise ProbeAbsent(name)
+def _probe(run, kind, *columns):
+    """The evaluations of the run's first probe of `kind` (`probes.base`); ProbeAbsent
+    if it has none, MissingData if they recorded none of `columns`."""
+    if run.probes.empty or kind not in set(run.probes["kind"]):
+        raise ProbeAbsent(kind)
+    name = run.probes.loc[run.probes["kind"] == kind, "probe"].iloc[0]
     rows = run.probes[run.probes["probe"] == name]
     missing = [c for c in columns if c not in rows or rows[c].isna().all()]
     if missing:
@@ -49,11 +53,10 @@ def _probe(run, name, *columns):
     return rows
 
 
-def _arrays(run, probe, missing):
-    """[(step, {name: array})] of `probe`'s evaluations; ProbeAbsent if the run has no
-    such probe, MissingData(missing) if it recorded no arrays."""
-    _probe(run, probe)
-    evaluations = run.probe_arrays(probe)
+def _arrays(run, kind, missing):
+    """[(step, {name: array})] of the evaluations of the run's first probe of `kind`;
+    ProbeAbsent if it has none, MissingData(missing) if they recorded no arrays."""
+    evaluations = run.probe_arrays(_probe(run, kind)["probe"].iloc[0])
     if not evaluations:
         raise MissingData(missing)
     return evaluations
@@ -249,8 +252,9 @@ def gradient_histograms(run, kind="gradients"):
 
 
 def activations_over_time(run):
-    evaluations = _arrays(run, "activations", "the 'activations' probe recorded no histograms")
-    layers = [k[len("hist/"):] for k in evaluations[-1][1] if k.startswith("hist/")]
+    evaluations = _arrays(run, base.ACTIVATIONS, "the activation probe recorded no histograms")
+    prefix = base.ACTIVATION_HISTOGRAM
+    layers = [k[len(prefix):] for k in evaluations[-1][1] if k.startswith(prefix)]
     cols = min(3, len(layers))  # panels of about 3.6 in (≥ 250 px at the page's width)
     rows = -(-len(layers) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.7 * cols, 3.0 * rows), squeeze=False,
@@ -259,7 +263,7 @@ def activations_over_time(run):
         ax.set_visible(False)
     steps = [step for step, _ in evaluations]
     for ax, layer in zip(axes.flat, layers):
-        counts = np.array([a[f"hist/{layer}"] for _, a in evaluations], dtype=float).T
+        counts = np.array([a[prefix + layer] for _, a in evaluations], dtype=float).T
         fractions = counts / np.maximum(counts.sum(axis=0, keepdims=True), 1)
         image = ax.imshow(np.log10(fractions + 1e-6), aspect="auto", origin="lower",
                           cmap="magma", extent=(steps[0] - 0.5, steps[-1] + 0.5, 0,
@@ -275,22 +279,23 @@ def activations_over_time(run):
 
 
 def sharpness(run):
-    rows = _probe(run, "hessian", "lambda_1")
+    rows = _probe(run, base.HESSIAN, base.LAMBDA_1)
     fig, ax = plt.subplots(figsize=(11, 3.4))
-    ax.plot(rows["step"], rows["lambda_1"], "o-", label="λmax (top Hessian eigenvalue)")
-    own = rows["lambda_1"]
-    if "stability_limit" in rows and rows["stability_limit"].notna().any():
+    top = rows[base.LAMBDA_1]
+    ax.plot(rows["step"], top, "o-", label="λmax (top Hessian eigenvalue)")
+    own = top
+    if base.STABILITY_LIMIT in rows and rows[base.STABILITY_LIMIT].notna().any():
         # the optimizer's own sharpness (preconditioned for Adam, RMSprop) and limit
-        if not np.allclose(rows["sharpness"], rows["lambda_1"], equal_nan=True):
-            ax.plot(rows["step"], rows["sharpness"], "s-", label="the optimizer's sharpness")
-            own = rows["sharpness"]
-        limit, limit_label = rows["stability_limit"], "the optimizer's stability limit"
-    elif "lr_times_lambda_max" in rows:
-        limit = 2 * rows["lambda_1"] / rows["lr_times_lambda_max"]
+        if not np.allclose(rows[base.SHARPNESS], top, equal_nan=True):
+            own = rows[base.SHARPNESS]
+            ax.plot(rows["step"], own, "s-", label="the optimizer's sharpness")
+        limit, limit_label = rows[base.STABILITY_LIMIT], "the optimizer's stability limit"
+    elif base.LR_TIMES_LAMBDA_MAX in rows:
+        limit = 2 * top / rows[base.LR_TIMES_LAMBDA_MAX]
         limit_label = "2 / learning rate (stability limit)"
     else:
         limit = None
-    for c in [c for c in rows.columns if c.startswith("lambda_max/")]:
+    for c in [c for c in rows.columns if c.startswith(base.LAYER_LAMBDA_MAX)]:
         ax.plot(rows["step"], rows[c], lw=0.8, alpha=0.7, label=c)
     title = "Sharpness"
     if limit is not None:
@@ -313,17 +318,18 @@ def sharpness(run):
 
 
 def hessian_density(run):
-    missing = "the 'hessian' probe recorded no density (density=True)"
-    evaluations = [(s, a) for s, a in _arrays(run, "hessian", missing) if "density" in a]
+    missing = "the Hessian probe recorded no density (density=True)"
+    evaluations = [(s, a) for s, a in _arrays(run, base.HESSIAN, missing)
+                   if base.DENSITY in a]
     if not evaluations:
         raise MissingData(missing)
     fig, ax = plt.subplots(figsize=(11, 3.4))
     floor = np.inf
     for i, (step, arrays) in enumerate(evaluations):
         colour = _ramp(i, len(evaluations))
-        density = np.asarray(arrays["density"], dtype=float)
+        density = np.asarray(arrays[base.DENSITY], dtype=float)
         floor = min(floor, 1e-6 * density.max())  # as PyHessian draws it
-        ax.plot(arrays["density_grid"], np.maximum(density, floor), color=colour, lw=0.9,
+        ax.plot(arrays[base.DENSITY_GRID], np.maximum(density, floor), color=colour, lw=0.9,
                 label=f"step {step}" if i in (0, len(evaluations) - 1) else None)
     ax.set(xlabel="eigenvalue", ylabel="density", yscale="log", ylim=(floor, None),
            title="Hessian spectral density (stochastic Lanczos quadrature), from 1e-6 of "
@@ -334,14 +340,14 @@ def hessian_density(run):
 
 
 def ntk(run):
-    rows = _probe(run, "ntk", "kernel_change")
+    rows = _probe(run, base.NTK, base.KERNEL_CHANGE)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4))
-    for key in ("same", "different"):
+    for key in (base.NTK_SAME, base.NTK_DIFFERENT):
         if key in rows:
             a.plot(rows["step"], rows[key], "o-", label=f"{key}-class mean")
     a.set(xlabel="step", ylabel="kernel entry", title="NTK class similarity")
     a.legend(fontsize=8)
-    b.plot(rows["step"], rows["kernel_change"], "o-", color="tab:red")
+    b.plot(rows["step"], rows[base.KERNEL_CHANGE], "o-", color="tab:red")
     b.set(xlabel="step", ylabel="‖K_t − K_0‖ / ‖K_0‖",
           title="Kernel change (small: lazy regime; large: features move)")
     fig.tight_layout()
@@ -349,14 +355,14 @@ def ntk(run):
 
 
 def weight_spectra(run):
-    evaluations = _arrays(run, "weight_spectrum", "the 'weight_spectrum' probe recorded no "
-                                                  "spectra")
+    evaluations = _arrays(run, base.WEIGHT_SPECTRUM, "the weight-spectrum probe recorded "
+                                                     "no spectra")
     step, arrays = evaluations[-1]
     fig, ax = plt.subplots(figsize=(11, 3.6))
     for key, values in arrays.items():
-        if key.endswith("/eigenvalues") and len(values):
+        if key.endswith("/" + base.EIGENVALUES) and len(values):
             ranks = np.arange(1, len(values) + 1)
-            ax.loglog(ranks, values, ".-", ms=3, lw=0.8, label=key[: -len("/eigenvalues")])
+            ax.loglog(ranks, values, ".-", ms=3, lw=0.8, label=key.rsplit("/", 1)[0])
     ax.set(xlabel="rank", ylabel="eigenvalue of W Wᵀ",
            title=f"Weight spectra at step {step} (a steep head over a flat tail is healthy)")
     ax.legend(fontsize=7, ncol=2)
