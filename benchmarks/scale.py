@@ -109,6 +109,7 @@ def write_long_run(log_dir, steps=100_000, n_vars=214, burst=32):
     """A run of `steps` steps of `n_vars` variables through StepLog (synthetic stats)."""
     from optinsight.logs.guard import WriteGuard
     from optinsight.logs.jsonlog import JsonlWriter, write_json_atomic
+    from optinsight.logs.layout import Layout
     from optinsight.logs.step_log import StepLog
     from optinsight.metrics import BAND_STATS, EXTRA_STATS, GLOBAL_STATS, Row
     from optinsight.schedule import Every
@@ -117,7 +118,7 @@ def write_long_run(log_dir, steps=100_000, n_vars=214, burst=32):
     thresholds, decay = (1e-7, 1e-5), 0.9
     n_stats = len(GLOBAL_STATS) + 2 * len(thresholds) * len(BAND_STATS) + len(EXTRA_STATS)
     os.makedirs(log_dir)
-    log = StepLog(log_dir, names, thresholds, decay, None, Every(1), Every(0), (),
+    log = StepLog(Layout(log_dir), names, thresholds, decay, None, Every(1), Every(0), (),
                   WriteGuard(log_dir),
                   JsonlWriter(os.path.join(log_dir, "steps.jsonl")))
     rng = np.random.default_rng(0)

@@ -34,8 +34,9 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         sign_map_max_params: most parameters per variable in a sign map (a
             deterministic stride picks them).
         probes: probe objects with `name`, `every` (steps or "epoch") and
-            `__call__(model, x, y) -> dict`; each also runs once at the start of a
-            fresh run (step 0), so changes are measured from initialisation.
+            `__call__(model, x, y) -> dict` (`optinsight.probes.base`); each also runs
+            once at the start of a fresh run (step 0), so changes are measured from
+            initialisation.
         probe_data: the (x, y) batch probes run on; needed when `probes` is set.
         tensorboard: also write TensorBoard event files.
         update_freq: "batch", "epoch", or batches between whole-model TensorBoard

@@ -3,7 +3,7 @@
 In the compiled step, `apply_gradients` replaces `optimizer.apply_gradients`: it
 applies the gradients and has the `DynamicsTracker` reduce the step to a few hundred
 numbers on the device. On the host, `batch_end` reads those rows in bursts
-(READ_EVERY_STEPS / READ_EVERY_SECONDS) and hands them to the `RunWriter`; it also
+(READ_EVERY_STEPS / READ_EVERY_SECONDS) and hands them to the `RunLog`; it also
 schedules histograms, sign maps and probes. `epoch_end` closes an epoch: insight.json,
 checkpoint, diagnosis. `OptimizationInsightCallback` drives one recorder from `fit`.
 
@@ -14,7 +14,6 @@ workers touch no file.
 """
 
 import math
-import os
 import re
 import sys
 import time
@@ -35,13 +34,8 @@ from optinsight.checkpoint import (
 from optinsight.diagnose import diagnose_run
 from optinsight.dynamics import DynamicsTracker
 from optinsight.locate import NonfiniteLocator
-from optinsight.logs.jsonlog import read_json, truncate_jsonl
-from optinsight.logs.reader import part_matrix
-from optinsight.logs.run_writer import RunWriter
-from optinsight.logs.store import part_paths, truncate_parts
-from optinsight.logs.summary import RunHistory
-from optinsight.logs.tensorboard import truncate_events
-from optinsight.metrics import GLOBAL_STATS, metric_names, model_metric_names
+from optinsight.logs.run_log import Layout, RunLog
+from optinsight.metrics import GLOBAL_STATS, model_metric_names
 from optinsight.options import InsightOptions, prepare_log_dir, validate_log_dir
 from optinsight.probes.common import check_input_shape
 
@@ -133,6 +127,7 @@ class InsightRecorder:
                  **options):
         compat.check_backend()
         self.log_dir = validate_log_dir(log_dir)
+        self.layout = Layout(self.log_dir)  # where each file of the run lives
         self.options = InsightOptions.of(options)
         self._probes = self.options.probe_schedules()  # [(probe, kind, Every)]
         self.model, self.optimizer = model, optimizer
@@ -142,8 +137,7 @@ class InsightRecorder:
         self.variable_changes = []  # [{"step", "added", "removed"}]: trainable_changed
         self.partial_epochs = []  # epochs that training stopped inside
         self.nonfinite_origin = None  # where NaN/Inf first appeared before a resume
-        self.writer = None  # RunWriter of the chief; None on other workers
-        self.history = None
+        self.log = None  # the run's RunLog on the chief; None on other workers
         self.step = 0  # steps trained
         self.epoch = 0  # the epoch being trained (epochs finished)
         self.initial_epoch = 0  # where this session started: > 0 after resume
@@ -172,7 +166,7 @@ class InsightRecorder:
         chief = is_chief(strategy)
         if chief:
             prepare_log_dir(self.log_dir)
-            if not options.resume and os.path.exists(self._path("steps.jsonl")):
+            if not options.resume and self.layout.holds_run():
                 raise ValueError(
                     f"log_dir {self.log_dir!r} already holds a run; pass resume=True to "
                     "continue it, or choose another log_dir")
@@ -182,8 +176,9 @@ class InsightRecorder:
         if options.probes:  # before any step or probe runs
             check_input_shape(model, options.probe_data[0], "probe_data's x")
         tracker = self._new_tracker(variables, strategy)
-        checkpoint = read_checkpoint(self._path("checkpoint")) if options.resume else None
-        if options.resume and checkpoint is None and os.path.exists(self._path("steps.jsonl")):
+        checkpoint = read_checkpoint(self.layout.checkpoint) if options.resume \
+            else None
+        if options.resume and checkpoint is None and self.layout.holds_run():
             raise ValueError(
                 f"log_dir {self.log_dir!r} holds a run but no checkpoint to resume "
                 "from (checkpoint_freq was 0 or it stopped in its first epoch)")
@@ -194,11 +189,8 @@ class InsightRecorder:
         if checkpoint is not None:
             document = self._resume(tracker, *checkpoint)
         self._note_model(tracker)
-        keys = metric_names(options.thresholds, options.ema_decay)
-        self.history = RunHistory(self.names, keys, model_metric_names(
-            options.thresholds, options.ema_decay))
         if chief:
-            self.writer = RunWriter(self.log_dir, self.names, options)
+            self.log = RunLog(self.log_dir, self.names, options)
         self.tracker = tracker
         self.locator = NonfiniteLocator(model, tracker._state)
         if checkpoint is not None:
@@ -215,8 +207,7 @@ class InsightRecorder:
         weights and the optimizer from the checkpoint (`state`, the tracker's `saved`
         state) and take the run's variable names and changes; returns insight.json's
         document (None if there is none). Nothing is changed when a check fails."""
-        path = self._path("insight.json")
-        document = read_json(path) if os.path.exists(path) else None
+        document = RunLog.previous_document(self.log_dir)
         if document is not None:
             check_resume(self.log_dir, document, self.options, model_metric_names(
                 self.options.thresholds, self.options.ema_decay))
@@ -224,7 +215,7 @@ class InsightRecorder:
         positions = weight_positions(model, tracker.tracked_variables)
         change = restore_tracker(tracker, saved, positions,
                                  [int(np.prod(w.shape)) for w in model.weights])
-        restored = load_weights(self._path("checkpoint"), state, model, self.optimizer,
+        restored = load_weights(self.layout.checkpoint, state, model, self.optimizer,
                                 saved.get("positions", positions), positions)
         self.names = list(tracker.names)
         if document is not None:
@@ -306,7 +297,7 @@ class InsightRecorder:
         variables = list(self.model.trainable_variables)
         if old is None or tuple(map(id, variables)) == tuple(map(id, old.tracked_variables)):
             return
-        if self.writer is not None:
+        if self.log is not None:
             self._read_rows()
         tracker = self._new_tracker(variables, self._strategy())
         added = [n for n in tracker.names if n not in old.names]
@@ -316,10 +307,8 @@ class InsightRecorder:
         self.names += new
         self.sizes.update(zip(tracker.names, tracker.sizes))
         self._note_model(tracker)
-        if self.writer is not None and new:
-            self.writer.add_variables(new)
-        if new:
-            self.history.add_variables(new)
+        if self.log is not None and new:
+            self.log.add_variables(new)
         self.tracker = tracker
 
     def __enter__(self):
@@ -333,13 +322,13 @@ class InsightRecorder:
         """Write every step recorded so far and insight.json (of the finished epochs),
         and close the files. A later step or
         epoch (a further `fit` with the callback) opens them again."""
-        if self.writer is None:
+        if self.log is None:
             return
         self._read_rows()
-        self.writer.flush()
-        self.writer.epoch_summary(self.summary(), {}, self.step)
-        self.writer.zero_since(self.tracker.read_zero_since(), self.step)
-        self.writer.close()
+        self.log.flush()
+        self.log.write_summary(self.summary(), self.step, epoch_end=False)
+        self.log.zero_since(self.tracker.read_zero_since(), self.step)
+        self.log.close()
 
     def ensure_steps_per_call(self, steps):
         """Make room for `steps` train steps between two `batch_end` calls (a model
@@ -348,9 +337,6 @@ class InsightRecorder:
         if self.tracker is not None:
             self.tracker.ensure_buffer(READ_EVERY_STEPS + self.steps_per_call,
                                        self.steps_per_call)
-
-    def _path(self, *parts):
-        return os.path.join(self.log_dir, *parts)
 
     # ----------------------------------------------------------- in the step
     def apply_gradients(self, grads_and_vars, loss=None, inputs=None):
@@ -407,7 +393,7 @@ class InsightRecorder:
         self.step = previous + 1 if step is None else int(step)
 
         options = self.options
-        if self.writer is not None:
+        if self.log is not None:
             if self.step - self._read >= READ_EVERY_STEPS \
                     or time.monotonic() >= self._next_read:
                 self._read_rows()
@@ -438,7 +424,7 @@ class InsightRecorder:
                 full[slots] = row.stats
                 expanded.append(row._replace(stats=full))
             rows = expanded
-        self.writer.rows(rows, self.epoch, self.epoch_start_step)
+        self.log.rows(rows, self.epoch, self.epoch_start_step)
         if self.options.stop_on:
             nonfinite = GLOBAL_STATS.index("nonfinite")
             for row in rows:  # a loss-scale skip discards its overflow by design
@@ -449,10 +435,10 @@ class InsightRecorder:
     def _record_histograms(self):
         for step, histograms in self.tracker.read_histograms(self._histogram_step):
             self._histogram_step = step
-            self.writer.histograms(step, self.epoch, histograms, self.tracker.names)
+            self.log.histograms(step, self.epoch, histograms, self.tracker.names)
 
     def _record_sign_map(self, label):
-        self.writer.sign_map(label, self.step, self.epoch, self.tracker.last_gradients(
+        self.log.sign_map(label, self.step, self.epoch, self.tracker.last_gradients(
             self.options.sign_map_max_params or None))
 
     # ---------------------------------------------------------------- epochs
@@ -464,7 +450,7 @@ class InsightRecorder:
                              f"{self.epoch}; after resume, count epochs from "
                              "recorder.initial_epoch")
         epoch = self.epoch
-        if self.writer is not None:
+        if self.log is not None:
             self._end_epoch(epoch, logs or {})
         else:  # other workers run the probes too: they may use collective ops
             for probe, kind, every in self._probes:
@@ -475,21 +461,18 @@ class InsightRecorder:
     def _end_epoch(self, epoch, logs):
         options = self.options
         self._read_rows()
-        steps, model_rows, means = self.writer.end_epoch(self.step)
-        self.history.add_epoch(epoch, steps, model_rows, means, logs)
+        self.log.end_epoch(epoch, self.step, logs)
         if options.sign_map_freq.at_epoch_end:
             self._record_sign_map(f"epoch_{epoch:04d}")
         for probe, kind, every in self._probes:
             if every.at_epoch_end:
                 self._run_probe(probe, kind)
         document = self.summary()
-        self.writer.epoch_summary(
-            document, {k: v[-1] for k, v in self.history.epoch_wise.items()}, self.step)
-        self.writer.zero_since(self.tracker.read_zero_since(), self.step)
+        self.log.write_summary(document, self.step)
+        self.log.zero_since(self.tracker.read_zero_since(), self.step)
         if options.checkpoint_freq.due(epoch, epoch + 1):
-            self.writer.guard.run("checkpoint/", save_checkpoint, self._path("checkpoint"),
-                                  epoch + 1, self.step, self.model, self.optimizer,
-                                  self.tracker)
+            self.log.guarded("checkpoint/", save_checkpoint, self.layout.checkpoint,
+                             epoch + 1, self.step, self.model, self.optimizer, self.tracker)
         if options.diagnosis or options.stop_on:
             self._check_findings(document)
 
@@ -501,17 +484,16 @@ class InsightRecorder:
         self.sync_step()
         if self.step == self.epoch_start_step:
             return
-        if self.writer is not None:
+        if self.log is not None:
             self._read_rows()
-            steps, model_rows, means = self.writer.end_epoch(self.step)
-            self.history.add_epoch(self.epoch, steps, model_rows, means, {})
+            self.log.end_epoch(self.epoch, self.step, {})
         self.partial_epochs.append(self.epoch)
         self.epoch, self.epoch_start_step = self.epoch + 1, self.step
 
     def run_so_far(self, document):
         """The run as `read_log` loads it, from memory (`document`: `summary()`), with
         the per-variable keys of the diagnosis at up to 4,096 evenly spaced steps."""
-        return self.history.run(document, self.log_dir, self.writer.step_log.history)
+        return self.log.run(document)
 
     def _check_findings(self, document):
         """The diagnosis of the run so far: its new warnings and errors printed (with
@@ -537,7 +519,7 @@ class InsightRecorder:
     def summary(self):
         """The insight.json document (docs/logs.md) of the finished epochs."""
         options = self.options
-        return self.history.document({
+        return self.log.document({
             "thresholds": list(options.thresholds), "ema_decay": options.ema_decay,
             "variables": list(self.names),
             "variable_sizes": [self.sizes[n] for n in self.names],
@@ -557,16 +539,16 @@ class InsightRecorder:
         began = time.monotonic()
         try:
             result = probe(self.model, x, y)
-            if self.options.verbose and self.writer is not None:
+            if self.options.verbose and self.log is not None:
                 print(f"optinsight: probe {probe.name!r} at step {self.step}: "
                       f"{time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
         except Exception as e:  # a probe must not end a long training run
-            if self.writer is None:
+            if self.log is None:
                 return
             message = error_line(e)
             print(f"optinsight: probe {probe.name!r} failed at step {self.step}: {message}",
                   file=sys.stderr)
-            self.writer.probe_error(record, message)
+            self.log.probe_error(record, message)
             return
         scalars, arrays = {}, {}
         for key, value in result.items():
@@ -576,10 +558,9 @@ class InsightRecorder:
                 scalars[key] = float(value)
             else:
                 arrays[key] = np.asarray(value)
-        if self.writer is None:
+        if self.log is None:
             return
-        self.writer.probe(record, scalars, arrays)
-        self.history.add_probe(probe.name, self.step, scalars)
+        self.log.probe(record, scalars, arrays)
 
     # ---------------------------------------------------------------- resume
     def _restore(self, state, document):
@@ -588,15 +569,5 @@ class InsightRecorder:
         logs truncated to its step."""
         self.step = self._read = self.epoch_start_step = int(state["step"])
         self.epoch = self.initial_epoch = int(state["epoch"])
-        for name in ("steps.jsonl", "probes.jsonl"):
-            truncate_jsonl(self._path(name), self.step)
-        for name in ("model", "layers", "histograms"):
-            truncate_parts(self._path(name), self.step)
-        truncate_events(self._path("tensorboard", "train"), self.step)
         self._histogram_step = self.step
-        if document is not None:
-            self.history.load(document, self.epoch, self.step)
-        thinned = self.writer.step_log.history  # refilled from layers/, part by part
-        for path in part_paths(self._path("layers")):
-            steps, values = part_matrix(path, thinned.keys, self.names)
-            thinned.append(steps, values)
+        self.log.truncate_to(self.step, self.epoch, document)

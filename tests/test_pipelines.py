@@ -150,7 +150,7 @@ def test_a_live_read_has_every_line_of_steps_jsonl(tmp_path, monkeypatch):
     class ReadLive(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):  # after cb's (it hears first)
             if batch == 37:
-                cb.recorder.writer.flush()
+                cb.recorder.log.flush()
                 lines = open(tmp_path / "steps.jsonl").read().splitlines()
                 seen.append((len(lines), oi.read_log(tmp_path).steps["step"].tolist()))
 

@@ -121,3 +121,52 @@ def test_resume_after_unfreezing_layers_continues_the_run(tmp_path, capsys):
     assert [r["step"] for r in step_records(tmp_path)] == list(range(1, 17))
     grad_norm = run.layer(base[0])["grad_norm"]
     assert grad_norm[:8].isna().all() and (grad_norm[8:] > 0).all()
+
+
+class Failing:
+    """A probe that fails at its second evaluation."""
+
+    name, kind, every = "flaky", "test", "epoch"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, model, x, y):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("second call")
+        return {"calls": float(self.calls)}
+
+
+def test_the_run_so_far_is_the_run_on_disk_also_after_resume(tmp_path):
+    """RunLog.run (what the epoch-end diagnosis reads) is built from memory; its steps,
+    epochs and probes (a failure among them) equal read_log's of the files, before and
+    after a resume truncated the logs to the checkpoint."""
+    x, y = tiny_data(n=64)
+    probe_data = (x[:8], y[:8])
+
+    def recorded(model, epochs, **options):
+        cb = oi.OptimizationInsightCallback(tmp_path, probes=[Failing()],
+                                            probe_data=probe_data, diagnosis=False, **options)
+        model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0,
+                  callbacks=[cb])
+        recorder = cb.recorder
+        return recorder.run_so_far(recorder.summary()), oi.read_log(tmp_path)
+
+    def assert_same(memory, disk):
+        assert memory.probes.columns.tolist() == disk.probes.columns.tolist()
+        for column in memory.probes:
+            assert memory.probes[column].tolist() == pytest.approx(
+                disk.probes[column].tolist(), nan_ok=True) if memory.probes[column].dtype \
+                != object else memory.probes[column].tolist() == disk.probes[column].tolist()
+        assert memory.steps["step"].tolist() == disk.steps["step"].tolist()
+        assert memory.epochs.equals(disk.epochs)
+
+    memory, disk = recorded(build(), 3)
+    assert disk.probes["error"].notna().sum() == 1 and set(disk.probes["kind"]) == {"test"}
+    assert_same(memory, disk)
+    with open(tmp_path / "checkpoint" / "state.json") as f:
+        assert json.load(f)["epoch"] == 3
+    memory, disk = recorded(build(), 4, resume=True)
+    assert disk.probes["step"].tolist() == [0, 4, 8, 12, 16]
+    assert_same(memory, disk)

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from optinsight.logs.jsonlog import iter_jsonl, jsonl_after, read_json, read_jsonl
+from optinsight.logs.layout import Layout
 from optinsight.logs.store import iter_batches, part_batches, part_paths, read_parts
 
 _INDEX = ("step", "epoch", "batch")
@@ -153,7 +154,7 @@ class Run:
         """Gradient/weight histograms, in step order: a list of {"step", "epoch",
         "gradients": {var: {"range": [lo, hi], "counts": [...]}}, "weights": {...}}
         (histograms/; only `variables` when given)."""
-        table = read_parts(os.path.join(self.log_dir, "histograms"),
+        table = read_parts(Layout(self.log_dir).histograms,
                            variables=None if variables is None else list(variables))
         if table is None:
             return []
@@ -182,7 +183,7 @@ class Run:
         """{variable: int64 [units]} of units.npz (docs/logs.md): per output unit, the
         first step of its current run of all-zero gradients, 0 if its last gradient
         was not all zero; {} when the run has none."""
-        path = os.path.join(self.log_dir, "units.npz")
+        path = Layout(self.log_dir).units_npz
         if not os.path.exists(path):
             return {}
         with np.load(path) as arrays:
@@ -190,7 +191,7 @@ class Run:
 
     def sign_maps(self):
         """[(label, {variable: int8 codes}, meta)] of signs/*.npz, in order."""
-        directory = os.path.join(self.log_dir, "signs")
+        directory = Layout(self.log_dir).signs
         out = []
         for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
             if name.endswith(".npz") and not name.endswith(".tmp.npz"):
@@ -224,7 +225,9 @@ def _step_row(record, path, index):
     return row
 
 
-def _probe_row(record, path, index):
+def probe_row(record, path="probes.jsonl", index=0):
+    """The probes frame's row of one probes.jsonl record (ValueError naming `path` and
+    the record's line `index` + 1 if it is not one)."""
     if not (isinstance(record, dict) and _is_int(record.get("step"))
             and _is_int(record.get("epoch")) and isinstance(record.get("probe"), str)
             and _numbers(record.get("values", {}))
@@ -268,7 +271,7 @@ def _steps_frame(path):
 
 def probes_frame(path):
     """The probe evaluations in the probes.jsonl file `path` (see `Run.probes`)."""
-    return pd.DataFrame([_probe_row(r, path, i) for i, r in enumerate(read_jsonl(path))])
+    return pd.DataFrame([probe_row(r, path, i) for i, r in enumerate(read_jsonl(path))])
 
 
 def epoch_frame(summary, path):
@@ -298,16 +301,15 @@ def read_log(log_dir):
                                 "(the one that holds insight.json)")
     if not os.path.isdir(log_dir):
         raise FileNotFoundError(f"log dir {log_dir!r} does not exist")
-    summary_path = os.path.join(log_dir, "insight.json")
-    steps_path = os.path.join(log_dir, "steps.jsonl")
-    probes_path = os.path.join(log_dir, "probes.jsonl")
+    layout = Layout(log_dir)
+    summary_path, steps_path = layout.insight_json, layout.steps_jsonl
     if not os.path.exists(summary_path) and not os.path.exists(steps_path):
         raise FileNotFoundError(
             f"{log_dir!r} holds no optinsight run (no insight.json or steps.jsonl)")
     summary = read_json(summary_path) if os.path.exists(summary_path) else {}
     if not isinstance(summary, dict):
         raise ValueError(f"{summary_path} is not an optinsight summary (a JSON object)")
-    model = os.path.join(log_dir, "model")
+    model = layout.model
     if part_paths(model):
         steps = _model_frame(model)
         # model/ is flushed every 32 steps; steps.jsonl has every whole line.
@@ -319,7 +321,7 @@ def read_log(log_dir):
         steps = _steps_frame(steps_path)
     if not steps.empty:
         steps = steps.astype(float).astype({k: int for k in _INDEX})
-    layers = os.path.join(log_dir, "layers")
+    layers = layout.layers
     variables = summary.get("meta", {}).get("variables") if isinstance(
         summary.get("meta"), dict) else None
     if not (isinstance(variables, list) and all(isinstance(v, str) for v in variables)):
@@ -327,7 +329,8 @@ def read_log(log_dir):
     variable_data = StoreFrames(layers, variables) if part_paths(layers) \
         else _schema1_layers(steps_path) or StoreFrames(layers, variables)
     return Run(steps=steps, epochs=epoch_frame(summary, summary_path), summary=summary,
-               probes=probes_frame(probes_path), log_dir=log_dir, variable_data=variable_data)
+               probes=probes_frame(layout.probes_jsonl), log_dir=log_dir,
+               variable_data=variable_data)
 
 
 def _schema1_layers(path):

@@ -40,41 +40,37 @@ class RunWriter:
     """The writers of one log dir.
 
     Args:
-        root: the log dir (it exists).
+        layout: the log dir's `Layout` (the dir exists).
         names: variable names, in the tracker's order.
         options: the run's `InsightOptions`.
     """
 
-    def __init__(self, root, names, options):
-        self.root, self.names, self.options = root, tuple(names), options
-        self.guard = WriteGuard(root)
+    def __init__(self, layout, names, options):
+        self.layout, self.names, self.options = layout, tuple(names), options
+        self.guard = WriteGuard(layout.root)
         self._writers = {}
         self._background = None
         self.step_log = StepLog(
-            root, self.names, options.thresholds, options.ema_decay,
+            layout, self.names, options.thresholds, options.ema_decay,
             self._tb if options.tensorboard else None, options.update_freq,
             options.variable_update_freq, diagnosis_keys(options.thresholds), self.guard,
-            self._writer("steps.jsonl"))
-
-    def path(self, *parts):
-        return os.path.join(self.root, *parts)
+            self._jsonl("steps.jsonl", layout.steps_jsonl))
 
     # Writers open their files on first write; setdefault (atomic) makes the training
     # thread and the writer thread share one writer per file. Keyed by the names the
     # write guard reports.
-    def _writer(self, name):
-        return self._writers.get(name) or self._writers.setdefault(
-            name, JsonlWriter(self.path(name)))
+    def _jsonl(self, name, path):
+        return self._writers.get(name) or self._writers.setdefault(name, JsonlWriter(path))
 
     @property
     def _tb(self):
         return self._writers.get("tensorboard/") or self._writers.setdefault(
-            "tensorboard/", TensorBoardWriter(self.path("tensorboard", "train")))
+            "tensorboard/", TensorBoardWriter(self.layout.tensorboard_train))
 
     @property
     def _histogram_store(self):
         return self._writers.get("histograms/") or self._writers.setdefault(
-            "histograms/", PartWriter(self.path("histograms"), flush_rows=1))
+            "histograms/", PartWriter(self.layout.histograms, flush_rows=1))
 
     def _write(self, name, write, *args):
         """write(*args) through the guard (`name`: the file or folder it writes)."""
@@ -125,7 +121,7 @@ class RunWriter:
         codes = {name: sign_codes(g) for name, (g, _) in gradients.items()}
         strides = {name: stride for name, (_, stride) in gradients.items()}
         meta = json.dumps({"step": step, "epoch": epoch, "strides": strides})
-        self._write("signs/", save_npz_atomic, self.path("signs", f"{label}.npz"),
+        self._write("signs/", save_npz_atomic, self.layout.sign_map(label),
                     {"_meta": np.array(meta), **codes}, True)
         if self.options.tensorboard:
             for name, c in codes.items():
@@ -135,33 +131,41 @@ class RunWriter:
     def zero_since(self, arrays, step):
         """units.npz: {variable: zero_since [units]} as of `step`, replaced atomically
         (written now, not on the writer thread: the diagnosis reads it next)."""
-        self._write("units.npz", save_npz_atomic, self.path("units.npz"),
+        self._write("units.npz", save_npz_atomic, self.layout.units_npz,
                     {"_step": np.array(step), **arrays}, False)
 
     # ---------------------------------------------------------------- probes
     def probe(self, record, scalars, arrays):
-        """A probe's result: `record` ({"step", "epoch", "probe", "kind"}) with its scalars to
-        probes.jsonl, its arrays to probes/<probe>_<step>.npz, scalars to TensorBoard."""
+        """A probe's result: `record` ({"step", "epoch", "probe", "kind"}) with its
+        scalars to probes.jsonl, its arrays to probes/<probe>_<step>.npz, scalars to
+        TensorBoard. Returns the probes.jsonl record."""
         record = {**record, "values": scalars}
         if arrays:
-            name = f"{record['probe']}_{record['step']:08d}.npz"
+            path, relative = self.layout.probe_arrays(record["probe"], record["step"])
 
             def save():
-                os.makedirs(self.path("probes"), exist_ok=True)
-                np.savez_compressed(self.path("probes", name), **arrays)
+                os.makedirs(self.layout.probes, exist_ok=True)
+                np.savez_compressed(path, **arrays)
                 return True
 
             if self._write("probes/", save):
-                record["arrays"] = f"probes/{name}"
-        self._write("probes.jsonl", self._writer("probes.jsonl").write, record)
+                record["arrays"] = relative
+        self._write("probes.jsonl", self._probes_jsonl.write, record)
         if self.options.tensorboard:
             self._write("tensorboard/", self._tb.scalars, {
                 f"probes/{record['probe']}/{k}": v for k, v in scalars.items()},
                 record["step"])
+        return record
 
     def probe_error(self, record, message):
-        self._write("probes.jsonl", self._writer("probes.jsonl").write,
-                    {**record, "error": message})
+        """A failed probe's record, with why (one line), to probes.jsonl; returns it."""
+        record = {**record, "error": message}
+        self._write("probes.jsonl", self._probes_jsonl.write, record)
+        return record
+
+    @property
+    def _probes_jsonl(self):
+        return self._jsonl("probes.jsonl", self.layout.probes_jsonl)
 
     # ---------------------------------------------------------------- epochs
     def end_epoch(self, step):
@@ -176,7 +180,7 @@ class RunWriter:
             self._write("tensorboard/", self._tb.scalars,
                         {f"insight/epoch/{k}": v for k, v in epoch_scalars.items()}, step)
             self._write("tensorboard/", self._tb.flush)
-        self._write("insight.json", write_json_atomic, self.path("insight.json"), document)
+        self._write("insight.json", write_json_atomic, self.layout.insight_json, document)
 
     def close(self):
         """Write everything pending and close every file (a later write reopens)."""

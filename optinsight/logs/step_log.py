@@ -96,7 +96,7 @@ class StepLog:
     """Writes bursts of steps (`write`) and hands over each epoch (`end_epoch`).
 
     Args:
-        root: the log dir.
+        layout: the log dir's `Layout`.
         names: variable names, in the tracker's order.
         tensorboard: a TensorBoardWriter, or None.
         update_freq: when whole-model TensorBoard scalars are due (`schedule.Every`).
@@ -107,7 +107,7 @@ class StepLog:
         jsonl: the JsonlWriter of steps.jsonl.
     """
 
-    def __init__(self, root, names, thresholds, ema_decay, tensorboard, update_freq,
+    def __init__(self, layout, names, thresholds, ema_decay, tensorboard, update_freq,
                  variable_update_freq, history_keys, guard, jsonl):
         self.names = tuple(names)
         self.keys = metric_names(thresholds, ema_decay)
@@ -117,8 +117,8 @@ class StepLog:
         self.tensorboard, self.update_freq = tensorboard, update_freq
         self.variable_update_freq = variable_update_freq
         self.guard, self.jsonl = guard, jsonl
-        self.store = PartWriter(f"{root}/layers", STORE_FLUSH_STEPS * len(self.names))
-        self.model_store = PartWriter(f"{root}/model", STORE_FLUSH_STEPS)
+        self.store = PartWriter(layout.layers, STORE_FLUSH_STEPS * len(self.names))
+        self.model_store = PartWriter(layout.model, STORE_FLUSH_STEPS)
         self._history_columns = [self.keys.index(k) for k in history_keys if k in self.keys]
         self.history = ThinnedHistory([self.keys[i] for i in self._history_columns],
                                       len(self.names))

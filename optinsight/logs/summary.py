@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from optinsight.logs.jsonlog import JsonFragment, JsonList, plain
-from optinsight.logs.reader import ArrayFrames, Run, epoch_frame, probes_frame
+from optinsight.logs.reader import ArrayFrames, Run, epoch_frame
 
 SCHEMA_VERSION = 2
 EPOCH_KEYS = ("train_mean_loss", "val_mean_loss", "train_mean_acc", "val_mean_acc")
@@ -97,10 +97,11 @@ class RunHistory:
         document["meta"]["null_values"] = counter[0]
         return document
 
-    def run(self, document, log_dir, thinned):
+    def run(self, document, log_dir, thinned, probes):
         """The run as `read_log` loads it, from memory rather than from logs that grow
         with every step: every step's whole-model metrics, and per variable the keys of
-        `thinned` (a `ThinnedHistory`) at its steps. document: `document()`."""
+        `thinned` (a `ThinnedHistory`) at its steps. document: `document()`; probes:
+        the probes frame."""
         columns = {
             "step": np.concatenate(self.steps),
             "epoch": np.concatenate([np.full(len(steps), epoch) for epoch, steps
@@ -109,7 +110,7 @@ class RunHistory:
         }
         columns.update(zip(self.model_keys, np.concatenate(self.model).T))
         return Run(steps=pd.DataFrame(columns), epochs=epoch_frame(document, "insight.json"),
-                   summary=document, probes=probes_frame(f"{log_dir}/probes.jsonl"),
+                   summary=document, probes=probes,
                    log_dir=log_dir, variable_data=ArrayFrames(
                        thinned.steps, self.names, thinned.keys, thinned.values))
 

@@ -1,0 +1,125 @@
+"""`RunLog`: the one owner of a run's record (docs/logs.md; docs/architecture.md).
+
+It holds the log dir's layout, the writers and their thread (`RunWriter`), the
+finished epochs kept in memory (`RunHistory`), the thinned per-variable history the
+diagnosis reads, and the probe evaluations. The recorder hands it what it read from
+the device and asks it for the run so far (`run`, from memory, never from disk) and,
+at resume, to drop what came after a checkpoint (`truncate_to`). It names every file
+through `Layout`; the recorder names none.
+"""
+
+import os
+
+import pandas as pd
+
+from optinsight.logs.jsonlog import read_json, read_jsonl, truncate_jsonl
+from optinsight.logs.layout import Layout
+from optinsight.logs.reader import part_matrix, probe_row
+from optinsight.logs.run_writer import RunWriter
+from optinsight.logs.store import part_paths, truncate_parts
+from optinsight.logs.summary import RunHistory
+from optinsight.logs.tensorboard import truncate_events
+from optinsight.metrics import metric_names, model_metric_names
+
+
+class RunLog:
+    """The record of the run in `log_dir` (it exists), of variables `names` in the
+    tracker's order, recorded with `options` (an `InsightOptions`)."""
+
+    def __init__(self, log_dir, names, options):
+        self.layout = Layout(log_dir)
+        self.history = RunHistory(names, metric_names(options.thresholds, options.ema_decay),
+                                  model_metric_names(options.thresholds, options.ema_decay))
+        self.writer = RunWriter(self.layout, names, options)
+        self._probes = []  # every probe evaluation, as `read_log`'s probes frame rows
+
+    @staticmethod
+    def previous_document(log_dir):
+        """insight.json of the run already in `log_dir`, or None."""
+        path = Layout(log_dir).insight_json
+        return read_json(path) if os.path.exists(path) else None
+
+    # ------------------------------------------------------------- writing
+    def rows(self, rows, epoch, epoch_start):
+        """A burst of device rows (`metrics.Row`) of `epoch`, whose first step is
+        epoch_start + 1, to every per-step file (on the writer thread)."""
+        self.writer.rows(rows, epoch, epoch_start)
+
+    def histograms(self, step, epoch, histograms, names):
+        self.writer.histograms(step, epoch, histograms, names)
+
+    def sign_map(self, label, step, epoch, gradients):
+        self.writer.sign_map(label, step, epoch, gradients)
+
+    def zero_since(self, arrays, step):
+        self.writer.zero_since(arrays, step)
+
+    def probe(self, record, scalars, arrays):
+        """A probe evaluation: `record` ({"step", "epoch", "probe", "kind"}), its scalars
+        and arrays."""
+        written = self.writer.probe(record, scalars, arrays)
+        self.history.add_probe(record["probe"], record["step"], scalars)
+        self._probes.append(probe_row(written))
+
+    def probe_error(self, record, message):
+        """A probe evaluation that failed, and why (one line)."""
+        self._probes.append(probe_row(self.writer.probe_error(record, message)))
+
+    def add_variables(self, names):
+        """Variables trained from now on that were not before."""
+        self.writer.add_variables(names)
+        self.history.add_variables(names)
+
+    def end_epoch(self, epoch, step, logs):
+        """Close epoch `epoch` (the run at `step`; Keras-style `logs`, {} for a partial
+        epoch): its rows are flushed and kept in memory."""
+        steps, model_rows, means = self.writer.end_epoch(step)
+        self.history.add_epoch(epoch, steps, model_rows, means, logs)
+
+    def document(self, meta):
+        """The insight.json document of the finished epochs, with `meta`."""
+        return self.history.document(meta)
+
+    def write_summary(self, document, step, epoch_end=True):
+        """insight.json, and at an epoch end the epoch-wise TensorBoard scalars."""
+        scalars = {k: v[-1] for k, v in self.history.epoch_wise.items()} if epoch_end else {}
+        self.writer.epoch_summary(document, scalars, step)
+
+    def guarded(self, name, write, *args):
+        """write(*args) for `name` (a file or folder of the log dir) through the write
+        guard: a failure prints one line and is not raised."""
+        return self.writer.guard.run(name, write, *args)
+
+    def flush(self):
+        """Wait until everything handed over is written."""
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+    # ------------------------------------------------------------- reading
+    def run(self, document):
+        """The run as `read_log` loads it, from memory (`document`: `document()`), with
+        the per-variable keys of the diagnosis at up to 4,096 evenly spaced steps."""
+        return self.history.run(document, self.layout.root, self.writer.step_log.history,
+                                pd.DataFrame(self._probes))
+
+    # -------------------------------------------------------------- resume
+    def truncate_to(self, step, epochs, document):
+        """Continue after a checkpoint at `step`, after `epochs` epochs: every file
+        loses what came after it, and memory is refilled from what is left
+        (`document`: the previous insight.json, or None)."""
+        layout = self.layout
+        for path in (layout.steps_jsonl, layout.probes_jsonl):
+            truncate_jsonl(path, step)
+        for path in (layout.model, layout.layers, layout.histograms):
+            truncate_parts(path, step)
+        truncate_events(layout.tensorboard_train, step)
+        if document is not None:
+            self.history.load(document, epochs, step)
+        thinned = self.writer.step_log.history  # refilled from layers/, part by part
+        for path in part_paths(layout.layers):
+            steps, values = part_matrix(path, thinned.keys, self.history.names)
+            thinned.append(steps, values)
+        if os.path.exists(layout.probes_jsonl):
+            self._probes = [probe_row(r) for r in read_jsonl(layout.probes_jsonl)]
