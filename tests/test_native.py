@@ -1,6 +1,8 @@
 """Building and choosing the fused statistics kernel (its numbers are checked against
 numpy in test_dynamics.py, once per kernel)."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -56,3 +58,22 @@ def test_state_read_before_the_update_keeps_its_value():
     before, after = step(second)
     np.testing.assert_array_equal(before.numpy(), first.ravel())
     np.testing.assert_array_equal(after.numpy(), second.ravel())
+
+
+def test_the_kernels_columns_are_the_metric_tables():
+    """The fused kernel writes its statistics in the order metrics.py names them: its
+    column lists and counts, and the column it adds up as a maximum. (What each column
+    holds is checked against brute force through every named metric in
+    tests/test_dynamics.py, for this kernel and the XLA one.)"""
+    import re
+
+    from optinsight import metrics
+
+    source = open(os.path.join(os.path.dirname(native.__file__), "step_statistics.cc")).read()
+    for constant, names in (("kGlobalStats", metrics.GLOBAL_STATS),
+                            ("kBandStats", metrics.BAND_STATS)):
+        count, listed = re.search(rf"constexpr int {constant} = (\d+);\s*// (.*)",
+                                  source).groups()
+        assert int(count) == len(names) and [n.strip() for n in listed.split(",")] == list(names)
+    maximum = int(re.search(r"constexpr int kWdiffMax = (\d+);", source).group(1))
+    assert metrics.MAXIMA == (metrics.BAND_STATS[maximum],) == ("wdiff_max",)

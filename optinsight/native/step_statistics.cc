@@ -36,8 +36,10 @@ using ::tensorflow::TensorShape;
 namespace errors = ::tensorflow::errors;
 namespace shape_inference = ::tensorflow::shape_inference;
 
+// Columns, as optinsight/metrics.py names them (tests/test_native.py checks these lists):
 constexpr int kGlobalStats = 5;  // grad_sq, weight_sq, prev_weight_sq, wdiff_sq, nonfinite
-constexpr int kBandStats = 8;    // grad1, grad2, retained, flipped, min, max, wdiff sum, max
+constexpr int kBandStats = 8;  // grad1, grad2, retained, flipped, min, max, wdiff_sum, wdiff_max
+constexpr int kWdiffMax = 7;   // the band column that adds up as a maximum
 constexpr int64_t kBlock = 1 << 15;  // entries per unit of parallel work
 constexpr int kChunk = 240;         // entries per vectorised inner loop
 
@@ -282,7 +284,7 @@ class InsightStepStatisticsOp : public OpKernel {
     for (size_t b = 0; b < blocks.size(); ++b) {
       const double* acc = partial.data() + b * n_stats;
       for (int s = 0; s < n_stats; ++s) {
-        const bool is_max = s >= kGlobalStats && (s - kGlobalStats) % kBandStats == 7;
+        const bool is_max = s >= kGlobalStats && (s - kGlobalStats) % kBandStats == kWdiffMax;
         double& cell = out(blocks[b].var, s);
         cell = is_max ? std::max(cell, acc[s]) : cell + acc[s];
       }
