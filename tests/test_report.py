@@ -48,15 +48,23 @@ def test_every_figure_is_drawn_from_a_full_run(run_dir):
         figure.clf()
 
 
-def test_missing_data_gives_a_note_not_a_crash(tmp_path):
+def softmax_regression_run(log_dir, optimizer, **options):
+    """One epoch of a softmax regression on 32 examples recorded in `log_dir` with the
+    callback's `options` (probe_data: its first 16 examples); returns the run."""
     x = np.random.default_rng(0).random((32, 6)).astype("float32")
     y = keras.utils.to_categorical(np.arange(32) % 3, 3)
     x_in = keras.Input((6,))
     model = keras.Model(x_in, keras.layers.Dense(3, activation="softmax")(x_in))
-    model.compile(optimizer="adam", loss="categorical_crossentropy")
-    model.fit(x, y, epochs=1, verbose=0, callbacks=[oi.OptimizationInsightCallback(
-        tmp_path, histogram_freq=0, sign_map_freq=0)])
-    run = oi.read_log(tmp_path)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    if "probes" in options:
+        options["probe_data"] = (x[:16], y[:16])
+    model.fit(x, y, epochs=1, verbose=0,
+              callbacks=[oi.OptimizationInsightCallback(log_dir, **options)])
+    return oi.read_log(log_dir)
+
+
+def test_missing_data_gives_a_note_not_a_crash(tmp_path):
+    run = softmax_regression_run(tmp_path, "adam", histogram_freq=0, sign_map_freq=0)
     with pytest.raises(plots.MissingData, match="no 'hessian' probe"):
         plots.sharpness(run)
     with pytest.raises(plots.MissingData, match="no gradient histograms"):
@@ -158,15 +166,9 @@ def test_probes_are_found_by_kind_not_by_name(tmp_path):
 
     from optinsight import probes
 
-    x = np.random.default_rng(0).random((32, 6)).astype("float32")
-    y = keras.utils.to_categorical(np.arange(32) % 3, 3)
-    x_in = keras.Input((6,))
-    model = keras.Model(x_in, keras.layers.Dense(3, activation="softmax")(x_in))
-    model.compile(optimizer="sgd", loss="categorical_crossentropy")
-    model.fit(x, y, epochs=1, verbose=0, callbacks=[oi.OptimizationInsightCallback(
-        tmp_path, probes=[probes.HessianProbe(name="curvature", per_layer=False)],
-        probe_data=(x[:16], y[:16]), diagnosis=False)])
-    run = oi.read_log(tmp_path)
+    run = softmax_regression_run(
+        tmp_path, "sgd", probes=[probes.HessianProbe(name="curvature", per_layer=False)],
+        diagnosis=False)
     assert set(run.probes["probe"]) == {"curvature"} and set(run.probes["kind"]) == {
         "hessian"}
     assert plots.sharpness(run).axes
