@@ -59,7 +59,7 @@ def cnn_part(args):
                                       training=False)
         return tape.gradient(loss, variables)
 
-    ops = {m: hessian.HessianOperator(model, x, y, method=m) for m in hessian.METHODS}
+    ops = {m: hvp.HessianOperator(model, x, y, method=m) for m in hvp.METHODS}
     v = [tf.constant(rng.standard_normal(w.shape), w.dtype) for w in variables]
     gradient(x, y)
     for op in ops.values():
@@ -71,7 +71,7 @@ def cnn_part(args):
             times[m].append(timed(lambda op=op: [t.numpy() for t in op.matvec_tensors(v)])[1])
     grad_s = float(np.median(times["gradient"]))
     results = {"gradient_s": grad_s}
-    for m in hessian.METHODS:
+    for m in hvp.METHODS:
         results[f"hvp_{m}_s"] = float(np.median(times[m]))
         results[f"hvp_{m}_over_gradient"] = results[f"hvp_{m}_s"] / grad_s
         print(f"HVP ({m}-over-reverse): {results[f'hvp_{m}_s'] * 1e3:.0f} ms, "
@@ -163,7 +163,7 @@ def pyhessian_part(args):
         pyhessian_products.clear()
         row = compare(partial(ours, tol), partial(theirs, tol), reference, args.repeats)
         row["pyhessian_hvps"] = len(pyhessian_products) // args.repeats  # seeded: the same
-        op = hessian.HessianOperator(model, x, y)
+        op = hvp.HessianOperator(model, x, y)
         krylov.top_eigenpairs(op.matvec, op.random(np.random.default_rng(0)), 1, 100, tol)
         row["optinsight_hvps"] = op.products
         results[f"tol_{tol:g}"] = row
