@@ -20,7 +20,9 @@ gradient and p_n = g_nᵀ g:
   optimizer (Cockpit refuses those).
 * early_stopping: 1 − B · mean_j g_j² / s_j², s_j² the sample variance (B − 1) of the
   g_nj: above 0 the gradients hold no more information than noise, stop (the EB
-  criterion, Mahsereci et al. 2017, eq. 7); None for another optimizer than SGD.
+  criterion, Mahsereci et al. 2017, eq. 7); None for another optimizer than SGD. Like
+  Cockpit's it has no stabiliser: a parameter whose gradient is zero in theory but
+  round-off in practice (an attention layer's key bias) makes it noise.
 
 Everything is whole-model, in float64. Memory: the per-example gradients of the
 batch, B × n_params × 8 bytes.
