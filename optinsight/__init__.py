@@ -40,13 +40,13 @@ _EXPORTS = {
     "read_log": "optinsight.logs.reader",
 }
 __all__ = ["Finding", "InsightModel", "InsightRecorder", "OptimizationInsightCallback", "Run",
-           "diagnose", "probes", "read_log"]
+           "diagnose", "instruments", "probes", "read_log"]
 
 
 def __getattr__(name):
-    if name == "probes":
+    if name in ("probes", "instruments"):
         check_backend()
-        return importlib.import_module("optinsight.probes")
+        return importlib.import_module(f"optinsight.{name}")
     if name in _EXPORTS:
         if _EXPORTS[name] != "optinsight.logs.reader":
             check_backend()  # one line, before Keras is imported with another backend
