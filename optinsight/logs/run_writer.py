@@ -130,9 +130,10 @@ class RunWriter:
 
     def zero_since(self, arrays, step):
         """units.npz: {variable: zero_since [units]} as of `step`, replaced atomically
-        (written now, not on the writer thread: the diagnosis reads it next)."""
+        (written now, not on the writer thread: the diagnosis reads it next). Compressed:
+        mostly zeros, it was 0.9 MB for a ResNet50 and is a few KB."""
         self._write("units.npz", save_npz_atomic, self.layout.units_npz,
-                    {"_step": np.array(step), **arrays}, False)
+                    {"_step": np.array(step), **arrays}, True)
 
     # ---------------------------------------------------------------- probes
     def probe(self, record, scalars, arrays):
