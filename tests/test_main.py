@@ -98,7 +98,9 @@ def test_multiworker_trains_in_a_custom_loop_and_only_the_chief_logs(cifar_dir, 
 
 def test_tensorflow_start_up_lines_are_hidden_unless_verbose(cifar_dir, tmp_path):
     """What TensorFlow prints while it starts (here: CUDA probing on a CPU-only
-    machine) is left out of main.py's output; --verbose shows it."""
+    machine) is left out of main.py's output; --verbose shows it. A default run, probes
+    included, shows no TensorFlow warning (three tf.function retracing warnings got
+    through)."""
     import subprocess
     import sys
 
@@ -107,15 +109,18 @@ def test_tensorflow_start_up_lines_are_hidden_unless_verbose(cifar_dir, tmp_path
                                                                 "TF_CPP_MIN_LOG_LEVEL": "2"})
     start_up = [line for line in plain.stderr.splitlines() if line.strip()]
     outputs = {}
-    for flags in ([], ["--verbose"]):
+    for flags in ([], ["--verbose", "--no-probes"]):
         done = subprocess.run(
             [sys.executable, main.__file__, "--dataset", "cifar10", "--data-dir",
-             str(cifar_dir), "--epochs", "1", "--batch-size", "32", "--no-probes",
+             str(cifar_dir), "--epochs", "1", "--batch-size", "32",
              "--log-dir", str(tmp_path / f"run{len(flags)}"), *flags],
             capture_output=True, text=True, timeout=600,
             env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
         assert done.returncode == 0, done.stderr[-3000:]
         outputs[bool(flags)] = done.stderr
+    assert "probe 'hessian' at step 0" in outputs[False]
+    assert not re.search(r"^(WARNING:tensorflow|W\d{4} )", outputs[False], re.MULTILINE)
+    assert "retracing" not in outputs[False]  # TensorFlow's, not the diagnosis' warnings
     for line in start_up:  # e.g. "I0000 ... cudart_stub.cc:31] Could not find cuda drivers"
         tail = line.split("]", 1)[-1].strip()
         assert tail not in outputs[False]
