@@ -190,7 +190,7 @@ class InsightRecorder:
             document = self._resume(tracker, *checkpoint)
         self._note_model(tracker)
         if chief:
-            self.log = RunLog(self.log_dir, self.names, options)
+            self.log = RunLog(self.layout, self.names, options)
         self.tracker = tracker
         self.locator = NonfiniteLocator(model, tracker._state)
         if checkpoint is not None:
@@ -207,7 +207,7 @@ class InsightRecorder:
         weights and the optimizer from the checkpoint (`state`, the tracker's `saved`
         state) and take the run's variable names and changes; returns insight.json's
         document (None if there is none). Nothing is changed when a check fails."""
-        document = RunLog.previous_document(self.log_dir)
+        document = RunLog.previous_document(self.layout)
         if document is not None:
             check_resume(self.log_dir, document, self.options, model_metric_names(
                 self.options.thresholds, self.options.ema_decay))
@@ -453,9 +453,7 @@ class InsightRecorder:
         if self.log is not None:
             self._end_epoch(epoch, logs or {})
         else:  # other workers run the probes too: they may use collective ops
-            for probe, kind, every in self._probes:
-                if every.at_epoch_end:
-                    self._run_probe(probe, kind)
+            self._run_epoch_probes()
         self.epoch, self.epoch_start_step = epoch + 1, self.step
 
     def _end_epoch(self, epoch, logs):
@@ -464,9 +462,7 @@ class InsightRecorder:
         self.log.end_epoch(epoch, self.step, logs)
         if options.sign_map_freq.at_epoch_end:
             self._record_sign_map(f"epoch_{epoch:04d}")
-        for probe, kind, every in self._probes:
-            if every.at_epoch_end:
-                self._run_probe(probe, kind)
+        self._run_epoch_probes()
         document = self.summary()
         self.log.write_summary(document, self.step)
         self.log.zero_since(self.tracker.read_zero_since(), self.step)
@@ -533,6 +529,11 @@ class InsightRecorder:
         })
 
     # ---------------------------------------------------------------- probes
+    def _run_epoch_probes(self):
+        for probe, kind, every in self._probes:
+            if every.at_epoch_end:
+                self._run_probe(probe, kind)
+
     def _run_probe(self, probe, kind):
         x, y = self.options.probe_data
         record = {"step": self.step, "epoch": self.epoch, "probe": probe.name, "kind": kind}

@@ -225,6 +225,10 @@ def _step_row(record, path, index):
     return row
 
 
+#: The fields of a probes frame row that are not the probe's quantities.
+PROBE_ROW_FIELDS = ("step", "epoch", "probe", "kind", "arrays", "error")
+
+
 def probe_row(record, path="probes.jsonl", index=0):
     """The probes frame's row of one probes.jsonl record (ValueError naming `path` and
     the record's line `index` + 1 if it is not one)."""

@@ -21,22 +21,25 @@ from optinsight.logs.summary import RunHistory
 from optinsight.logs.tensorboard import truncate_events
 from optinsight.metrics import metric_names, model_metric_names
 
+__all__ = ["Layout", "RunLog"]  # the facade the recorder imports
+
 
 class RunLog:
-    """The record of the run in `log_dir` (it exists), of variables `names` in the
-    tracker's order, recorded with `options` (an `InsightOptions`)."""
+    """The record of the run laid out as `layout` (a `Layout`; its dir exists), of
+    variables `names` in the tracker's order, recorded with `options` (an
+    `InsightOptions`)."""
 
-    def __init__(self, log_dir, names, options):
-        self.layout = Layout(log_dir)
+    def __init__(self, layout, names, options):
+        self.layout = layout
         self.history = RunHistory(names, metric_names(options.thresholds, options.ema_decay),
                                   model_metric_names(options.thresholds, options.ema_decay))
         self.writer = RunWriter(self.layout, names, options)
         self._probes = []  # every probe evaluation, as `read_log`'s probes frame rows
 
     @staticmethod
-    def previous_document(log_dir):
-        """insight.json of the run already in `log_dir`, or None."""
-        path = Layout(log_dir).insight_json
+    def previous_document(layout):
+        """insight.json of the run already laid out as `layout`, or None."""
+        path = layout.insight_json
         return read_json(path) if os.path.exists(path) else None
 
     # ------------------------------------------------------------- writing
@@ -57,9 +60,7 @@ class RunLog:
     def probe(self, record, scalars, arrays):
         """A probe evaluation: `record` ({"step", "epoch", "probe", "kind"}), its scalars
         and arrays."""
-        written = self.writer.probe(record, scalars, arrays)
-        self.history.add_probe(record["probe"], record["step"], scalars)
-        self._probes.append(probe_row(written))
+        self._probes.append(probe_row(self.writer.probe(record, scalars, arrays)))
 
     def probe_error(self, record, message):
         """A probe evaluation that failed, and why (one line)."""
@@ -78,7 +79,7 @@ class RunLog:
 
     def document(self, meta):
         """The insight.json document of the finished epochs, with `meta`."""
-        return self.history.document(meta)
+        return self.history.document(meta, self._probes)
 
     def write_summary(self, document, step, epoch_end=True):
         """insight.json, and at an epoch end the epoch-wise TensorBoard scalars."""

@@ -1,5 +1,5 @@
 """What a run keeps in memory between epochs: every finished epoch's whole-model rows
-and per-variable means, the epoch-wise losses and the probes' scalars. It renders the
+and per-variable means and the epoch-wise losses. It renders the
 insight.json document (docs/logs.md) and the in-memory `Run` the epoch-end diagnosis
 reads, and reloads itself from a previous insight.json at resume."""
 
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from optinsight.logs.jsonlog import JsonFragment, JsonList, plain
-from optinsight.logs.reader import ArrayFrames, Run, epoch_frame
+from optinsight.logs.reader import PROBE_ROW_FIELDS, ArrayFrames, Run, epoch_frame
 
 SCHEMA_VERSION = 2
 EPOCH_KEYS = ("train_mean_loss", "val_mean_loss", "train_mean_acc", "val_mean_acc")
@@ -20,6 +20,21 @@ def _accuracy(logs, prefix=""):
         if prefix + name in logs:
             return logs[prefix + name]
     return None
+
+
+def probe_summary(rows):
+    """insight.json's "probes", {probe: {"step": [...], quantity: [...]}}, of the probes
+    frame's rows (`reader.probe_row`); failed evaluations are left out."""
+    summary = {}
+    for row in rows:
+        if "error" in row:
+            continue
+        history = summary.setdefault(row["probe"], {"step": []})
+        history["step"].append(row["step"])
+        for key, value in row.items():
+            if key not in PROBE_ROW_FIELDS:
+                history.setdefault(key, []).append(value)
+    return summary
 
 
 class RunHistory:
@@ -36,7 +51,6 @@ class RunHistory:
         # and per-variable means [n_vars, keys].
         self.epochs, self.steps, self.model, self.layer_means = [], [], [], []
         self.epoch_wise = {k: [] for k in EPOCH_KEYS}
-        self.probes = {}  # probe name -> {"step": [...], key: [...]}
         # insight.json's growing lists, each finished epoch's values encoded once:
         # batch_wise per model key, epoch_wise means per (variable, key).
         self._json_lists = {}
@@ -58,14 +72,9 @@ class RunHistory:
         """Variables recorded from now on (null in the epochs before)."""
         self.names += tuple(names)
 
-    def add_probe(self, name, step, scalars):
-        history = self.probes.setdefault(name, {"step": []})
-        history["step"].append(step)
-        for key, value in scalars.items():
-            history.setdefault(key, []).append(value)
-
-    def document(self, meta):
-        """The insight.json document; `meta` gets "epochs" and "null_values" added."""
+    def document(self, meta, probes):
+        """The insight.json document; `meta` gets "epochs" and "null_values" added.
+        probes: the probes frame's rows (`reader.probe_row`) of the evaluations so far."""
         counter = [0]
         lists = self._json_lists
         for e in range(self._json_epochs, len(self.model)):
@@ -92,7 +101,7 @@ class RunHistory:
             "batch_wise": batch_wise,
             "epoch_wise": dict(self.epoch_wise),
             "layers": layers,
-            "probes": self.probes,
+            "probes": probe_summary(probes),
         }, counter)
         document["meta"]["null_values"] = counter[0]
         return document
@@ -116,7 +125,7 @@ class RunHistory:
 
     def load(self, document, epochs, last_step):
         """Reload the first `epochs` epochs of a previous insight.json `document`, the
-        last of which ended at step `last_step`; probe records after it are dropped."""
+        last of which ended at step `last_step`."""
         def array(values):
             return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
@@ -134,7 +143,3 @@ class RunHistory:
                        else None for k in self.keys])
                 for n in self.names]))
         self.epoch_wise = {k: document["epoch_wise"][k][:epochs] for k in EPOCH_KEYS}
-        self.probes = {}
-        for name, history in document.get("probes", {}).items():
-            keep = [i for i, s in enumerate(history["step"]) if s <= last_step]
-            self.probes[name] = {k: [v[i] for i in keep] for k, v in history.items()}
