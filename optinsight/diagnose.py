@@ -14,7 +14,7 @@ import pandas as pd
 
 from optinsight.architecture import EXACT_ZERO, PROBABILISTIC_LOSSES, SATURATING
 from optinsight.logs.reader import read_log
-from optinsight.metrics import zero_key
+from optinsight.metrics import run_thresholds, zero_key
 from optinsight.probes import base as probe_keys
 
 LATE_FRACTION = 0.25
@@ -145,7 +145,7 @@ def _early(series):
 
 def _zero_threshold(run):
     """The run's smallest zero-band threshold (1e-7 for logs without its meta)."""
-    return min(run.summary.get("meta", {}).get("thresholds") or [1e-7])
+    return min(run_thresholds(run.summary.get("meta", {})))
 
 
 def _kernels(run):

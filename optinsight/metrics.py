@@ -122,10 +122,16 @@ def family_suffixes(ema_decay):
     return [""] + ([] if ema_decay is None else [ema_suffix(ema_decay)])
 
 
+def run_thresholds(meta):
+    """The zero-band thresholds of a run from its insight.json meta; the defaults
+    (1e-7, 1e-5) for a run without them."""
+    return meta.get("thresholds") or (1e-7, 1e-5)
+
+
 def run_families(meta):
     """(threshold tags, moving-average suffixes) of a run from its insight.json meta:
     e.g. (["e7", "e5"], ["", "_09avg"]); the defaults for a run without them."""
-    thresholds = meta.get("thresholds") or (1e-7, 1e-5)
+    thresholds = run_thresholds(meta)
     decay = meta.get("ema_decay", 0.9) if "thresholds" in meta else 0.9
     return [threshold_tag(t) for t in thresholds], family_suffixes(decay)
 

@@ -77,3 +77,19 @@ def mixed_precision_regression(optimizer, n=256):
     model.compile(optimizer=optimizer, loss="mse")
     x = np.random.default_rng(0).normal(size=(n, 6)).astype("float32") * 30
     return model, x, (x.sum(1, keepdims=True) * 10).astype("float32")
+
+
+def loop_gradients(model, x, y):
+    """Per-example gradients of the compiled loss, one example at a time with
+    tf.GradientTape (training=False): float64 [n, n_params] (sparse ones densified)."""
+    import tensorflow as tf
+
+    rows = []
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(x=x[i:i + 1], y=y[i:i + 1],
+                                      y_pred=model(x[i:i + 1], training=False))
+        grads = tape.gradient(loss, model.trainable_variables)  # Embedding: sparse rows
+        rows.append(np.concatenate([np.ravel(tf.convert_to_tensor(g)) for g in grads])
+                    .astype(np.float64))
+    return np.array(rows)

@@ -5,21 +5,9 @@ statistics of each definition written out with numpy (sample variances, projecti
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import loop_gradients
 
 from optinsight import instruments
-
-
-def brute_force_gradients(model, x, y):
-    rows = []
-    for i in range(len(x)):
-        with tf.GradientTape() as tape:
-            loss = model.compute_loss(x=x[i:i + 1], y=y[i:i + 1],
-                                      y_pred=model(x[i:i + 1], training=False))
-        grads = tape.gradient(loss, model.trainable_variables)  # Embedding: sparse rows
-        rows.append(np.concatenate([np.ravel(tf.convert_to_tensor(g)) for g in grads])
-                    .astype(np.float64))
-    return np.array(rows)
 
 
 def by_definition(gradients, loss, lr):
@@ -75,7 +63,7 @@ def test_every_instrument_equals_its_definition(kind):
     x = batch_of(model, rng, 16)
     y = keras.utils.to_categorical(rng.integers(0, 3, 16), 3)
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="categorical_crossentropy")
-    gradients = brute_force_gradients(model, x, y)
+    gradients = loop_gradients(model, x, y)
     loss = float(model.compute_loss(x=x, y=y, y_pred=model(x, training=False)))
     expected = by_definition(gradients, loss, 0.05)
     got = instruments.compute(model, x, y)

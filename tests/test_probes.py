@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import loop_gradients
 
 import optinsight as oi
 from optinsight import probes
@@ -181,14 +182,7 @@ def test_feature_spectrum(mlp):
 
 def test_gradient_covariance_and_noise_scale(mlp):
     model, x, y = mlp
-    rows = []
-    for i in range(len(x)):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(keras.losses.categorical_crossentropy(
-                y[i:i + 1], model(x[i:i + 1], training=False)))
-        rows.append(np.concatenate([g.numpy().ravel() for g in
-                                    tape.gradient(loss, model.trainable_variables)]))
-    g = np.array(rows, np.float64)
+    g = loop_gradients(model, x, y)
     np.testing.assert_allclose(probes.per_example_gradients(model, x, y, chunk_size=7), g,
                                rtol=1e-4, atol=1e-7)
     cov = np.cov(g.T, bias=True)

@@ -57,9 +57,7 @@ def findings_html(findings):
 def run_html(run, findings):
     """The run's notebook view: `findings` are its diagnosis (`diagnose_run(run)`)."""
     esc = html.escape
-    parts = [_STYLE, f"<div class='oi-run'><b>optinsight run</b> {esc(str(run.log_dir))}: "
-             f"{len(run.steps)} steps, {len(run.epochs)} epochs, "
-             f"{len(run.variables)} variables</div>"]
+    parts = [_STYLE, f"<div class='oi-run'><b>optinsight</b> {esc(repr(run))}</div>"]
     if not run.steps.empty:
         for key, label in SPARKLINES:
             if key in run.steps and run.steps[key].notna().any():

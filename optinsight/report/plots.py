@@ -14,7 +14,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from optinsight.metrics import run_families  # noqa: E402
+from optinsight.metrics import run_families, run_thresholds  # noqa: E402
 from optinsight.probes import base  # noqa: E402
 from optinsight.signs import SIGN_COLOURS  # noqa: E402
 
@@ -119,7 +119,7 @@ def zero_gradients(run):
         b.plot(per_epoch.index, per_epoch.to_numpy(), "o-", color=colour, label=key)
     _epoch_ticks(a, steps)
     a.set(xlabel="step", ylabel="gradients in the zero band", title="Zero gradients per batch")
-    thresholds = run.summary.get("meta", {}).get("thresholds") or (1e-7, 1e-5)
+    thresholds = run_thresholds(run.summary.get("meta", {}))
     b.set(xlabel="epoch (from 0)", ylabel="mean per batch",
           title=f"Zero gradients per epoch ({', '.join(f'{t:g}' for t in thresholds)})")
     b.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -311,7 +311,7 @@ def sharpness(run):
             limit_ax.set_ylabel("stability limit")
             limit_ax.set_yscale("symlog")
     ax.set(xlabel="step", ylabel="eigenvalue", yscale="symlog", title=title)
-    handles = [h for a in {ax, *fig.axes} for h in a.get_legend_handles_labels()[0]]
+    handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]  # ax first
     ax.legend(handles=handles, fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
