@@ -101,6 +101,21 @@ def compute_loss(model, x, y, y_pred, training):
     return model.compute_loss(x=x, y=y, y_pred=y_pred)
 
 
+def split_at_logits(output):
+    """(z, head), head(z) the model's `output`: z the logits when `output` comes from a
+    final softmax or sigmoid, which Keras's cross-entropy losses differentiate instead
+    of the output (every Keras 3: `backend.tensorflow.nn._get_logits` takes the op's
+    input), else (output, identity). Reads the output's op: in a graph only."""
+    import tensorflow as tf
+
+    op_type = getattr(getattr(output, "op", None), "type", None)
+    if op_type == "Softmax":
+        return output.op.inputs[0], tf.nn.softmax
+    if op_type == "Sigmoid":
+        return output.op.inputs[0], tf.sigmoid
+    return output, tf.identity
+
+
 def call_has_training_arg(model):
     """Whether model.call takes `training` (every Keras 3: Layer._call_has_training_arg)."""
     return model._call_has_training_arg

@@ -23,18 +23,36 @@ gradient and p_n = g_nᵀ g:
   criterion, Mahsereci et al. 2017, eq. 7); None for another optimizer than SGD. Like
   Cockpit's it has no stabiliser: a parameter whose gradient is zero in theory but
   round-off in practice (an attention layer's key bias) makes it noise.
+* tic_diag: Σ_j m_j / (h_j + 1e-7) and tic_trace: Σ_j m_j / (Σ_j h_j + 1e-7), with
+  m_j = (1/B) Σ_n g_nj² the gradient's second moment and h the diagonal of the
+  curvature of the batch loss (the Takeuchi information criterion, Thomas et al.
+  2020). The curvature is the generalised Gauss-Newton matrix (1/B) Σ_n J_nᵀ H_n J_n,
+  J_n the Jacobian of the model's logits for example n (its output before a final
+  softmax or sigmoid, else its output) and H_n the Hessian of its loss w.r.t. them
+  (Cockpit's curvature="diag_ggn_exact"): it equals the Hessian's diagonal (Cockpit's
+  default) when the network up to the logits is piecewise linear (ReLU, max-pooling).
 
 Everything is whole-model, in float64. Memory: the per-example gradients of the
-batch, B × n_params × 8 bytes.
+batch, B × n_params × 8 bytes; the TIC adds the per-example output Jacobians of a
+chunk of examples, chunk × k × n_params × 4 bytes for k outputs.
 """
 
 import numpy as np
+import tensorflow as tf
 
-from optinsight.probes.common import loss_function, optimizer_learning_rate
+from optinsight import compat
+from optinsight.probes.common import (
+    in_chunks,
+    loss_function,
+    optimizer_learning_rate,
+    resolve_variables,
+)
 from optinsight.probes.gradients import per_example_gradients
 
-NAMES = ("mean_gsnr", "norm_test", "inner_test", "ortho_test", "cabs", "early_stopping")
+NAMES = ("mean_gsnr", "norm_test", "inner_test", "ortho_test", "cabs", "early_stopping",
+         "tic_diag", "tic_trace")
 GSNR_EPSILON = 1e-5  # Cockpit's stabilising constant of mean_gsnr
+TIC_EPSILON = 1e-7  # Cockpit's stabilising constant of the TIC
 
 
 def plain_sgd(optimizer):
@@ -44,21 +62,53 @@ def plain_sgd(optimizer):
         and not getattr(optimizer, "nesterov", False)
 
 
-def statistics(gradients):
+def ggn_diagonal(model, x, y, chunk_size=None):
+    """The diagonal of the generalised Gauss-Newton matrix of the batch-mean compiled
+    loss, (1/B) Σ_n diag(J_nᵀ H_n J_n) (module docstring), float64 [n_params] in the
+    order of `model.trainable_variables` (training=False)."""
+    variables = resolve_variables(model)
+
+    def one_example(example):
+        xi, yi = [t[None] for t in example]
+        with tf.GradientTape(persistent=True) as outer:
+            output, head = compat.split_at_logits(model(xi, training=False))
+            with tf.GradientTape() as inner:
+                inner.watch(output)
+                loss = compat.compute_loss(model, xi, yi, head(output), False)
+            slope = tf.reshape(inner.gradient(loss, output), [-1])
+            flat = tf.reshape(output, [-1])
+        k = tf.shape(flat)[0]
+        hessian = tf.reshape(outer.jacobian(slope, output), [k, k])
+        parts = outer.jacobian(flat, variables,
+                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        jacobian = tf.concat([tf.reshape(p, [k, -1]) for p in parts], axis=1)
+        return tf.einsum("cp,cd,dp->p", jacobian, hessian, jacobian)
+
+    @tf.function(reduce_retracing=True)
+    def chunk_sum(xs, ys):
+        return tf.reduce_sum(tf.vectorized_map(one_example, (xs, ys)), axis=0)[None]
+
+    x, y = np.asarray(x), np.asarray(y)
+    sums = in_chunks(chunk_sum, [x, y], chunk_size).numpy().astype(np.float64)
+    return sums.sum(axis=0) / len(x)
+
+
+def statistics(gradients, curvature=None):
     """What every instrument needs of per-example gradients G [B, n_params] (float64):
     B, the batch gradient g, the elementwise sum of squares Σ_n g_n², the projections
-    p_n = g_nᵀ g."""
+    p_n = g_nᵀ g, and the diagonal `curvature` [n_params] if given (for the TIC)."""
     gradients = np.asarray(gradients, dtype=np.float64)
     mean = gradients.mean(axis=0)
     return {"batch_size": len(gradients), "gradient": mean,
             "sum_of_squares": np.square(gradients).sum(axis=0),
-            "projections": gradients @ mean}
+            "projections": gradients @ mean, "curvature": curvature}
 
 
 def from_statistics(stats, loss=None, sgd_learning_rate=None, names=NAMES):
     """{name: value} of the instruments `names` from `statistics(...)`. cabs and
     early_stopping are defined for SGD without momentum only (as in Cockpit): None
-    unless its `sgd_learning_rate` is given; cabs needs the batch `loss` too."""
+    unless its `sgd_learning_rate` is given; cabs needs the batch `loss` too, the TIC
+    the statistics' curvature."""
     b, g = stats["batch_size"], stats["gradient"]
     squares, projections = stats["sum_of_squares"], stats["projections"]
     g2 = float(g @ g)
@@ -83,6 +133,11 @@ def from_statistics(stats, loss=None, sgd_learning_rate=None, names=NAMES):
             variance = (squares - b * g**2) / (b - 1)
             values["early_stopping"] = None if sgd_learning_rate is None else \
                 float(1 - b * np.mean(g**2 / variance))
+        curvature = stats.get("curvature")
+        if "tic_diag" in names:
+            values["tic_diag"] = float(np.sum(squares / b / (curvature + TIC_EPSILON)))
+        if "tic_trace" in names:
+            values["tic_trace"] = float(squares.sum() / b / (curvature.sum() + TIC_EPSILON))
     return values
 
 
@@ -98,5 +153,7 @@ def compute(model, x, y, names=None, chunk_size=None):
     optimizer = getattr(model, "optimizer", None)
     sgd = optimizer is not None and plain_sgd(optimizer)
     loss = float(loss_function(model)(x, y, False)) if "cabs" in names else None
-    return from_statistics(statistics(gradients), loss,
+    curvature = ggn_diagonal(model, x, y, chunk_size) \
+        if {"tic_diag", "tic_trace"} & set(names) else None
+    return from_statistics(statistics(gradients, curvature), loss,
                            optimizer_learning_rate(optimizer) if sgd else None, names)

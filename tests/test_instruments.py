@@ -5,15 +5,58 @@ statistics of each definition written out with numpy (sample variances, projecti
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import loop_gradients
 
 from optinsight import instruments
 
 
-def by_definition(gradients, loss, lr):
+def loop_ggn_diagonal(model, x, y):
+    """(1/B) Σ_n diag(J_nᵀ H_n J_n), J_n of the logits, one example at a time, with
+    dense Jacobians taken row by row (no vectorisation). A softmax output's logits are
+    its input (Keras keeps them on the output), and the Hessian of the cross-entropy
+    w.r.t. them is diag(p) − ppᵀ; another output's by a tape."""
+    total = 0
+    for i in range(len(x)):
+        with tf.GradientTape(persistent=True) as tape:
+            output = model(x[i:i + 1], training=False)
+            logits = getattr(output, "_keras_logits", output)
+            with tf.GradientTape() as inner:
+                inner.watch(output)
+                loss = model.compute_loss(x=x[i:i + 1], y=y[i:i + 1], y_pred=output)
+            slope = inner.gradient(loss, output)
+            flat = tf.reshape(logits, [-1])
+        k = int(flat.shape[0])
+        if logits is output:
+            hessian = tf.reshape(tape.jacobian(slope, output, experimental_use_pfor=False),
+                                 [k, k]).numpy()
+        else:
+            p = output.numpy().reshape(-1).astype(np.float64)
+            hessian = np.diag(p) - np.outer(p, p)
+        parts = tape.jacobian(flat, model.trainable_variables, experimental_use_pfor=False,
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        jacobian = np.concatenate([np.reshape(p, (k, -1)) for p in parts], axis=1)
+        total = total + np.sum(jacobian * (hessian @ jacobian), axis=0)
+    return np.asarray(total, np.float64) / len(x)
+
+
+def dense_hessian_diagonal(model, x, y):
+    """The diagonal of the batch loss's Hessian, from the dense Hessian."""
+    variables = model.trainable_variables
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=False))
+        gradient = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], 0)
+    rows = outer.jacobian(gradient, variables, experimental_use_pfor=False)
+    hessian = np.concatenate([np.reshape(r, (len(gradient), -1)) for r in rows], axis=1)
+    return np.diag(hessian).astype(np.float64)
+
+
+def by_definition(gradients, loss, lr, curvature):
     """Each instrument as its paper states it."""
     b = len(gradients)
     g = gradients.mean(axis=0)
+    moment = np.mean(gradients**2, axis=0)
     projections = gradients @ g
     orthogonal = gradients - np.outer(projections / (g @ g), g)
     return {
@@ -24,6 +67,8 @@ def by_definition(gradients, loss, lr):
         / np.linalg.norm(g),
         "cabs": lr * np.trace(np.cov(gradients.T)) * (b - 1) / (b * loss),
         "early_stopping": 1 - b * np.mean(g**2 / gradients.var(axis=0, ddof=1)),
+        "tic_diag": np.sum(moment / (curvature + 1e-7)),
+        "tic_trace": np.sum(moment) / (np.sum(curvature) + 1e-7),
     }
 
 
@@ -65,12 +110,12 @@ def test_every_instrument_equals_its_definition(kind):
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="categorical_crossentropy")
     gradients = loop_gradients(model, x, y)
     loss = float(model.compute_loss(x=x, y=y, y_pred=model(x, training=False)))
-    expected = by_definition(gradients, loss, 0.05)
-    got = instruments.compute(model, x, y)
+    expected = by_definition(gradients, loss, 0.05, loop_ggn_diagonal(model, x, y))
+    got = instruments.compute(model, x, y, chunk_size=5)
     assert set(got) == set(instruments.NAMES) == set(expected)
     for name in instruments.NAMES:
         assert got[name] == pytest.approx(expected[name], rel=1e-5), name
-    assert instruments.compute(model, x, y, names=["norm_test"]) == {
+    assert instruments.compute(model, x, y, names=["norm_test"], chunk_size=5) == {
         "norm_test": got["norm_test"]}
 
 
@@ -86,3 +131,25 @@ def test_cabs_and_early_stopping_are_for_plain_sgd_only():
         assert np.isfinite(got["norm_test"])
     with pytest.raises(ValueError, match="unknown instrument 'alpha'"):
         instruments.compute(model, x, y, names=["alpha"])
+
+
+def test_the_tic_curvature_is_the_hessian_diagonal_of_a_piecewise_linear_network():
+    """ReLU and max-pooling, ending in logits: the Gauss-Newton diagonal is the Hessian's
+    (Cockpit's default curvature), here against the dense Hessian."""
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([
+        keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3, activation="relu"),
+        keras.layers.MaxPooling2D(2), keras.layers.Flatten(),
+        keras.layers.Dense(5, activation="relu"), keras.layers.Dense(3)])
+    model.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(12, 6, 6, 1)).astype("float32")
+    y = rng.integers(0, 3, 12)
+    diagonal = dense_hessian_diagonal(model, x, y)
+    np.testing.assert_allclose(instruments.ggn_diagonal(model, x, y), diagonal,
+                               rtol=1e-4, atol=1e-7 * np.abs(diagonal).max())
+    moment = np.mean(loop_gradients(model, x, y) ** 2, axis=0)
+    got = instruments.compute(model, x, y, names=["tic_diag", "tic_trace"])
+    assert got["tic_trace"] == pytest.approx(moment.sum() / (diagonal.sum() + 1e-7), rel=1e-5)
+    assert got["tic_diag"] == pytest.approx(np.sum(moment / (diagonal + 1e-7)), rel=1e-4)
