@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from common import read_results, timed, write_results  # noqa: E402
+from common import read_results, timed, torch_copy, write_results  # noqa: E402
 
 from main import build_model  # noqa: E402
 from optinsight.probes import hessian, hvp, krylov  # noqa: E402
@@ -120,20 +120,6 @@ def fashion_mlp(n, seed=0):
     model.compile(optimizer=keras.optimizers.SGD(0.05),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model, x, labels[:n].astype(np.int64)
-
-
-def torch_copy(model):
-    """The same MLP in PyTorch with the Keras weights (kernels transposed)."""
-    import torch
-
-    layers = []
-    for layer in model.layers:
-        linear = torch.nn.Linear(*layer.kernel.shape)
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(np.asarray(layer.kernel).T.copy()))
-            linear.bias.copy_(torch.from_numpy(np.asarray(layer.bias)))
-        layers += [linear, torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers[:-1])
 
 
 def pyhessian_part(args):

@@ -18,11 +18,10 @@ gradient and p_n = g_nᵀ g:
 * cabs: lr · Σ_n ‖g_n − g‖² / (B · loss), the batch size that the CABS rule suggests
   for SGD at learning rate lr (Balles et al. 2017, eq. 22); None for another
   optimizer (Cockpit refuses those).
-* early_stopping: 1 − B · mean_j g_j² / s_j², s_j² the sample variance (B − 1) of the
-  g_nj: above 0 the gradients hold no more information than noise, stop (the EB
-  criterion, Mahsereci et al. 2017, eq. 7); None for another optimizer than SGD. Like
-  Cockpit's it has no stabiliser: a parameter whose gradient is zero in theory but
-  round-off in practice (an attention layer's key bias) makes it noise.
+* early_stopping: 1 − B · mean_j g_j² / (s_j² + 1e-5), s_j² the sample variance
+  (B − 1) of the g_nj: above 0 the gradients hold no more information than noise,
+  stop (the EB criterion, Mahsereci et al. 2017, eq. 7, with Cockpit's stabilising
+  constant); None for another optimizer than SGD.
 * tic_diag: Σ_j m_j / (h_j + 1e-7) and tic_trace: Σ_j m_j / (Σ_j h_j + 1e-7), with
   m_j = (1/B) Σ_n g_nj² the gradient's second moment and h the diagonal of the
   curvature of the batch loss (the Takeuchi information criterion, Thomas et al.
@@ -52,6 +51,7 @@ from optinsight.probes.gradients import per_example_gradients
 NAMES = ("mean_gsnr", "norm_test", "inner_test", "ortho_test", "cabs", "early_stopping",
          "tic_diag", "tic_trace")
 GSNR_EPSILON = 1e-5  # Cockpit's stabilising constant of mean_gsnr
+EB_EPSILON = 1e-5  # Cockpit's stabilising constant of early_stopping
 TIC_EPSILON = 1e-7  # Cockpit's stabilising constant of the TIC
 
 
@@ -132,7 +132,7 @@ def from_statistics(stats, loss=None, sgd_learning_rate=None, names=NAMES):
         if "early_stopping" in names:
             variance = (squares - b * g**2) / (b - 1)
             values["early_stopping"] = None if sgd_learning_rate is None else \
-                float(1 - b * np.mean(g**2 / variance))
+                float(1 - b * np.mean(g**2 / (variance + EB_EPSILON)))
         curvature = stats.get("curvature")
         if "tic_diag" in names:
             values["tic_diag"] = float(np.sum(squares / b / (curvature + TIC_EPSILON)))

@@ -66,7 +66,7 @@ def by_definition(gradients, loss, lr, curvature):
         "ortho_test": np.sqrt(np.sum(np.square(orthogonal)) / (b - 1) / b)
         / np.linalg.norm(g),
         "cabs": lr * np.trace(np.cov(gradients.T)) * (b - 1) / (b * loss),
-        "early_stopping": 1 - b * np.mean(g**2 / gradients.var(axis=0, ddof=1)),
+        "early_stopping": 1 - b * np.mean(g**2 / (gradients.var(axis=0, ddof=1) + 1e-5)),
         "tic_diag": np.sum(moment / (curvature + 1e-7)),
         "tic_trace": np.sum(moment) / (np.sum(curvature) + 1e-7),
     }
@@ -84,9 +84,7 @@ def model_of(kind):
     else:  # a small transformer block on token ids
         tokens = keras.Input((5,), dtype="int32")
         h = keras.layers.Embedding(11, 8)(tokens)
-        # no biases: the key bias has a gradient of exactly zero in theory (softmax
-        # ignores it), round-off in practice, and early_stopping divides by its variance
-        attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, use_bias=False)
+        attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
         h = keras.layers.LayerNormalization()(h + attention(h, h))
         h = keras.layers.GlobalAveragePooling1D()(h)
         return keras.Model(tokens, keras.layers.Dense(3, activation="softmax")(h))
