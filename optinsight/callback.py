@@ -59,13 +59,21 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             epoch end that first shows it; None (default) never stops.
         verbose: 1 prints where the logs go at train begin, and a line per probe
             evaluation with its time (the step-0 evaluations take a while).
+        instruments: Cockpit's instruments on the training batch (instruments.jsonl,
+            TensorBoard `instruments/<name>`, `read_log(...).instruments`): a preset,
+            "economy" (alpha, distance, norm_test, inner_test, ortho_test),
+            "business" (+ tic_diag, tic_trace) or "full" (+ mean_gsnr, cabs,
+            early_stopping), or a list of names; None (default) records none.
+        instrument_freq: steps between two steps the instruments are recorded at
+            (Alpha also takes the next step's batch).
     """
 
     def __init__(self, log_dir, thresholds=(1e-7, 1e-5), ema_decay=0.9,
                  histogram_freq=30, histogram_bins=1000, sign_map_freq="epoch",
                  sign_map_max_params=65536, probes=(), probe_data=None, tensorboard=True,
                  update_freq="batch", variable_update_freq=200, resume=False,
-                 checkpoint_freq=1, diagnosis=True, stop_on=None, verbose=0):
+                 checkpoint_freq=1, diagnosis=True, stop_on=None, verbose=0,
+                 instruments=None, instrument_freq=1):
         super().__init__()
         compat.check_backend()
         self.log_dir = validate_log_dir(log_dir)
@@ -76,7 +84,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             tensorboard=tensorboard, update_freq=update_freq,
             variable_update_freq=variable_update_freq, resume=resume,
             checkpoint_freq=checkpoint_freq, diagnosis=diagnosis, stop_on=stop_on,
-            verbose=verbose)
+            verbose=verbose, instruments=instruments, instrument_freq=instrument_freq)
         self.recorder = None  # made at the first fit; a further fit continues its run
         self._traced = None  # (what it was traced for, the insight train function)
         self._fit = None  # the History of the fit being recorded, None between fits

@@ -42,8 +42,9 @@ def weight_positions(model, variables):
     return [index.get(id(v), -1) for v in variables]
 
 
-def save_checkpoint(directory, epochs_done, step, model, optimizer, tracker):
-    """Write a checkpoint after `epochs_done` epochs and `step` steps."""
+def save_checkpoint(directory, epochs_done, step, model, optimizer, tracker, extra=None):
+    """Write a checkpoint after `epochs_done` epochs and `step` steps; `extra`: more
+    state arrays saved beside the tracker's (the instruments')."""
     os.makedirs(directory, exist_ok=True)
     state = {"epoch": epochs_done, "step": step,
              "weights": f"model-{epochs_done:05d}.weights.h5",
@@ -55,7 +56,7 @@ def save_checkpoint(directory, epochs_done, step, model, optimizer, tracker):
                  **{f"v{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)})
     positions = np.array(weight_positions(model, tracker.tracked_variables), np.int64)
     np.savez(os.path.join(directory, state["insight"]), **tracker.state_dict(),
-             positions=positions)
+             **(extra or {}), positions=positions)
     write_json_atomic(os.path.join(directory, "state.json"), state)
     current = {state["weights"], state["insight"], state["optimizer"]}
     for name in os.listdir(directory):

@@ -31,28 +31,36 @@ gradient and p_n = g_nᵀ g:
   (Cockpit's curvature="diag_ggn_exact"): it equals the Hessian's diagonal (Cockpit's
   default) when the network up to the logits is piecewise linear (ReLU, max-pooling).
 
-Everything is whole-model, in float64. Memory: the per-example gradients of the
-batch, B × n_params × 8 bytes; the TIC adds the per-example output Jacobians of a
-chunk of examples, chunk × k × n_params × 4 bytes for k outputs.
+* alpha: where the step from w_t to w_{t+1} lands on a quadratic fitted along it to
+  the losses and slopes at both ends (the batch of step t at w_t, the batch of step
+  t + 1 at w_{t+1}), each weighted by its variance over the examples: 0 is the
+  minimum of the fit, 1 the far side as high as the start, −1 a concave fit (still
+  going down), below 0 too short a step, above 1 an overshoot (Cockpit's Alpha).
+  Needs two steps: recorded in `fit`, not by `compute`.
+
+Everything is whole-model, in float64, from the sums of `batch_statistics` (the same
+in `compute` and in the recorded steps). Memory of `compute`: the per-example
+gradients of the batch, B × n_params × 4 bytes; the TIC adds the per-example logit
+Jacobians of a chunk of examples, chunk × k × n_params × 4 bytes for k logits.
 """
+
+import warnings
+import weakref
 
 import numpy as np
 import tensorflow as tf
 
-from optinsight import compat
-from optinsight.probes.common import (
-    in_chunks,
-    loss_function,
-    optimizer_learning_rate,
-    resolve_variables,
+from optinsight.batch_statistics import (
+    TIC_EPSILON,
+    batch_sums,
+    ggn_diagonal_sum,
+    per_example_gradients,
 )
-from optinsight.probes.gradients import per_example_gradients
+from optinsight.metrics import BATCH_INSTRUMENTS as NAMES  # what `compute` gives
+from optinsight.probes.common import in_chunks, optimizer_learning_rate, resolve_variables
 
-NAMES = ("mean_gsnr", "norm_test", "inner_test", "ortho_test", "cabs", "early_stopping",
-         "tic_diag", "tic_trace")
-GSNR_EPSILON = 1e-5  # Cockpit's stabilising constant of mean_gsnr
-EB_EPSILON = 1e-5  # Cockpit's stabilising constant of early_stopping
-TIC_EPSILON = 1e-7  # Cockpit's stabilising constant of the TIC
+CURVATURE = ("tic_diag", "tic_trace")  # the instruments that need the curvature
+ALPHA_EPSILON = 1e-10  # Cockpit's stand-in for a variance of 0 in Alpha's fit
 
 
 def plain_sgd(optimizer):
@@ -62,98 +70,156 @@ def plain_sgd(optimizer):
         and not getattr(optimizer, "nesterov", False)
 
 
-def ggn_diagonal(model, x, y, chunk_size=None):
-    """The diagonal of the generalised Gauss-Newton matrix of the batch-mean compiled
-    loss, (1/B) Σ_n diag(J_nᵀ H_n J_n) (module docstring), float64 [n_params] in the
-    order of `model.trainable_variables` (training=False)."""
-    variables = resolve_variables(model)
-
-    def one_example(example):
-        xi, yi = [t[None] for t in example]
-        with tf.GradientTape(persistent=True) as outer:
-            output, head = compat.split_at_logits(model(xi, training=False))
-            with tf.GradientTape() as inner:
-                inner.watch(output)
-                loss = compat.compute_loss(model, xi, yi, head(output), False)
-            slope = tf.reshape(inner.gradient(loss, output), [-1])
-            flat = tf.reshape(output, [-1])
-        k = tf.shape(flat)[0]
-        hessian = tf.reshape(outer.jacobian(slope, output), [k, k])
-        parts = outer.jacobian(flat, variables,
-                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        jacobian = tf.concat([tf.reshape(p, [k, -1]) for p in parts], axis=1)
-        return tf.einsum("cp,cd,dp->p", jacobian, hessian, jacobian)
-
-    @tf.function(reduce_retracing=True)
-    def chunk_sum(xs, ys):
-        return tf.reduce_sum(tf.vectorized_map(one_example, (xs, ys)), axis=0)[None]
-
-    x, y = np.asarray(x), np.asarray(y)
-    sums = in_chunks(chunk_sum, [x, y], chunk_size).numpy().astype(np.float64)
-    return sums.sum(axis=0) / len(x)
-
-
-def statistics(gradients, curvature=None):
-    """What every instrument needs of per-example gradients G [B, n_params] (float64):
-    B, the batch gradient g, the elementwise sum of squares Σ_n g_n², the projections
-    p_n = g_nᵀ g, and the diagonal `curvature` [n_params] if given (for the TIC)."""
-    gradients = np.asarray(gradients, dtype=np.float64)
-    mean = gradients.mean(axis=0)
-    return {"batch_size": len(gradients), "gradient": mean,
-            "sum_of_squares": np.square(gradients).sum(axis=0),
-            "projections": gradients @ mean, "curvature": curvature}
-
-
-def from_statistics(stats, loss=None, sgd_learning_rate=None, names=NAMES):
-    """{name: value} of the instruments `names` from `statistics(...)`. cabs and
-    early_stopping are defined for SGD without momentum only (as in Cockpit): None
-    unless its `sgd_learning_rate` is given; cabs needs the batch `loss` too, the TIC
-    the statistics' curvature."""
-    b, g = stats["batch_size"], stats["gradient"]
-    squares, projections = stats["sum_of_squares"], stats["projections"]
-    g2 = float(g @ g)
-    spread = float(squares.sum()) - b * g2  # Σ_n ‖g_n − g‖²
+def from_sums(sums, sgd_learning_rate=None, names=NAMES):
+    """{name: value} of the instruments `names` from `batch_statistics.batch_sums`
+    (floats). cabs and early_stopping are defined for SGD without momentum only (as in
+    Cockpit): None unless its `sgd_learning_rate` is given; the TIC needs the sums of
+    the curvature."""
+    b, g2 = sums["batch_size"], sums["gradient_sq"]
+    norms, projections = sums["norms_sum"], sums["projections_sq"]
+    spread = norms - b * g2  # Σ_n ‖g_n − g‖²
+    formulas = {
+        "mean_gsnr": lambda: sums["gsnr_sum"] / sums["parameters"],
+        "norm_test": lambda: np.sqrt(spread / (b - 1) / b / g2),
+        "inner_test": lambda: np.sqrt((projections - b * g2**2) / (b - 1) / b) / g2,
+        "ortho_test": lambda: np.sqrt((norms - projections / g2) / (b - 1) / b / g2),
+        "cabs": lambda: None if sgd_learning_rate is None
+        else sgd_learning_rate * spread / (b * sums["loss"]),
+        "early_stopping": lambda: None if sgd_learning_rate is None
+        else 1 - b * sums["eb_sum"] / sums["parameters"],
+        "tic_diag": lambda: sums["tic_sum"],
+        "tic_trace": lambda: sums["moment_sum"] / (sums["curvature_sum"] + TIC_EPSILON),
+    }
     values = {}
     with np.errstate(divide="ignore", invalid="ignore"):
-        if "mean_gsnr" in names:
-            values["mean_gsnr"] = float(np.mean(
-                g**2 / (squares / b - g**2 + GSNR_EPSILON)))
-        if "norm_test" in names:
-            values["norm_test"] = float(np.sqrt(spread / (b - 1) / b / g2))
-        if "inner_test" in names:
-            variance = (float(projections @ projections) - b * g2**2) / (b - 1)
-            values["inner_test"] = float(np.sqrt(variance / b / g2**2))
-        if "ortho_test" in names:
-            variance = (float(squares.sum()) - float(projections @ projections) / g2) / (b - 1)
-            values["ortho_test"] = float(np.sqrt(variance / b / g2))
-        if "cabs" in names:
-            values["cabs"] = None if sgd_learning_rate is None else \
-                float(sgd_learning_rate * spread / (b * loss))
-        if "early_stopping" in names:
-            variance = (squares - b * g**2) / (b - 1)
-            values["early_stopping"] = None if sgd_learning_rate is None else \
-                float(1 - b * np.mean(g**2 / (variance + EB_EPSILON)))
-        curvature = stats.get("curvature")
-        if "tic_diag" in names:
-            values["tic_diag"] = float(np.sum(squares / b / (curvature + TIC_EPSILON)))
-        if "tic_trace" in names:
-            values["tic_trace"] = float(squares.sum() / b / (curvature.sum() + TIC_EPSILON))
+        for name in names:
+            value = formulas[name]()
+            values[name] = None if value is None else float(value)
     return values
+
+
+def alpha(step_length, losses, slopes, loss_variances, slope_variances):
+    """Cockpit's Alpha of one step: the quadratic q(s) = c + b·s + a·s² fitted by
+    weighted least squares to the losses q(0), q(t) and slopes q'(0), q'(t) observed at
+    both ends of a step of length t = `step_length` (each pair start, end), weighted by
+    the inverse of their variances (a variance of 0 counts as 1e-10); then 2t / s̄ − 1,
+    s̄ = −b / a the far point as high as the start. −1 for a concave fit, for a step of
+    length 0, or when no fit exists; None for a non-finite input."""
+    values = [step_length, *losses, *slopes, *loss_variances, *slope_variances]
+    if not np.all(np.isfinite(values)):
+        return None
+    t = float(step_length)
+    phi = np.array([[1, 0, 0], [1, t, t**2], [0, 1, 0], [0, 1, 2 * t]]).T
+    variances = [v if v != 0 else ALPHA_EPSILON for v in [*loss_variances, *slope_variances]]
+    weights = np.diag(1 / np.array(variances))
+    try:
+        mu = np.linalg.solve(phi @ weights @ phi.T, phi @ weights @ np.array([*losses, *slopes]))
+    except np.linalg.LinAlgError:
+        return -1.0
+    if mu[2] < 0 or t == 0:
+        return -1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(2 * t / (-mu[1] / mu[2]) - 1)
+
+
+_COMPILED = weakref.WeakKeyDictionary()  # model -> {what: tf.function}
+
+
+def _compiled(model, what):
+    """The compiled per-example function `what` of `model` (cached per model)."""
+    functions = _COMPILED.setdefault(model, {})
+    if what not in functions:
+        variables = resolve_variables(model)
+        if what == "gradients":
+            def fn(x, y):
+                losses, gradients = per_example_gradients(model, variables, x, y)
+                return tf.concat([losses[:, None], gradients], axis=1)
+        else:
+            def fn(x, y):
+                return ggn_diagonal_sum(model, variables, x, y)[None]
+        functions[what] = tf.function(fn, reduce_retracing=True)
+    return functions[what]
 
 
 def compute(model, x, y, names=None, chunk_size=None):
     """The instruments `names` (default: all of NAMES) at the model's current weights on
-    the batch (x, y), with its compiled loss and optimizer: {name: float or None}."""
+    the batch (x, y), with its compiled loss and optimizer: {name: float or None}.
+    chunk_size: examples per vectorised pass (default: the whole batch)."""
     names = NAMES if names is None else tuple(names)
     unknown = sorted(set(names) - set(NAMES))
     if unknown:
-        raise ValueError(f"unknown instrument {unknown[0]!r}; the instruments are "
-                         f"{', '.join(NAMES)}")
-    gradients = per_example_gradients(model, x, y, chunk_size=chunk_size)
+        raise ValueError(f"unknown instrument {unknown[0]!r}; the instruments of one "
+                         f"batch are {', '.join(NAMES)}")
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"the instruments need a batch of at least 2 examples with as "
+                         f"many labels, got {len(x)} and {len(y)}")
+    both = in_chunks(_compiled(model, "gradients"), [x, y], chunk_size)
+    curvature = None
+    if set(CURVATURE) & set(names):
+        curvature = tf.reduce_sum(in_chunks(_compiled(model, "curvature"), [x, y],
+                                            chunk_size), axis=0)
+    sums = {k: float(v) for k, v in batch_sums(both[:, 0], both[:, 1:], curvature).items()}
     optimizer = getattr(model, "optimizer", None)
     sgd = optimizer is not None and plain_sgd(optimizer)
-    loss = float(loss_function(model)(x, y, False)) if "cabs" in names else None
-    curvature = ggn_diagonal(model, x, y, chunk_size) \
-        if {"tic_diag", "tic_trace"} & set(names) else None
-    return from_statistics(statistics(gradients, curvature), loss,
-                           optimizer_learning_rate(optimizer) if sgd else None, names)
+    return from_sums(sums, optimizer_learning_rate(optimizer) if sgd else None, names)
+
+
+class StepInstruments:
+    """Turns the `InstrumentTracker`'s rows into instruments.jsonl records (docs/logs.md):
+    {"step", "epoch", "batch", "instruments": {name: value}, "distance": {variable:
+    ‖w_t − w_0‖}}. A due step's record waits for the next step's row when it needs its
+    Alpha (whose end is there); `flush` gives a waiting one with Alpha null.
+
+    names: the recorded instruments; variables: the run's variable names in the
+    tracker's order; sgd_learning_rate: as `from_sums`."""
+
+    def __init__(self, names, variables, sgd_learning_rate=None):
+        self.names, self.variables = tuple(names), list(variables)
+        self.batch_names = tuple(n for n in self.names if n in NAMES)
+        self.sgd_learning_rate = sgd_learning_rate
+        self.waiting = None  # (record, the row of its step)
+
+    def records(self, rows, epoch, epoch_start):
+        """The records finished by `rows` ([(step, columns, distances)] in order) of
+        `epoch`, whose first step is epoch_start + 1."""
+        out = []
+        for step, columns, distances in rows:
+            if self.waiting is not None:
+                record, start = self.waiting
+                if step == record["step"] + 1 and columns.get("has_end"):
+                    record["instruments"]["alpha"] = alpha(
+                        np.sqrt(start["step_length_sq"]),
+                        (start["loss"], columns["loss"]),
+                        (start["start_slope"], columns["end_slope"]),
+                        (start["loss_variance"], columns["loss_variance"]),
+                        (start["start_slope_variance"], columns["end_slope_variance"]))
+                out.append(record)
+                self.waiting = None
+            if not columns["due"]:
+                continue
+            record = {"step": step, "epoch": epoch, "batch": step - epoch_start - 1,
+                      "instruments": self._values(columns, distances)}
+            if distances is not None:
+                record["distance"] = dict(zip(self.variables, map(float, distances)))
+            if "alpha" in self.names:
+                self.waiting = (record, columns)
+            else:
+                out.append(record)
+        return out
+
+    def _values(self, columns, distances):
+        values = {}
+        if "alpha" in self.names:
+            values["alpha"] = None
+        if "distance" in self.names:
+            values["distance"] = float(np.sqrt(np.sum(np.square(distances))))
+        if self.batch_names:
+            values.update(from_sums(columns, self.sgd_learning_rate, self.batch_names))
+        return values
+
+    def flush(self):
+        """The waiting record, if any, with Alpha null: [] or [record]."""
+        waiting, self.waiting = self.waiting, None
+        return [] if waiting is None else [waiting[0]]

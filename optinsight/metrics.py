@@ -241,3 +241,40 @@ def summarize(stats, has_prev, names, thresholds, ema_decay):
     keys, counts = metric_names(thresholds, ema_decay), count_keys(thresholds, ema_decay)
     layers = {name: table_row_dict(table[r], keys, counts) for r, name in enumerate(names)}
     return table_row_dict(table[-1], keys, counts), layers
+
+
+# ------------------------------------------------------------------ instruments
+#: Cockpit's instruments that `fit` records on the training batch (issue 30;
+#: `optinsight.instruments` gives their formulas), in log order: Alpha, the distance
+#: from the initial weights, then those of one batch (`instruments.compute`).
+BATCH_INSTRUMENTS = ("mean_gsnr", "norm_test", "inner_test", "ortho_test", "cabs",
+                     "early_stopping", "tic_diag", "tic_trace")
+INSTRUMENTS = ("alpha", "distance") + BATCH_INSTRUMENTS
+#: Cockpit's configurations by these names. Cockpit's HessTrace and HessMaxEV are the
+#: Hessian probe's here; GradHist1d, GradNorm, UpdateSize and Loss are always
+#: recorded; "full" adds the instruments that no Cockpit configuration has.
+INSTRUMENT_PRESETS = {"economy": ("alpha", "distance", "norm_test", "inner_test",
+                                  "ortho_test")}
+INSTRUMENT_PRESETS["business"] = INSTRUMENT_PRESETS["economy"] + ("tic_diag", "tic_trace")
+INSTRUMENT_PRESETS["full"] = INSTRUMENT_PRESETS["business"] + (
+    "mean_gsnr", "cabs", "early_stopping")
+
+
+def instrument_names(instruments):
+    """The instruments an `instruments=` option asks for, in log order: None (none), a
+    preset of INSTRUMENT_PRESETS, or names of INSTRUMENTS; ValueError naming what is
+    wrong."""
+    if instruments is None:
+        return ()
+    if isinstance(instruments, str):
+        if instruments not in INSTRUMENT_PRESETS:
+            raise ValueError(
+                f"instruments={instruments!r} is not a preset; the presets are "
+                f"{', '.join(INSTRUMENT_PRESETS)}, or pass a list of {', '.join(INSTRUMENTS)}")
+        return INSTRUMENT_PRESETS[instruments]
+    names = tuple(instruments)
+    unknown = [n for n in names if n not in INSTRUMENTS]
+    if unknown or not names:
+        problem = f"unknown instrument {unknown[0]!r}" if unknown else "instruments is empty"
+        raise ValueError(f"{problem}; the instruments are {', '.join(INSTRUMENTS)}")
+    return tuple(n for n in INSTRUMENTS if n in names)

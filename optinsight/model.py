@@ -32,7 +32,7 @@ def insight_train_step(model, data, recorder):
         scaled_loss = model.optimizer.scale_loss(loss)
     variables = model.trainable_weights
     gradients = tape.gradient(scaled_loss, variables)
-    recorder.apply_gradients(zip(gradients, variables), loss=loss, inputs=x)
+    recorder.apply_gradients(zip(gradients, variables), loss=loss, inputs=x, targets=y)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 

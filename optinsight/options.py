@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from optinsight.metrics import instrument_names
 from optinsight.probes.base import check_probe, probe_kind
 from optinsight.schedule import Every
 
@@ -112,6 +113,8 @@ class InsightOptions:
     diagnosis: bool = True
     stop_on: str | None = None
     verbose: int = 0
+    instruments: tuple = ()
+    instrument_freq: Every = 1
 
     def __post_init__(self):
         def set_(name, value):
@@ -138,6 +141,9 @@ class InsightOptions:
         set_("resume", bool(self.resume))
         set_("checkpoint_freq", Every.parse("checkpoint_freq", self.checkpoint_freq, ()))
         set_("diagnosis", bool(self.diagnosis))
+        set_("instruments", instrument_names(self.instruments or None))
+        set_("instrument_freq", Every.parse("instrument_freq", self.instrument_freq, (),
+                                            positive=True))
         if self.stop_on not in (None, "error"):
             raise ValueError(f"stop_on must be None or 'error', got {self.stop_on!r}")
 
@@ -159,7 +165,8 @@ class InsightOptions:
     def schedules(self):
         """The schedule options' values as the logs' meta records them."""
         return {name: getattr(self, name).value for name in (
-            "histogram_freq", "sign_map_freq", "update_freq", "variable_update_freq")}
+            "histogram_freq", "sign_map_freq", "update_freq", "variable_update_freq",
+            "instrument_freq")} | {"instruments": list(self.instruments)}
 
     def as_kwargs(self):
         """The options as keyword arguments (the same objects, not copies)."""

@@ -33,11 +33,13 @@ from optinsight.checkpoint import (
 )
 from optinsight.diagnose import diagnose_run
 from optinsight.dynamics import DynamicsTracker
+from optinsight.instrument_tracker import InstrumentTracker
+from optinsight.instruments import StepInstruments, plain_sgd
 from optinsight.locate import NonfiniteLocator
 from optinsight.logs.run_log import Layout, RunLog
 from optinsight.metrics import GLOBAL_STATS, model_metric_names
 from optinsight.options import InsightOptions, prepare_log_dir, validate_log_dir
-from optinsight.probes.common import check_input_shape
+from optinsight.probes.common import check_input_shape, optimizer_learning_rate
 
 #: The tracker's rows are read (and their log lines written) once this many steps
 #: have accumulated or this many seconds have passed, whichever comes first: one
@@ -133,6 +135,8 @@ class InsightRecorder:
         self.model, self.optimizer = model, optimizer
         self.jit_compile, self.steps_per_call = bool(jit_compile), int(steps_per_call)
         self.tracker = None  # of the variables trained now
+        self.instrument_tracker = None  # with instruments=: Cockpit's, in the step
+        self.step_instruments = None  # its rows -> instruments.jsonl records
         self.names, self.sizes = [], {}  # every variable the run has trained, in order
         self.variable_changes = []  # [{"step", "added", "removed"}]: trainable_changed
         self.partial_epochs = []  # epochs that training stopped inside
@@ -176,6 +180,7 @@ class InsightRecorder:
         if options.probes:  # before any step or probe runs
             check_input_shape(model, options.probe_data[0], "probe_data's x")
         tracker = self._new_tracker(variables, strategy)
+        instrument_tracker = self._new_instrument_tracker(variables, strategy)
         checkpoint = read_checkpoint(self.layout.checkpoint) if options.resume \
             else None
         if options.resume and checkpoint is None and self.layout.holds_run():
@@ -188,10 +193,13 @@ class InsightRecorder:
         document = None
         if checkpoint is not None:
             document = self._resume(tracker, *checkpoint)
+            if instrument_tracker is not None:
+                instrument_tracker.load_state(checkpoint[1])
         self._note_model(tracker)
         if chief:
             self.log = RunLog(self.layout, self.names, options)
         self.tracker = tracker
+        self._use_instruments(instrument_tracker)
         self.locator = NonfiniteLocator(model, tracker._state)
         if checkpoint is not None:
             self._restore(checkpoint[0], document)
@@ -286,6 +294,31 @@ class InsightRecorder:
                 self.optimizer.build(variables)
         return tracker
 
+    def _new_instrument_tracker(self, variables, strategy):
+        """An InstrumentTracker of `variables` with the instruments= option, or None."""
+        options = self.options
+        if not options.instruments:
+            return None
+        if strategy.num_replicas_in_sync > 1:
+            raise ValueError("instruments= is not supported under a strategy with "
+                             f"{strategy.num_replicas_in_sync} replicas: the per-example "
+                             "gradients would need every replica's batch")
+        return InstrumentTracker(self.model, variables, options.instruments,
+                                 options.instrument_freq.steps,
+                                 READ_EVERY_STEPS + self.steps_per_call, strategy)
+
+    def _use_instruments(self, instrument_tracker):
+        """Record the instruments with `instrument_tracker` (None: no instruments) from
+        the next step on, for the tracker's variables."""
+        self.instrument_tracker = instrument_tracker
+        if instrument_tracker is None:
+            return
+        optimizer = self.optimizer
+        sgd = optimizer is not None and plain_sgd(optimizer)
+        self.step_instruments = StepInstruments(
+            self.options.instruments, self.tracker.names,
+            optimizer_learning_rate(optimizer) if sgd else None)
+
     def trainable_changed(self):
         """Record the model's trainable variables as they are now (fine-tuning: layers
         unfrozen or frozen). Call between steps, outside the compiled step, and trace
@@ -310,6 +343,10 @@ class InsightRecorder:
         if self.log is not None and new:
             self.log.add_variables(new)
         self.tracker = tracker
+        if self.log is not None and self.step_instruments is not None:
+            self.log.instruments(self.step_instruments.flush())
+        # distance counts from here, for the variables trained from here on
+        self._use_instruments(self._new_instrument_tracker(variables, self._strategy()))
 
     def __enter__(self):
         return self
@@ -325,6 +362,8 @@ class InsightRecorder:
         if self.log is None:
             return
         self._read_rows()
+        if self.step_instruments is not None:
+            self.log.instruments(self.step_instruments.flush())
         self.log.flush()
         self.log.write_summary(self.summary(), self.step, epoch_end=False)
         self.log.zero_since(self.tracker.read_zero_since(), self.step)
@@ -337,9 +376,11 @@ class InsightRecorder:
         if self.tracker is not None:
             self.tracker.ensure_buffer(READ_EVERY_STEPS + self.steps_per_call,
                                        self.steps_per_call)
+        if self.instrument_tracker is not None:
+            self.instrument_tracker.ensure_buffer(READ_EVERY_STEPS + self.steps_per_call)
 
     # ----------------------------------------------------------- in the step
-    def apply_gradients(self, grads_and_vars, loss=None, inputs=None):
+    def apply_gradients(self, grads_and_vars, loss=None, inputs=None, targets=None):
         """`optimizer.apply_gradients(grads_and_vars)`, recorded. Call it in the
         (compiled) train step, in each replica under a tf.distribute strategy.
 
@@ -353,6 +394,8 @@ class InsightRecorder:
             inputs: the batch's model inputs (optional): at the run's first step with
                 NaN/Inf, the first layer whose output is not finite is located on them
                 (`optinsight.locate`), for the diagnosis.
+            targets: the batch's targets, as the compiled loss takes them; with
+                `instruments=`, the instruments need both inputs and targets.
         Returns what `optimizer.apply_gradients` returns.
         """
         pairs = list(grads_and_vars)
@@ -380,6 +423,12 @@ class InsightRecorder:
         self.tracker.update(applied, weights_before,
                             tf.constant(math.nan, tf.float64) if loss is None else loss, raw,
                             skipped)
+        if self.instrument_tracker is not None:
+            if inputs is None or targets is None:
+                raise ValueError("instruments= needs the batch: pass inputs= and targets= "
+                                 "to recorder.apply_gradients")
+            self.instrument_tracker.record(self.tracker.step.read_value(), weights_before,
+                                           inputs, targets)
         return result
 
     # --------------------------------------------------------------- batches
@@ -425,6 +474,10 @@ class InsightRecorder:
                 expanded.append(row._replace(stats=full))
             rows = expanded
         self.log.rows(rows, self.epoch, self.epoch_start_step)
+        if self.instrument_tracker is not None:
+            self.log.instruments(self.step_instruments.records(
+                self.instrument_tracker.read_rows(rows[0].step - 1), self.epoch,
+                self.epoch_start_step))
         if self.options.stop_on:
             nonfinite = GLOBAL_STATS.index("nonfinite")
             for row in rows:  # a loss-scale skip discards its overflow by design
@@ -468,7 +521,9 @@ class InsightRecorder:
         self.log.zero_since(self.tracker.read_zero_since(), self.step)
         if options.checkpoint_freq.due(epoch, epoch + 1):
             self.log.guarded("checkpoint/", save_checkpoint, self.layout.checkpoint,
-                             epoch + 1, self.step, self.model, self.optimizer, self.tracker)
+                             epoch + 1, self.step, self.model, self.optimizer, self.tracker,
+                             self.instrument_tracker.state_dict()
+                             if self.instrument_tracker is not None else None)
         if options.diagnosis or options.stop_on:
             self._check_findings(document)
 

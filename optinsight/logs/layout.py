@@ -8,7 +8,8 @@ class Layout:
     """The paths of the run in `root`.
 
     Attributes (all under root):
-        steps_jsonl, probes_jsonl, insight_json: the JSON and JSON Lines files;
+        steps_jsonl, probes_jsonl, instruments_jsonl, insight_json: the JSON and
+        JSON Lines files;
         model, layers, histograms: the Arrow part stores (whole model, per variable,
         histograms); signs: sign maps (<label>.npz); probes: probe arrays
         (<probe>_<step>.npz); units_npz: per-unit zero-gradient runs; tensorboard and
@@ -20,6 +21,7 @@ class Layout:
         join = lambda *parts: os.path.join(self.root, *parts)  # noqa: E731
         self.steps_jsonl = join("steps.jsonl")
         self.probes_jsonl = join("probes.jsonl")
+        self.instruments_jsonl = join("instruments.jsonl")
         self.insight_json = join("insight.json")
         self.model = join("model")
         self.layers = join("layers")

@@ -113,6 +113,10 @@ class Run:
             `kind` (what it measures, `probes.base`), its scalars and, where it wrote
             arrays, `arrays` (a path relative to the log dir).
         log_dir: where the run lives.
+        instruments: one row per step the instruments were recorded at: `step`,
+            `epoch`, `batch`, each instrument, and `distance/<variable>` (empty without
+            instruments; a run in memory keeps at most 4,096 evenly spaced steps and
+            no per-variable distance).
     """
 
     steps: pd.DataFrame
@@ -121,6 +125,7 @@ class Run:
     probes: pd.DataFrame
     log_dir: str
     variable_data: object = None  # ArrayFrames or StoreFrames
+    instruments: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
 
     def __repr__(self):
         return (f"Run({self.log_dir!r}: {len(self.steps)} steps, {len(self.epochs)} epochs, "
@@ -247,6 +252,28 @@ def probe_row(record, path="probes.jsonl", index=0):
     return row
 
 
+def instrument_row(record, path="instruments.jsonl", index=0, distances=True):
+    """The instruments frame's row of one instruments.jsonl record: step, epoch, batch,
+    each instrument (null as NaN) and, with `distances`, `distance/<variable>`.
+    ValueError naming `path` and the line if it is not one."""
+    is_dict = isinstance(record, dict)
+    values = record.get("instruments") if is_dict else None
+    distance = record.get("distance", {}) if is_dict else None
+    if not (is_dict and all(_is_int(record.get(k)) for k in _INDEX)
+            and _numbers(values) and _numbers(distance)):
+        raise ValueError(f"{path}: record {index + 1} is not an instruments record")
+    row = {k: record[k] for k in _INDEX}
+    row.update({k: np.nan if v is None else v for k, v in values.items()})
+    if distances:
+        row.update({f"distance/{k}": v for k, v in distance.items()})
+    return row
+
+
+def instruments_frame(path):
+    """The steps in the instruments.jsonl file `path` (see `Run.instruments`)."""
+    return pd.DataFrame([instrument_row(r, path, i) for i, r in enumerate(read_jsonl(path))])
+
+
 def _model_frame(directory):
     """The whole-model rows of the `model/` store (what steps.jsonl holds, columnar)."""
     table = read_parts(directory)
@@ -334,7 +361,8 @@ def read_log(log_dir):
         else _schema1_layers(steps_path) or StoreFrames(layers, variables)
     return Run(steps=steps, epochs=epoch_frame(summary, summary_path), summary=summary,
                probes=probes_frame(layout.probes_jsonl), log_dir=log_dir,
-               variable_data=variable_data)
+               variable_data=variable_data,
+               instruments=instruments_frame(layout.instruments_jsonl))
 
 
 def _schema1_layers(path):

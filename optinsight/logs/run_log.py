@@ -14,7 +14,7 @@ import pandas as pd
 
 from optinsight.logs.jsonlog import read_json, read_jsonl, truncate_jsonl
 from optinsight.logs.layout import Layout
-from optinsight.logs.reader import part_matrix, probe_row
+from optinsight.logs.reader import instrument_row, part_matrix, probe_row
 from optinsight.logs.run_writer import RunWriter
 from optinsight.logs.store import part_paths, truncate_parts
 from optinsight.logs.summary import RunHistory
@@ -22,6 +22,9 @@ from optinsight.logs.tensorboard import truncate_events
 from optinsight.metrics import metric_names, model_metric_names
 
 __all__ = ["Layout", "RunLog"]  # the facade the recorder imports
+
+#: Instrument steps a run in memory keeps (evenly spaced), for the diagnosis.
+MAX_INSTRUMENT_ROWS = 4096
 
 
 class RunLog:
@@ -35,6 +38,8 @@ class RunLog:
                                   model_metric_names(options.thresholds, options.ema_decay))
         self.writer = RunWriter(self.layout, names, options)
         self._probes = []  # every probe evaluation, as `read_log`'s probes frame rows
+        self._instruments = []  # instrument steps, whole-model, thinned (`_keep`)
+        self._instrument_stride, self._instrument_seen = 1, 0
 
     @staticmethod
     def previous_document(layout):
@@ -65,6 +70,23 @@ class RunLog:
     def probe_error(self, record, message):
         """A probe evaluation that failed, and why (one line)."""
         self._probes.append(probe_row(self.writer.probe_error(record, message)))
+
+    def instruments(self, records):
+        """Instrument records (`instruments.StepInstruments`) of steps after the last."""
+        self.writer.instruments(records)
+        for record in records:
+            self._keep(instrument_row(record, distances=False))
+
+    def _keep(self, row):
+        """Keep at most MAX_INSTRUMENT_ROWS evenly spaced instrument steps in memory:
+        when full, every other one goes and only every 2nd (4th, ...) later one is
+        kept."""
+        if self._instrument_seen % self._instrument_stride == 0:
+            self._instruments.append(row)
+        self._instrument_seen += 1
+        if len(self._instruments) > MAX_INSTRUMENT_ROWS:
+            self._instruments = self._instruments[::2]
+            self._instrument_stride *= 2
 
     def add_variables(self, names):
         """Variables trained from now on that were not before."""
@@ -103,7 +125,7 @@ class RunLog:
         """The run as `read_log` loads it, from memory (`document`: `document()`), with
         the per-variable keys of the diagnosis at up to 4,096 evenly spaced steps."""
         return self.history.run(document, self.layout.root, self.writer.step_log.history,
-                                pd.DataFrame(self._probes))
+                                pd.DataFrame(self._probes), pd.DataFrame(self._instruments))
 
     # -------------------------------------------------------------- resume
     def truncate_to(self, step, epochs, document):
@@ -111,7 +133,7 @@ class RunLog:
         loses what came after it, and memory is refilled from what is left
         (`document`: the previous insight.json, or None)."""
         layout = self.layout
-        for path in (layout.steps_jsonl, layout.probes_jsonl):
+        for path in (layout.steps_jsonl, layout.probes_jsonl, layout.instruments_jsonl):
             truncate_jsonl(path, step)
         for path in (layout.model, layout.layers, layout.histograms):
             truncate_parts(path, step)
@@ -124,3 +146,6 @@ class RunLog:
             thinned.append(steps, values)
         if os.path.exists(layout.probes_jsonl):
             self._probes = [probe_row(r) for r in read_jsonl(layout.probes_jsonl)]
+        self._instruments, self._instrument_stride, self._instrument_seen = [], 1, 0
+        for record in read_jsonl(layout.instruments_jsonl):
+            self._keep(instrument_row(record, distances=False))

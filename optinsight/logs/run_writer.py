@@ -3,9 +3,10 @@
 `RunWriter` takes what the recorder read from the device (bursts of step rows,
 histogram steps, sign maps, probe results, epoch summaries) and writes it: steps.jsonl,
 model/, layers/ and TensorBoard through `StepLog`, histograms/, signs/, probes.jsonl,
-probes/ and insight.json here. Writes of one kind go through a `WriteGuard`, so a full
-disk or a failing file never stops training. Files open on first write; `close()`
-closes them, and a later write opens them again (a further `fit` continues the run).
+probes/, instruments.jsonl and insight.json here. Writes of one kind go through a
+`WriteGuard`, so a full disk or a failing file never stops training. Files open on
+first write; `close()` closes them, and a later write opens them again (a further `fit`
+continues the run).
 """
 
 import json
@@ -167,6 +168,20 @@ class RunWriter:
     @property
     def _probes_jsonl(self):
         return self._jsonl("probes.jsonl", self.layout.probes_jsonl)
+
+    # ----------------------------------------------------------- instruments
+    def instruments(self, records):
+        """Instrument records (`instruments.StepInstruments`) to instruments.jsonl and
+        their whole-model values to TensorBoard (instruments/<name>)."""
+        self._submit(self._write_instruments, records)
+
+    def _write_instruments(self, records):
+        jsonl = self._jsonl("instruments.jsonl", self.layout.instruments_jsonl)
+        self._write("instruments.jsonl", jsonl.write_many, records)
+        if self.options.tensorboard:
+            self._write("tensorboard/", self._tb.scalars_at, [
+                ({f"instruments/{k}": v for k, v in r["instruments"].items()}, r["step"])
+                for r in records])
 
     # ---------------------------------------------------------------- epochs
     def end_epoch(self, step):

@@ -106,11 +106,11 @@ class RunHistory:
         document["meta"]["null_values"] = counter[0]
         return document
 
-    def run(self, document, log_dir, thinned, probes):
+    def run(self, document, log_dir, thinned, probes, instruments):
         """The run as `read_log` loads it, from memory rather than from logs that grow
         with every step: every step's whole-model metrics, and per variable the keys of
         `thinned` (a `ThinnedHistory`) at its steps. document: `document()`; probes:
-        the probes frame."""
+        the probes frame; instruments: the instruments frame."""
         columns = {
             "step": np.concatenate(self.steps),
             "epoch": np.concatenate([np.full(len(steps), epoch) for epoch, steps
@@ -119,7 +119,7 @@ class RunHistory:
         }
         columns.update(zip(self.model_keys, np.concatenate(self.model).T))
         return Run(steps=pd.DataFrame(columns), epochs=epoch_frame(document, "insight.json"),
-                   summary=document, probes=probes,
+                   summary=document, probes=probes, instruments=instruments,
                    log_dir=log_dir, variable_data=ArrayFrames(
                        thinned.steps, self.names, thinned.keys, thinned.values))
 

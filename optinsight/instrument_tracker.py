@@ -1,0 +1,170 @@
+"""`InstrumentTracker`: Cockpit's instruments on the training batch of each step where
+they are due, computed inside the compiled train step (docs/logs.md,
+instruments.jsonl; `optinsight.instruments` gives the formulas).
+
+At a due step t, after the optimizer's update, the tracker puts the weights back to
+w_t for a moment and takes the batch's per-example gradients there
+(`batch_statistics`), then restores w_{t+1}. Only scalars are kept: the sums the
+instruments need, the per-example slopes along the step's update d_t = w_{t+1} − w_t
+(Alpha's start) and along the previous due step's update (Alpha's end, at step t + 1,
+which is computed for it), and ‖w_t − w_0‖ per variable. They go to a ring buffer
+that the host reads in bursts with the dynamics rows.
+
+State: Alpha keeps the last update d_t (P floats), distance the initial weights w_0
+(P floats); the per-example gradients (B × P × 4 bytes) exist only inside the step.
+"""
+
+import contextlib
+
+import numpy as np
+import tensorflow as tf
+
+from optinsight.batch_statistics import (
+    CURVATURE_SUMS,
+    SUMS,
+    batch_sums,
+    ggn_diagonal_sum,
+    per_example_gradients,
+    projection_moments,
+)
+from optinsight.instruments import CURVATURE
+
+#: Columns of Alpha's slopes: at the start of the due step's update, at its end.
+ALPHA_COLUMNS = ("step_length_sq", "start_slope", "start_slope_variance", "has_end",
+                 "end_slope", "end_slope_variance")
+
+
+class InstrumentTracker(tf.Module):
+    """Records the instruments `names` (of `metrics.INSTRUMENTS`) of `variables` of `model` every
+    `every` steps into a ring buffer of `buffer_size` steps."""
+
+    def __init__(self, model, variables, names, every, buffer_size, strategy=None):
+        super().__init__(name="instrument_tracker")
+        self.model, self.tracked_variables = model, tuple(variables)
+        self.names, self.every = tuple(names), int(every)
+        self.alpha, self.distance = "alpha" in names, "distance" in names
+        self.curvature = bool(set(CURVATURE) & set(names))
+        self.per_example = any(n != "distance" for n in names)
+        self.columns = (("due",) + (SUMS if self.per_example else ())
+                        + (CURVATURE_SUMS if self.curvature else ())
+                        + (ALPHA_COLUMNS if self.alpha else ()))
+        self._strategy = strategy
+        n_params = sum(int(np.prod(v.shape)) for v in variables)
+        self.direction = self._state("direction", [n_params if self.alpha else 0])
+        self.initial = self._state("initial", [n_params if self.distance else 0])
+        self.initial.assign(self._flat(self.tracked_variables) if self.distance
+                            else tf.zeros([0]))
+        self._make_buffer(buffer_size)
+
+    def _state(self, name, shape, dtype=tf.float32):
+        strategy = self._strategy
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            return tf.Variable(tf.zeros(shape, dtype), trainable=False, name=name)
+
+    def _make_buffer(self, rows):
+        self.buffer_size = int(rows)
+        self.values = self._state("values", [rows, len(self.columns)], tf.float64)
+        self.distances = self._state(
+            "distances", [rows, len(self.tracked_variables) if self.distance else 0],
+            tf.float64)
+        self.row_step = self._state("row_step", [rows], tf.int64)
+
+    def ensure_buffer(self, rows):
+        """At least `rows` steps in the ring buffer (call when everything was read)."""
+        if rows > self.buffer_size:
+            self._make_buffer(rows)
+
+    @staticmethod
+    def _flat(tensors):
+        return tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
+
+    # ----------------------------------------------------------- in the step
+    def record(self, step, weights_before, x, y):
+        """Record step `step` (int64 tensor) if due, or if it ends a due step's update
+        (Alpha). Call in the train step after the optimizer's update; weights_before:
+        the variables' values before it (float32, one per variable)."""
+        due = tf.equal(tf.math.floormod(step, self.every), 0)
+        ends = tf.constant(False)
+        if self.alpha:
+            ends = tf.logical_and(tf.equal(tf.math.floormod(step - 1, self.every), 0),
+                                  step > 1)
+        width = len(self.columns)
+
+        def measure():
+            values = {"due": tf.cast(due, tf.float64)}
+            distances = tf.zeros([0], tf.float64)
+            if self.distance:
+                distances = tf.stack([
+                    tf.reduce_sum(tf.square(tf.cast(tf.reshape(w, [-1]), tf.float64)
+                                            - tf.cast(w0, tf.float64)))
+                    for w, w0 in zip(weights_before, self._split(self.initial))])
+            if self.per_example:
+                values.update(self._per_example(weights_before, x, y, ends))
+            return tf.stack([values[c] for c in self.columns]), distances
+
+        def skip():
+            return (tf.zeros([width], tf.float64),
+                    tf.zeros([len(self.tracked_variables) if self.distance else 0],
+                             tf.float64))
+
+        row_values, row_distances = tf.cond(tf.logical_or(due, ends), measure, skip)
+        slot = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)
+        recorded = tf.logical_or(due, ends)
+        writes = [(self.values, row_values), (self.distances, row_distances),
+                  (self.row_step, tf.where(recorded, step, tf.constant(0, tf.int64)))]
+        for buffer, value in writes:
+            buffer.assign(tf.tensor_scatter_nd_update(buffer, [[slot]], [value]))
+
+    def _split(self, flat):
+        sizes = [int(np.prod(v.shape)) for v in self.tracked_variables]
+        return tf.split(flat, sizes) if sizes else []
+
+    def _per_example(self, weights_before, x, y, ends):
+        """The per-example columns at w_t: the weights are put back for the while."""
+        variables = self.tracked_variables
+        after = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
+        back = [v.assign(tf.cast(w, v.dtype)) for v, w in zip(variables, weights_before)]
+        with tf.control_dependencies(back):
+            losses, gradients = per_example_gradients(self.model, variables, x, y)
+            curvature = ggn_diagonal_sum(self.model, variables, x, y) \
+                if self.curvature else None
+        values = batch_sums(losses, gradients, curvature)
+        if self.alpha:
+            update = self._flat(after) - self._flat(weights_before)
+            start, start_var = projection_moments(gradients, update)
+            end, end_var = projection_moments(gradients, self.direction.read_value())
+            values.update({
+                "step_length_sq": tf.reduce_sum(tf.square(tf.cast(update, tf.float64))),
+                "start_slope": start, "start_slope_variance": start_var,
+                "has_end": tf.cast(ends, tf.float64), "end_slope": end,
+                "end_slope_variance": end_var})
+        done = [losses, gradients] + ([] if curvature is None else [curvature])
+        with tf.control_dependencies(done + list(values.values())):
+            restored = [v.assign(a) for v, a in zip(variables, after)]
+            if self.alpha:
+                restored.append(self.direction.assign(update))
+        with tf.control_dependencies(restored):
+            return {k: tf.identity(v) for k, v in values.items()}
+
+    # ------------------------------------------------------------- the host
+    def read_rows(self, after_step):
+        """Steps recorded after `after_step`, in order: [(step, {column: value},
+        distances float64 [n_vars] (‖w_t − w_0‖), or None)]."""
+        steps = self.row_step.numpy()
+        order = [i for i in np.argsort(steps) if steps[i] > after_step]
+        if not order:
+            return []
+        values, distances = self.values.numpy(), self.distances.numpy()
+        return [(int(steps[i]), dict(zip(self.columns, values[i].tolist())),
+                 np.sqrt(distances[i]) if self.distance else None) for i in order]
+
+    def state_dict(self):
+        """What resume needs: the last update (Alpha) and the initial weights."""
+        return {"instrument_direction": self.direction.numpy(),
+                "instrument_initial": self.initial.numpy()}
+
+    def load_state(self, state):
+        for key, variable in (("instrument_direction", self.direction),
+                              ("instrument_initial", self.initial)):
+            if key in state and state[key].shape == variable.shape:
+                variable.assign(state[key])

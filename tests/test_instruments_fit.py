@@ -1,0 +1,103 @@
+"""Cockpit's instruments recorded in `fit` (issue 30): each recorded value against a
+brute-force computation at the weights of its step, on the batch of its step."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+from conftest import loop_gradients
+
+import optinsight as oi
+from optinsight import instruments
+
+
+class WeightsBeforeEachStep(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.weights = []  # the model's weights before step t (t = 1, 2, ...) at t - 1
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.weights.append([np.array(w) for w in self.model.get_weights()])
+
+    def on_train_end(self, logs=None):
+        self.weights.append([np.array(w) for w in self.model.get_weights()])
+
+
+def loop_losses(model, x, y):
+    return np.array([float(model.compute_loss(x=x[i:i + 1], y=y[i:i + 1],
+                                              y_pred=model(x[i:i + 1], training=False)))
+                     for i in range(len(x))])
+
+
+def alpha_by_definition(start, end, model, batches):
+    """Cockpit's Alpha of the step from weights `start` to `end`, by weighted least
+    squares written out: the losses and slopes along the step of batch 0 at `start`
+    and of batch 1 at `end`."""
+    observations = []
+    for weights, (x, y) in zip((start, end), batches):
+        model.set_weights(weights)
+        losses, gradients = loop_losses(model, x, y), loop_gradients(model, x, y)
+        observations.append((losses, gradients))
+    d = np.concatenate([np.ravel(b - a) for a, b in zip(start, end)]).astype(np.float64)
+    t = np.linalg.norm(d)
+    slopes = [g @ d / t for _, g in observations]
+    f = [losses.mean() for losses, _ in observations]
+    df = [s.mean() for s in slopes]
+    variances = [losses.var(ddof=1) for losses, _ in observations] + [s.var(ddof=1)
+                                                                       for s in slopes]
+    phi = np.array([[1, 0, 0], [1, t, t * t], [0, 1, 0], [0, 1, 2 * t]])
+    root = 1 / np.sqrt(variances)
+    mu = np.linalg.lstsq(phi * root[:, None], np.array(f + df) * root, rcond=None)[0]
+    return -1.0 if mu[2] < 0 else 2 * t / (-mu[1] / mu[2]) - 1
+
+
+@pytest.mark.parametrize("every,optimizer", [(1, "sgd"), (3, "adam")])
+def test_recorded_instruments_equal_their_definition_at_each_step(tmp_path, every, optimizer):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = rng.integers(0, 3, 64)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.SGD(0.2) if optimizer == "sgd"
+                  else keras.optimizers.Adam(0.05),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    seen = WeightsBeforeEachStep()
+    callback = oi.OptimizationInsightCallback(tmp_path, instruments="full",
+                                              instrument_freq=every)
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+              callbacks=[seen, callback])
+    with open(os.path.join(tmp_path, "instruments.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == list(range(every, 9, every))
+    batch = lambda step: (x[(step - 1) % 4 * 16:][:16], y[(step - 1) % 4 * 16:][:16])  # noqa
+    initial = seen.weights[0]
+    names = [v.path for v in model.trainable_variables]
+    for record in records:
+        step = record["step"]
+        assert (record["epoch"], record["batch"]) == ((step - 1) // 4, (step - 1) % 4)
+        weights = seen.weights[step - 1]
+        model.set_weights(weights)
+        expected = instruments.compute(model, *batch(step))
+        got = record["instruments"]
+        for name in instruments.NAMES:
+            if expected[name] is None:
+                assert got[name] is None, name
+            else:
+                assert got[name] == pytest.approx(expected[name], rel=1e-5), name
+        distances = {n: np.linalg.norm(w - w0) for n, w, w0 in zip(names, weights, initial)}
+        assert record["distance"] == pytest.approx(distances, rel=1e-5)
+        assert got["distance"] == pytest.approx(
+            np.sqrt(sum(v**2 for v in distances.values())), rel=1e-5)
+        if step == 8:  # no next step: no end of its fit
+            assert got["alpha"] is None
+        else:
+            assert got["alpha"] == pytest.approx(alpha_by_definition(
+                weights, seen.weights[step], model, [batch(step), batch(step + 1)]),
+                rel=1e-4, abs=1e-6), step
+    run = oi.read_log(tmp_path)
+    assert list(run.instruments["step"]) == [r["step"] for r in records]
+    assert run.instruments["norm_test"].tolist() == pytest.approx(
+        [r["instruments"]["norm_test"] for r in records])
