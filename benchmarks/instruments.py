@@ -8,15 +8,29 @@ OrthoTest, CABS, EarlyStopping, TICDiag and TICTrace (curvature "diag_ggn_exact"
 that batch; `optinsight.instruments.compute` computes its instruments on it. Prints
 each quantity's relative difference (target <= 1e-4).
 
+Part "cost": the same MLP and CNN trained with SGD on batches of 128, every
+instrument due at every step. PyTorch: a plain step against a step under Cockpit with
+each of its configurations (`cockpit.utils.configuration`); Keras: plain `fit`
+against `fit` with `OptimizationInsightCallback(instruments=preset,
+histogram_freq=1)` (a histogram every step, as Cockpit's GradHist1d). The runs of
+each framework alternate in one process; the figures are median step times (wall
+clock, from batch begin to batch begin in Keras) and each preset's ratio to its plain
+step. Target: optinsight's extra time (ratio − 1) at most half of Cockpit's for each
+preset, and economy <= 1.25. Cockpit's "full" has HessMaxEV and GradHist2d; ours has
+mean_gsnr, cabs and early_stopping instead (λmax is the Hessian probe's).
+
 Prints and writes benchmarks/results/instruments.json. Needs the benchmark extras
 (`make bench-setup`):
 
-    .venv-bench/bin/python benchmarks/instruments.py [--parts equal]
+    .venv-bench/bin/python benchmarks/instruments.py [--parts equal cost] [--steps 20]
+        [--rounds 3]
 """
 
 import argparse
 import os
 import sys
+import tempfile
+import time
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -26,7 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from common import read_results, torch_copy, write_results  # noqa: E402
+from overhead import StepTimer  # noqa: E402
 
+import optinsight as oi  # noqa: E402
 from optinsight import instruments  # noqa: E402
 
 BATCH = 128
@@ -40,17 +56,22 @@ COCKPIT = {"mean_gsnr": ("MeanGSNR", {}), "norm_test": ("NormTest", {}),
 DIAG_H = {"tic_diag_diag_h": ("TICDiag", {}), "tic_trace_diag_h": ("TICTrace", {})}
 
 
-def model_and_batch(kind, seed=0):
-    """A compiled Keras MLP or CNN (ReLU, logits, SGD), a training batch (x, y), moved a
-    few SGD steps away from initialisation on Fashion-MNIST."""
+PRESETS = ("economy", "business", "full")
+
+
+def fashion_mnist(kind, n):
+    """n Fashion-MNIST images in [0, 1] (flattened for the MLP) and their labels."""
     from data_loader import load_fashion_mnist
 
     images, labels = load_fashion_mnist()[0]
-    x = images[:BATCH * 5].astype(np.float32) / 255  # [n, 28, 28, 1]
-    y = labels[:BATCH * 5].astype(np.int64)
+    x = images[:n].astype(np.float32) / 255  # [n, 28, 28, 1]
+    return (x.reshape(n, -1) if kind == "mlp" else x), labels[:n].astype(np.int64)
+
+
+def compiled_model(kind, seed=0):
+    """The Keras MLP or CNN (ReLU, logits), compiled with SGD."""
     keras.utils.set_random_seed(seed)
     if kind == "mlp":
-        x = x.reshape(len(x), -1)
         layers = [keras.Input((784,)), keras.layers.Dense(64, activation="relu"),
                   keras.layers.Dense(10)]
     else:
@@ -60,6 +81,14 @@ def model_and_batch(kind, seed=0):
     model = keras.Sequential(layers)
     model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def model_and_batch(kind):
+    """The compiled Keras MLP or CNN and a training batch (x, y), the model moved a few
+    SGD steps away from initialisation on Fashion-MNIST."""
+    x, y = fashion_mnist(kind, BATCH * 5)
+    model = compiled_model(kind)
     model.fit(x[BATCH:], y[BATCH:], batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
     return model, x[:BATCH], y[:BATCH]
 
@@ -75,7 +104,7 @@ def cockpit_values(net, x, y, quantities):
     net = extend(net)
     loss_fn = extend(torch.nn.CrossEntropyLoss(reduction="mean"))
     individual_loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
-    made = {name: getattr(cockpit_quantities, cls)(track_schedule=lambda step: True, **kw)
+    made = {name: getattr(cockpit_quantities, cls)(track_schedule=lambda step: step >= 0, **kw)
             for name, (cls, kw) in quantities.items()}
     cockpit = Cockpit(net.parameters(), quantities=list(made.values()))
     optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE)
@@ -117,13 +146,106 @@ def equal_part(args):
     return results
 
 
+def keras_step_times(kind, x, y, steps, rounds):
+    """{mode: median step seconds} of plain `fit` and `fit` with each preset, alternating
+    in rounds (round 0 warms up)."""
+    log_root = tempfile.mkdtemp(prefix="instruments-bench-")
+    runs = {}
+    for mode in ("plain",) + PRESETS:
+        callbacks = [] if mode == "plain" else [oi.OptimizationInsightCallback(
+            os.path.join(log_root, mode), instruments=mode, histogram_freq=1)]
+        runs[mode] = (compiled_model(kind), callbacks)
+    times = {mode: [] for mode in runs}
+    for r in range(rounds + 1):
+        for mode in list(runs)[::1 if r % 2 else -1]:
+            model, callbacks = runs[mode]
+            timer = StepTimer()
+            model.fit(x[:BATCH * steps], y[:BATCH * steps], batch_size=BATCH, epochs=1,
+                      verbose=0, shuffle=False, callbacks=callbacks + [timer])
+            if r:
+                times[mode] += [wall for wall, _ in timer.steps()]
+    return {mode: float(np.median(t)) for mode, t in times.items()}
+
+
+def torch_step_times(kind, x, y, steps, rounds):
+    """{mode: median step seconds} of a plain PyTorch SGD step and of one under Cockpit
+    with each configuration, every quantity due at every step, alternating in rounds
+    (round 0 warms up)."""
+    import torch
+    from backpack import extend
+    from cockpit import Cockpit
+    from cockpit.utils.configuration import configuration
+
+    torch.set_num_threads(os.cpu_count())
+    inputs = torch.from_numpy(x if x.ndim == 2 else x.transpose(0, 3, 1, 2).copy())
+    labels = torch.from_numpy(y)
+    runs = {}
+    for mode in ("plain",) + PRESETS:
+        net = extend(torch_copy(compiled_model(kind)))
+        cockpit = None if mode == "plain" else Cockpit(
+            net.parameters(), quantities=configuration(mode, track_schedule=lambda s: s >= 0))
+        runs[mode] = (net, torch.optim.SGD(net.parameters(), lr=LEARNING_RATE), cockpit)
+    loss_fn = extend(torch.nn.CrossEntropyLoss())
+    individual_loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    times = {mode: [] for mode in runs}
+    global_step = {mode: 0 for mode in runs}
+    for r in range(rounds + 1):
+        for mode in list(runs)[::1 if r % 2 else -1]:
+            net, optimizer, cockpit = runs[mode]
+            for i in range(steps):
+                xb, yb = inputs[i * BATCH:(i + 1) * BATCH], labels[i * BATCH:(i + 1) * BATCH]
+                began = time.perf_counter()
+                optimizer.zero_grad()
+                outputs = net(xb)
+                loss = loss_fn(outputs, yb)
+                if cockpit is None:
+                    loss.backward()
+                else:
+                    step = global_step[mode]
+                    info = {"batch_size": len(xb), "individual_losses":
+                            individual_loss_fn(outputs, yb), "loss": loss,
+                            "optimizer": optimizer}
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        with cockpit(step, info=info):
+                            loss.backward(create_graph=cockpit.create_graph(step))
+                optimizer.step()
+                global_step[mode] += 1
+                if r and i:
+                    times[mode].append(time.perf_counter() - began)
+    return {mode: float(np.median(t)) for mode, t in times.items()}
+
+
+def cost_part(args):
+    results = {"target_extra_time_share": 0.5, "target_economy_ratio": 1.25,
+               "batch": BATCH}
+    for kind in ("mlp", "cnn"):
+        x, y = fashion_mnist(kind, BATCH * args.steps)
+        ours = keras_step_times(kind, x, y, args.steps, args.rounds)
+        theirs = torch_step_times(kind, x, y, args.steps, args.rounds)
+        rows = {}
+        for preset in PRESETS:
+            ratio, cockpit_ratio = ours[preset] / ours["plain"], theirs[preset] / theirs["plain"]
+            rows[preset] = {"optinsight_ratio": ratio, "cockpit_ratio": cockpit_ratio,
+                            "extra_time_share": (ratio - 1) / (cockpit_ratio - 1)}
+            print(f"{kind} {preset:8s} optinsight {ratio:6.2f}x (plain Keras step "
+                  f"{1e3 * ours['plain']:.1f} ms)  cockpit {cockpit_ratio:6.2f}x (plain "
+                  f"PyTorch step {1e3 * theirs['plain']:.1f} ms)  extra time "
+                  f"{rows[preset]['extra_time_share']:.2f} of Cockpit's", flush=True)
+        results[kind] = {"keras_step_s": ours, "pytorch_step_s": theirs, "presets": rows}
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["equal"], choices=["equal"])
+    parser.add_argument("--parts", nargs="+", default=["equal", "cost"],
+                        choices=["equal", "cost"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     results = read_results("instruments")
     for part in args.parts:
-        results[part] = {"equal": equal_part}[part](args)
+        results[part] = {"equal": equal_part, "cost": cost_part}[part](args)
     write_results("instruments", results)
 
 

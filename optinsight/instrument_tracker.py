@@ -19,15 +19,9 @@ import contextlib
 import numpy as np
 import tensorflow as tf
 
-from optinsight.batch_statistics import (
-    CURVATURE_SUMS,
-    SUMS,
-    batch_sums,
-    ggn_diagonal_sum,
-    per_example_gradients,
-    projection_moments,
-)
+from optinsight.batch_statistics import CURVATURE_SUMS, SUMS, batch_sums, projection_moments
 from optinsight.instruments import CURVATURE
+from optinsight.per_example import ggn_diagonal_sum, per_example_gradients
 
 #: Columns of Alpha's slopes: at the start of the due step's update, at its end.
 ALPHA_COLUMNS = ("step_length_sq", "start_slope", "start_slope_variance", "has_end",

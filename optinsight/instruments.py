@@ -50,13 +50,9 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from optinsight.batch_statistics import (
-    TIC_EPSILON,
-    batch_sums,
-    ggn_diagonal_sum,
-    per_example_gradients,
-)
+from optinsight.batch_statistics import TIC_EPSILON, batch_sums
 from optinsight.metrics import BATCH_INSTRUMENTS as NAMES  # what `compute` gives
+from optinsight.per_example import ggn_diagonal_sum, per_example_gradients
 from optinsight.probes.common import in_chunks, optimizer_learning_rate, resolve_variables
 
 CURVATURE = ("tic_diag", "tic_trace")  # the instruments that need the curvature

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from conftest import loop_gradients
 
-from optinsight import batch_statistics, instruments
+from optinsight import instruments, per_example
 
 
 def loop_ggn_diagonal(model, x, y):
@@ -145,7 +145,7 @@ def test_the_tic_curvature_is_the_hessian_diagonal_of_a_piecewise_linear_network
     x = rng.normal(size=(12, 6, 6, 1)).astype("float32")
     y = rng.integers(0, 3, 12)
     diagonal = dense_hessian_diagonal(model, x, y)
-    ggn = tf.function(lambda: batch_statistics.ggn_diagonal_sum(
+    ggn = tf.function(lambda: per_example.ggn_diagonal_sum(
         model, model.trainable_variables, x, y))().numpy() / len(x)
     np.testing.assert_allclose(ggn, diagonal,
                                rtol=1e-4, atol=1e-7 * np.abs(diagonal).max())
@@ -153,3 +153,36 @@ def test_the_tic_curvature_is_the_hessian_diagonal_of_a_piecewise_linear_network
     got = instruments.compute(model, x, y, names=["tic_diag", "tic_trace"])
     assert got["tic_trace"] == pytest.approx(moment.sum() / (diagonal.sum() + 1e-7), rel=1e-5)
     assert got["tic_diag"] == pytest.approx(np.sum(moment / (diagonal + 1e-7)), rel=1e-4)
+
+
+def test_factored_per_example_gradients_of_every_dense_and_conv2d_form():
+    """Strided and dilated convolutions with either padding, a Dense on a sequence, a
+    Dense used twice and a kernel regulariser (in every example's loss), to 1e-5."""
+    keras.utils.set_random_seed(5)
+    images = keras.Input((9, 9, 2))
+    h = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu",
+                            kernel_regularizer=keras.regularizers.L2(0.01))(images)
+    h = keras.layers.Conv2D(4, 2, dilation_rate=2, activation="tanh")(h)
+    h = keras.layers.Reshape((-1, 4))(h)  # a sequence of positions
+    shared = keras.layers.Dense(4, activation="tanh")
+    h = shared(shared(h))
+    h = keras.layers.Flatten()(keras.layers.Dense(2)(h))
+    model = keras.Model(images, keras.layers.Dense(3, activation="softmax")(h))
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(7, 9, 9, 2)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 3, 7), 3)
+    variables = model.trainable_variables
+    assert len(per_example.factored_layers(model, variables)) == 5
+    losses, gradients = tf.function(lambda: per_example.per_example_gradients(
+        model, variables, x, y))()
+    expected = loop_gradients(model, x, y)
+    np.testing.assert_allclose(gradients.numpy(), expected, rtol=1e-5,
+                               atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(losses.numpy(), [
+        float(model.compute_loss(x=x[i:i + 1], y=y[i:i + 1], y_pred=model(x[i:i + 1])))
+        for i in range(len(x))], rtol=1e-6)
+    ggn = tf.function(lambda: per_example.ggn_diagonal_sum(model, variables, x, y))()
+    expected = loop_ggn_diagonal(model, x, y) * len(x)
+    np.testing.assert_allclose(ggn.numpy(), expected, rtol=1e-4,
+                               atol=1e-6 * np.abs(expected).max())
