@@ -1,8 +1,8 @@
 """The sums Cockpit's instruments need, from the per-example losses and gradients of
 one batch (`per_example`), computed in the graph in float64: nothing of size
 O(parameters) leaves the device. `optinsight.instruments` gives each instrument's
-formula from them. Memory: the per-example gradients in float64, B × P × 8 bytes,
-and three P-vectors.
+formula from them. Memory: the materialised per-example gradients in float64 (B × 8
+bytes per parameter outside Dense kernels) and a few P-vectors.
 """
 
 import tensorflow as tf
@@ -17,26 +17,27 @@ SUMS = ("batch_size", "parameters", "loss", "loss_variance", "gradient_sq", "nor
 CURVATURE_SUMS = ("tic_sum", "moment_sum", "curvature_sum")
 
 
-def batch_sums(losses, gradients, curvature_sum=None):
-    """{SUMS key: float64 scalar} of per-example `losses` [B] and `gradients` [B, P]:
-    with g the mean gradient and p_n = g_nᵀ g, the batch size B, P, the mean loss and
-    its sample variance, ‖g‖², Σ_n ‖g_n‖², Σ_n p_n², Σ_j g_j² / (v_j + 1e-5) with v_j
-    the variance (1/B) of the g_nj, and Σ_j g_j² / (s_j² + 1e-5) with s_j² their sample
-    variance (1/(B − 1)). With `curvature_sum` [P] (`ggn_diagonal_sum`), also the TIC's
-    Σ_j m_j / (h_j + 1e-7), Σ_j m_j and Σ_j h_j, m = (1/B) Σ_n g_n² and h its mean
-    curvature."""
-    g = tf.cast(gradients, tf.float64)
+def batch_sums(losses, per_example, curvature_sum=None):
+    """{SUMS key: float64 scalar} of per-example `losses` [B] and gradients
+    (`per_example.PerExample`): with g the mean gradient and p_n = g_nᵀ g, the batch
+    size B, P, the mean loss and its sample variance, ‖g‖², Σ_n ‖g_n‖², Σ_n p_n²,
+    Σ_j g_j² / (v_j + 1e-5) with v_j the variance (1/B) of the g_nj, and
+    Σ_j g_j² / (s_j² + 1e-5) with s_j² their sample variance (1/(B − 1)). With
+    `curvature_sum` ([Σ_n diag(J_nᵀ H_n J_n)] per variable, `ggn_diagonal_sum`), also
+    the TIC's Σ_j m_j / (h_j + 1e-7), Σ_j m_j and Σ_j h_j, m = (1/B) Σ_n g_n² and h
+    the mean curvature."""
     losses = tf.cast(losses, tf.float64)
-    b = tf.cast(tf.shape(g)[0], tf.float64)
-    mean = tf.reduce_mean(g, axis=0)
-    squares = tf.reduce_sum(tf.square(g), axis=0)
-    projections = tf.linalg.matvec(g, mean)
+    b = tf.cast(tf.shape(losses)[0], tf.float64)
+    means = per_example.mean()
+    mean = tf.concat(means, 0)
+    squares = tf.concat(per_example.square_sum(), 0)
+    projections = per_example.dots(means)
     loss = tf.reduce_mean(losses)
     out = {
-        "batch_size": b, "parameters": tf.cast(tf.shape(g)[1], tf.float64), "loss": loss,
+        "batch_size": b, "parameters": tf.cast(tf.size(mean), tf.float64), "loss": loss,
         "loss_variance": tf.reduce_sum(tf.square(losses - loss)) / (b - 1),
         "gradient_sq": tf.reduce_sum(tf.square(mean)),
-        "norms_sum": tf.reduce_sum(squares),
+        "norms_sum": tf.reduce_sum(per_example.norms()),
         "projections_sq": tf.reduce_sum(tf.square(projections)),
         "gsnr_sum": tf.reduce_sum(tf.square(mean) / (squares / b - tf.square(mean)
                                                      + GSNR_EPSILON)),
@@ -44,20 +45,20 @@ def batch_sums(losses, gradients, curvature_sum=None):
                                                    + EB_EPSILON)),
     }
     if curvature_sum is not None:
-        moment, curvature = squares / b, tf.cast(curvature_sum, tf.float64) / b
+        moment = squares / b
+        curvature = tf.concat(curvature_sum, 0) / b
         out.update({"tic_sum": tf.reduce_sum(moment / (curvature + TIC_EPSILON)),
                     "moment_sum": tf.reduce_sum(moment),
                     "curvature_sum": tf.reduce_sum(curvature)})
     return out
 
 
-def projection_moments(gradients, direction):
-    """(mean, sample variance (1/(B − 1))) float64 of the per-example slopes along
-    `direction` [P], g_nᵀ d / ‖d‖ (Cockpit's Alpha; 0 and 0 for d = 0)."""
-    g = tf.cast(gradients, tf.float64)
-    d = tf.cast(direction, tf.float64)
-    norm = tf.norm(d)
-    slopes = tf.math.divide_no_nan(tf.linalg.matvec(g, d), norm)
+def projection_moments(per_example, direction):
+    """(mean, sample variance (1/(B − 1))) float64 of the per-example slopes along a
+    direction d given per variable, g_nᵀ d / ‖d‖ (Cockpit's Alpha; 0 and 0 for d = 0)."""
+    norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(d, tf.float64)))
+                             for d in direction]))
+    slopes = tf.math.divide_no_nan(per_example.dots(direction), norm)
     mean = tf.reduce_mean(slopes)
     b = tf.cast(tf.shape(slopes)[0], tf.float64)
     return mean, tf.reduce_sum(tf.square(slopes - mean)) / (b - 1)

@@ -104,8 +104,10 @@ class InstrumentTracker(tf.Module):
         row_values, row_distances = tf.cond(tf.logical_or(due, ends), measure, skip)
         slot = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)
         recorded = tf.logical_or(due, ends)
-        writes = [(self.values, row_values), (self.distances, row_distances),
+        writes = [(self.values, row_values),
                   (self.row_step, tf.where(recorded, step, tf.constant(0, tf.int64)))]
+        if self.distance:
+            writes.append((self.distances, row_distances))
         for buffer, value in writes:
             buffer.assign(tf.tensor_scatter_nd_update(buffer, [[slot]], [value]))
 
@@ -124,19 +126,20 @@ class InstrumentTracker(tf.Module):
                 if self.curvature else None
         values = batch_sums(losses, gradients, curvature)
         if self.alpha:
-            update = self._flat(after) - self._flat(weights_before)
+            update = [tf.reshape(tf.cast(a, tf.float32) - w, [-1])
+                      for a, w in zip(after, weights_before)]
             start, start_var = projection_moments(gradients, update)
-            end, end_var = projection_moments(gradients, self.direction.read_value())
+            end, end_var = projection_moments(gradients, self._split(self.direction))
             values.update({
-                "step_length_sq": tf.reduce_sum(tf.square(tf.cast(update, tf.float64))),
+                "step_length_sq": tf.add_n([tf.reduce_sum(tf.square(tf.cast(u, tf.float64)))
+                                            for u in update]),
                 "start_slope": start, "start_slope_variance": start_var,
                 "has_end": tf.cast(ends, tf.float64), "end_slope": end,
                 "end_slope_variance": end_var})
-        done = [losses, gradients] + ([] if curvature is None else [curvature])
-        with tf.control_dependencies(done + list(values.values())):
+        with tf.control_dependencies(list(values.values())):
             restored = [v.assign(a) for v, a in zip(variables, after)]
             if self.alpha:
-                restored.append(self.direction.assign(update))
+                restored.append(self.direction.assign(tf.concat(update, 0)))
         with tf.control_dependencies(restored):
             return {k: tf.identity(v) for k, v in values.items()}
 

@@ -39,9 +39,8 @@ gradient and p_n = g_nᵀ g:
   Needs two steps: recorded in `fit`, not by `compute`.
 
 Everything is whole-model, in float64, from the sums of `batch_statistics` (the same
-in `compute` and in the recorded steps). Memory of `compute`: the per-example
-gradients of the batch, B × n_params × 4 bytes; the TIC adds the per-example logit
-Jacobians of a chunk of examples, chunk × k × n_params × 4 bytes for k logits.
+in `compute` and in the recorded steps; `per_example` states the cost per layer
+type).
 """
 
 import warnings
@@ -53,7 +52,7 @@ import tensorflow as tf
 from optinsight.batch_statistics import TIC_EPSILON, batch_sums
 from optinsight.metrics import BATCH_INSTRUMENTS as NAMES  # what `compute` gives
 from optinsight.per_example import ggn_diagonal_sum, per_example_gradients
-from optinsight.probes.common import in_chunks, optimizer_learning_rate, resolve_variables
+from optinsight.probes.common import optimizer_learning_rate, resolve_variables
 
 CURVATURE = ("tic_diag", "tic_trace")  # the instruments that need the curvature
 ALPHA_EPSILON = 1e-10  # Cockpit's stand-in for a variance of 0 in Alpha's fit
@@ -119,29 +118,27 @@ def alpha(step_length, losses, slopes, loss_variances, slope_variances):
         return float(2 * t / (-mu[1] / mu[2]) - 1)
 
 
-_COMPILED = weakref.WeakKeyDictionary()  # model -> {what: tf.function}
+_COMPILED = weakref.WeakKeyDictionary()  # model -> {curvature: tf.function}
 
 
-def _compiled(model, what):
-    """The compiled per-example function `what` of `model` (cached per model)."""
+def _batch_sums(model, curvature):
+    """The compiled `batch_sums` of `model` on a batch (cached per model)."""
     functions = _COMPILED.setdefault(model, {})
-    if what not in functions:
+    if curvature not in functions:
         variables = resolve_variables(model)
-        if what == "gradients":
-            def fn(x, y):
-                losses, gradients = per_example_gradients(model, variables, x, y)
-                return tf.concat([losses[:, None], gradients], axis=1)
-        else:
-            def fn(x, y):
-                return ggn_diagonal_sum(model, variables, x, y)[None]
-        functions[what] = tf.function(fn, reduce_retracing=True)
-    return functions[what]
+
+        def sums(x, y):
+            losses, gradients = per_example_gradients(model, variables, x, y)
+            return batch_sums(losses, gradients, ggn_diagonal_sum(model, variables, x, y)
+                              if curvature else None)
+        functions[curvature] = tf.function(sums, reduce_retracing=True)
+    return functions[curvature]
 
 
-def compute(model, x, y, names=None, chunk_size=None):
+def compute(model, x, y, names=None):
     """The instruments `names` (default: all of NAMES) at the model's current weights on
     the batch (x, y), with its compiled loss and optimizer: {name: float or None}.
-    chunk_size: examples per vectorised pass (default: the whole batch)."""
+    Memory: `batch_statistics`'s, for the whole batch at once."""
     names = NAMES if names is None else tuple(names)
     unknown = sorted(set(names) - set(NAMES))
     if unknown:
@@ -151,15 +148,11 @@ def compute(model, x, y, names=None, chunk_size=None):
     if len(x) != len(y) or len(x) < 2:
         raise ValueError(f"the instruments need a batch of at least 2 examples with as "
                          f"many labels, got {len(x)} and {len(y)}")
-    both = in_chunks(_compiled(model, "gradients"), [x, y], chunk_size)
-    curvature = None
-    if set(CURVATURE) & set(names):
-        curvature = tf.reduce_sum(in_chunks(_compiled(model, "curvature"), [x, y],
-                                            chunk_size), axis=0)
-    sums = {k: float(v) for k, v in batch_sums(both[:, 0], both[:, 1:], curvature).items()}
+    sums = _batch_sums(model, bool(set(CURVATURE) & set(names)))(x, y)
     optimizer = getattr(model, "optimizer", None)
     sgd = optimizer is not None and plain_sgd(optimizer)
-    return from_sums(sums, optimizer_learning_rate(optimizer) if sgd else None, names)
+    return from_sums({k: float(v) for k, v in sums.items()},
+                     optimizer_learning_rate(optimizer) if sgd else None, names)
 
 
 class StepInstruments:

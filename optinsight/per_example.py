@@ -11,9 +11,10 @@ variable (normalisation, embedding, attention, depthwise convolution, ...) gets
 `tf.vectorized_map` over single-example backward passes. Both include the gradient
 of the model's regularisation losses in every example's, as a per-example loss does.
 
-`per_example_gradients` gives the gradients of the per-example losses, `ggn_diagonal_sum`
-the diagonal of the generalised Gauss-Newton matrix through the same paths. The
-compiled loss is taken to be a mean over examples (Keras's default reduction).
+`per_example_gradients` gives the gradients of the per-example losses (a `PerExample`,
+which keeps a Dense kernel's as its factors), `ggn_diagonal_sum` the diagonal of the
+generalised Gauss-Newton matrix through the same paths. The compiled loss is taken to
+be a mean over examples (Keras's default reduction).
 """
 
 import contextlib
@@ -87,11 +88,82 @@ def recording(layers):
             del layer.call
 
 
+class PerExample:
+    """The per-example gradients g_n of some variables, float64, each variable's either
+    materialised [B, size] or, for the kernel of a Dense layer called once on vectors,
+    kept as its factors: g_n = x_n ⊗ δ_n + r, r the gradient common to every example
+    (of the regularisation losses), so that its statistics cost matrix products of
+    the layer's size, not B copies of it.
+
+    parts: per variable, a [B, size] tensor or (x [B, in], δ [B, out], r [in, out])."""
+
+    def __init__(self, parts):
+        self.parts = [p if isinstance(p, tuple) else tf.cast(p, tf.float64) for p in parts]
+
+    def mean(self):
+        """[(1/B) Σ_n g_n, flattened] per variable."""
+        out = []
+        for p in self.parts:
+            if isinstance(p, tuple):
+                x, d, r = p
+                b = tf.cast(tf.shape(x)[0], tf.float64)
+                out.append(tf.reshape(tf.matmul(x, d, transpose_a=True) / b + r, [-1]))
+            else:
+                out.append(tf.reduce_mean(p, axis=0))
+        return out
+
+    def square_sum(self):
+        """[Σ_n g_n², elementwise, flattened] per variable."""
+        out = []
+        for p in self.parts:
+            if isinstance(p, tuple):
+                x, d, r = p
+                b = tf.cast(tf.shape(x)[0], tf.float64)
+                value = tf.matmul(tf.square(x), tf.square(d), transpose_a=True) \
+                    + 2 * r * tf.matmul(x, d, transpose_a=True) + b * tf.square(r)
+                out.append(tf.reshape(value, [-1]))
+            else:
+                out.append(tf.reduce_sum(tf.square(p), axis=0))
+        return out
+
+    def norms(self):
+        """‖g_n‖² [B], over every variable."""
+        total = 0
+        for p in self.parts:
+            if isinstance(p, tuple):
+                x, d, r = p
+                total += (tf.reduce_sum(tf.square(x), 1) * tf.reduce_sum(tf.square(d), 1)
+                          + 2 * tf.reduce_sum(tf.matmul(x, r) * d, 1) + tf.reduce_sum(tf.square(r)))
+            else:
+                total += tf.reduce_sum(tf.square(p), axis=1)
+        return total
+
+    def dots(self, directions):
+        """g_nᵀ v [B] for a vector v given per variable (`directions`, any shapes)."""
+        total = 0
+        for p, v in zip(self.parts, directions):
+            v = tf.cast(v, tf.float64)
+            if isinstance(p, tuple):
+                x, d, r = p
+                v = tf.reshape(v, tf.shape(r))
+                total += tf.reduce_sum(tf.matmul(x, v) * d, 1) + tf.reduce_sum(r * v)
+            else:
+                total += tf.linalg.matvec(p, tf.reshape(v, [-1]))
+        return total
+
+
 def _layer_gradients(layer, inputs, deltas):
-    """[(variable, per-example gradients [B, size])] of a Dense or Conv2D layer from
-    its inputs and output gradients."""
+    """[(variable, part)] of a Dense or Conv2D layer from its inputs and output
+    gradients (float64): per-example gradients [B, size], or (x, δ) for a Dense kernel
+    on vectors (`PerExample`)."""
     b = tf.shape(deltas)[0]
-    if isinstance(layer, keras.layers.Dense):
+    dense = isinstance(layer, keras.layers.Dense)
+    if dense and inputs.shape.rank == 2:
+        out = [(layer.kernel, (inputs, deltas))]
+        if layer.bias is not None:
+            out.append((layer.bias, deltas))
+        return out
+    if dense:
         units = tf.reshape(inputs, [b, -1, tf.shape(inputs)[-1]])
     else:
         kh, kw = layer.kernel_size
@@ -108,16 +180,39 @@ def _layer_gradients(layer, inputs, deltas):
     return out
 
 
+def _combine(contributions):
+    """One variable's part from the parts of its calls: several calls (a shared layer)
+    materialise their sum."""
+    if len(contributions) == 1:
+        return contributions[0]
+    return tf.add_n([tf.reshape(tf.einsum("bi,bo->bio", *c), [tf.shape(c[0])[0], -1])
+                     if isinstance(c, tuple) else c for c in contributions])
+
+
+def _factored_parts(layers, records, deltas_of):
+    """{id(variable): part} of the recorded `layers`, deltas_of(captured z's) giving the
+    output gradients."""
+    captured = [(layer, inputs, z) for layer in layers for inputs, z in records[layer]]
+    deltas = deltas_of([z for _, _, z in captured])
+    contributions = {}
+    for (layer, inputs, _), delta in zip(captured, deltas):
+        for v, part in _layer_gradients(layer, tf.cast(inputs, tf.float64),
+                                        tf.cast(delta, tf.float64)):
+            contributions.setdefault(id(v), (v, []))[1].append(part)
+    return {key: _combine(parts) for key, (_, parts) in contributions.items()}
+
+
 def _regularisation_gradients(model, variables):
-    """The gradient of the model's regularisation losses w.r.t. `variables` (zeros
-    without any), flattened: [P] float32."""
+    """The gradient of the model's regularisation losses w.r.t. each of `variables`
+    (zeros without any): [tensor shaped like it] float64."""
+    losses = model.losses
+    if not losses:
+        return [tf.zeros(v.shape, tf.float64) for v in variables]
     with tf.GradientTape() as tape:
-        losses = model.losses
-        if not losses:
-            return tf.zeros([sum(_size(v) for v in variables)])
-        total = tf.add_n([tf.cast(loss, tf.float32) for loss in losses])
+        total = tf.add_n([tf.cast(loss, tf.float32) for loss in model.losses])
     grads = tape.gradient(total, variables)  # None: no regulariser on it
-    return _flat([tf.zeros(v.shape) if g is None else g for g, v in zip(grads, variables)])
+    return [tf.zeros(v.shape, tf.float64) if g is None else tf.cast(g, tf.float64)
+            for g, v in zip(grads, variables)]
 
 
 def _size(variable):
@@ -127,11 +222,6 @@ def _size(variable):
 def _flat(tensors):
     return tf.concat([tf.reshape(tf.cast(tf.convert_to_tensor(t), tf.float32), [-1])
                       for t in tensors], 0)
-
-
-def _assemble(variables, parts):
-    """[B, P] from {id(variable): [B, size]} in the order of `variables`."""
-    return tf.concat([parts[id(v)] for v in variables], axis=1)
 
 
 def _vectorized(x, y, outputs):
@@ -144,12 +234,16 @@ def _vectorized(x, y, outputs):
     return tf.vectorized_map(one, (x, y))
 
 
-def per_example_gradients(model, variables, x, y):
-    """(losses [B], gradients [B, P]) float32: each example's compiled loss and its
-    gradient w.r.t. `variables` (flattened in order), training=False."""
+def _split_layers(model, variables):
     layers = factored_layers(model, variables)
     factored = {id(v) for layer in layers for v in (layer.kernel, layer.bias) if v is not None}
-    others = [v for v in variables if id(v) not in factored]
+    return layers, [v for v in variables if id(v) not in factored]
+
+
+def per_example_gradients(model, variables, x, y):
+    """(losses [B] float32, `PerExample` of `variables`): each example's compiled loss and
+    gradient, training=False."""
+    layers, others = _split_layers(model, variables)
 
     def loss_and_gradients(xi, yi):
         with tf.GradientTape() as tape:
@@ -162,30 +256,20 @@ def per_example_gradients(model, variables, x, y):
     losses, other_grads = _vectorized(x, y, loss_and_gradients if others else loss_only)
     parts = {}
     if others:
-        sizes = [_size(v) for v in others]
-        for v, g in zip(others, tf.split(other_grads, sizes, axis=1)):
-            parts[id(v)] = g
+        parts.update(zip(map(id, others), tf.split(other_grads, [_size(v) for v in others],
+                                                   axis=1)))
     if layers:
         b = tf.cast(tf.shape(losses)[0], tf.float32)
         with recording(layers) as records, tf.GradientTape() as tape:
             loss = compat.compute_loss(model, x, y, model(x, training=False), False)
             total = b * tf.cast(loss, tf.float32)  # Σ_n ℓ_n: a mean over examples
-        captured = [(layer, i, z) for layer in layers for i, (_, z) in enumerate(records[layer])]
-        deltas = tape.gradient(total, [z for _, _, z in captured])
-        for (layer, i, _), delta in zip(captured, deltas):
-            inputs = records[layer][i][0]
-            for v, g in _layer_gradients(layer, tf.cast(inputs, tf.float32),
-                                         tf.cast(delta, tf.float32)):
-                parts[id(v)] = parts.get(id(v), 0) + g
-        regularisation = _regularisation_gradients(
-            model, [v for v in variables if id(v) in factored])
-        offset = 0
-        for v in variables:
-            if id(v) in factored:
-                size = _size(v)
-                parts[id(v)] = parts[id(v)] + regularisation[offset:offset + size][None]
-                offset += size
-    return losses, _assemble(variables, parts)
+        factored = _factored_parts(layers, records, lambda zs: tape.gradient(total, zs))
+        shifted = [v for v in variables if id(v) in factored]
+        for v, r in zip(shifted, _regularisation_gradients(model, shifted)):
+            part = factored[id(v)]
+            parts[id(v)] = (*part, r) if isinstance(part, tuple) else \
+                tf.cast(part, tf.float64) + tf.reshape(r, [1, -1])
+    return losses, PerExample([parts[id(v)] for v in variables])
 
 
 def _logit_factors(model, x, y, logits, head):
@@ -207,38 +291,33 @@ def _logit_factors(model, x, y, logits, head):
 
 
 def ggn_diagonal_sum(model, variables, x, y):
-    """Σ_n diag(J_nᵀ H_n J_n) [P] float32: J_n the Jacobian of example n's logits (the
-    output before a final softmax or sigmoid, `compat.split_at_logits`), H_n the
-    Hessian of its loss w.r.t. them; training=False. With H_n = S_n S_nᵀ, it is
-    Σ_c Σ_n (∂ s_ncᵀ z_n / ∂θ)²: one per-example gradient per column c of S."""
-    layers = factored_layers(model, variables)
-    factored = {id(v) for layer in layers for v in (layer.kernel, layer.bias) if v is not None}
-    others = [v for v in variables if id(v) not in factored]
+    """[Σ_n diag(J_nᵀ H_n J_n), flattened] float64 per variable: J_n the Jacobian of
+    example n's logits (the output before a final softmax or sigmoid,
+    `compat.split_at_logits`), H_n the Hessian of its loss w.r.t. them; training=False.
+    With H_n = S_n S_nᵀ it is Σ_c Σ_n (∂ s_ncᵀ z_n / ∂θ)²: for the Dense and Conv2D
+    layers one backward pass of the batch per column c of S."""
+    layers, others = _split_layers(model, variables)
     with recording(layers) as records, tf.GradientTape(persistent=True) as tape:
         logits, head = compat.split_at_logits(model(x, training=False))
-        b = tf.shape(logits)[0]
-        flat = tf.cast(tf.reshape(logits, [b, int(np.prod(logits.shape[1:]))]), tf.float32)
+        k = int(np.prod(logits.shape[1:]))  # the logits of one example
+        flat = tf.cast(tf.reshape(logits, [tf.shape(logits)[0], k]), tf.float32)
     factors = tf.stop_gradient(_logit_factors(model, x, y, logits, head))
-    k = int(np.prod(logits.shape[1:]))  # the logits of one example
-    parts = {id(v): tf.zeros([_size(v)]) for v in variables}
-    captured = [(layer, i, z) for layer in layers for i, (_, z) in enumerate(records[layer])]
-    for c in range(k):
+    sums = {id(v): tf.zeros([_size(v)], tf.float64) for v in variables}
+    for c in range(k if layers else 0):
         with tape:
             projected = tf.reduce_sum(flat * factors[:, :, c])  # Σ_n s_ncᵀ z_n
-        if captured:
-            deltas = tape.gradient(projected, [z for _, _, z in captured])
-            sums = {}
-            for (layer, i, _), delta in zip(captured, deltas):
-                for v, g in _layer_gradients(layer, tf.cast(records[layer][i][0], tf.float32),
-                                             tf.cast(delta, tf.float32)):
-                    sums[id(v)] = sums.get(id(v), 0) + g
-            for key, g in sums.items():
-                parts[key] = parts[key] + tf.reduce_sum(tf.square(g), axis=0)
+        parts = _factored_parts(layers, records, lambda zs: tape.gradient(projected, zs))
+        keys = list(parts)
+        squares = PerExample([(*p, tf.zeros([p[0].shape[-1], p[1].shape[-1]], tf.float64))
+                              if isinstance(p, tuple) else p for p in parts.values()])
+        for key, value in zip(keys, squares.square_sum()):
+            sums[key] += value
     del tape
     if others:
-        parts.update(zip(map(id, others), tf.split(
-            _others_ggn(model, others, x, y), [_size(v) for v in others])))
-    return tf.concat([tf.reshape(parts[id(v)], [-1]) for v in variables], 0)
+        sums.update(zip(map(id, others), tf.split(
+            tf.cast(_others_ggn(model, others, x, y), tf.float64),
+            [_size(v) for v in others])))
+    return [sums[id(v)] for v in variables]
 
 
 def _others_ggn(model, variables, x, y):

@@ -109,11 +109,11 @@ def test_every_instrument_equals_its_definition(kind):
     gradients = loop_gradients(model, x, y)
     loss = float(model.compute_loss(x=x, y=y, y_pred=model(x, training=False)))
     expected = by_definition(gradients, loss, 0.05, loop_ggn_diagonal(model, x, y))
-    got = instruments.compute(model, x, y, chunk_size=5)
+    got = instruments.compute(model, x, y)
     assert set(got) == set(instruments.NAMES) == set(expected)
     for name in instruments.NAMES:
         assert got[name] == pytest.approx(expected[name], rel=1e-5), name
-    assert instruments.compute(model, x, y, names=["norm_test"], chunk_size=5) == {
+    assert instruments.compute(model, x, y, names=["norm_test"]) == {
         "norm_test": got["norm_test"]}
 
 
@@ -145,8 +145,8 @@ def test_the_tic_curvature_is_the_hessian_diagonal_of_a_piecewise_linear_network
     x = rng.normal(size=(12, 6, 6, 1)).astype("float32")
     y = rng.integers(0, 3, 12)
     diagonal = dense_hessian_diagonal(model, x, y)
-    ggn = tf.function(lambda: per_example.ggn_diagonal_sum(
-        model, model.trainable_variables, x, y))().numpy() / len(x)
+    ggn = np.concatenate(tf.function(lambda: per_example.ggn_diagonal_sum(
+        model, model.trainable_variables, x, y))()) / len(x)
     np.testing.assert_allclose(ggn, diagonal,
                                rtol=1e-4, atol=1e-7 * np.abs(diagonal).max())
     moment = np.mean(loop_gradients(model, x, y) ** 2, axis=0)
@@ -155,9 +155,18 @@ def test_the_tic_curvature_is_the_hessian_diagonal_of_a_piecewise_linear_network
     assert got["tic_diag"] == pytest.approx(np.sum(moment / (diagonal + 1e-7)), rel=1e-4)
 
 
+def materialised(losses, per_example_gradients):
+    """(losses, [B, P]) of a PerExample, its factored parts multiplied out."""
+    rows = [tf.reshape(tf.einsum("bi,bo->bio", p[0], p[1]) + p[2], [tf.shape(p[0])[0], -1])
+            if isinstance(p, tuple) else p for p in per_example_gradients.parts]
+    return losses, tf.concat(rows, axis=1)
+
+
 def test_factored_per_example_gradients_of_every_dense_and_conv2d_form():
-    """Strided and dilated convolutions with either padding, a Dense on a sequence, a
-    Dense used twice and a kernel regulariser (in every example's loss), to 1e-5."""
+    """Strided and dilated convolutions with either padding, a Dense on a sequence,
+    Dense layers used twice on sequences and on vectors, and kernel regularisers (in
+    every example's loss) on a convolution and on a Dense kept as its factors, to
+    1e-5."""
     keras.utils.set_random_seed(5)
     images = keras.Input((9, 9, 2))
     h = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu",
@@ -166,23 +175,27 @@ def test_factored_per_example_gradients_of_every_dense_and_conv2d_form():
     h = keras.layers.Reshape((-1, 4))(h)  # a sequence of positions
     shared = keras.layers.Dense(4, activation="tanh")
     h = shared(shared(h))
-    h = keras.layers.Flatten()(keras.layers.Dense(2)(h))
-    model = keras.Model(images, keras.layers.Dense(3, activation="softmax")(h))
+    h = keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.Dense(2)(h)))
+    shared_on_vectors = keras.layers.Dense(2, activation="tanh")
+    h = shared_on_vectors(shared_on_vectors(h))
+    model = keras.Model(images, keras.layers.Dense(
+        3, activation="softmax", kernel_regularizer=keras.regularizers.L2(0.02))(h))
     model.compile(optimizer="sgd", loss="categorical_crossentropy")
     rng = np.random.default_rng(6)
     x = rng.normal(size=(7, 9, 9, 2)).astype("float32")
     y = keras.utils.to_categorical(rng.integers(0, 3, 7), 3)
     variables = model.trainable_variables
-    assert len(per_example.factored_layers(model, variables)) == 5
-    losses, gradients = tf.function(lambda: per_example.per_example_gradients(
-        model, variables, x, y))()
+    assert len(per_example.factored_layers(model, variables)) == 7
+    losses, gradients = tf.function(lambda: materialised(*per_example.per_example_gradients(
+        model, variables, x, y)))()
     expected = loop_gradients(model, x, y)
     np.testing.assert_allclose(gradients.numpy(), expected, rtol=1e-5,
                                atol=1e-6 * np.abs(expected).max())
     np.testing.assert_allclose(losses.numpy(), [
         float(model.compute_loss(x=x[i:i + 1], y=y[i:i + 1], y_pred=model(x[i:i + 1])))
         for i in range(len(x))], rtol=1e-6)
-    ggn = tf.function(lambda: per_example.ggn_diagonal_sum(model, variables, x, y))()
+    ggn = np.concatenate(tf.function(lambda: per_example.ggn_diagonal_sum(
+        model, variables, x, y))())
     expected = loop_ggn_diagonal(model, x, y) * len(x)
-    np.testing.assert_allclose(ggn.numpy(), expected, rtol=1e-4,
+    np.testing.assert_allclose(ggn, expected, rtol=1e-4,
                                atol=1e-6 * np.abs(expected).max())
