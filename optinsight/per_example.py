@@ -154,8 +154,8 @@ class PerExample:
 
 def _layer_gradients(layer, inputs, deltas):
     """[(variable, part)] of a Dense or Conv2D layer from its inputs and output
-    gradients (float64): per-example gradients [B, size], or (x, δ) for a Dense kernel
-    on vectors (`PerExample`)."""
+    gradients: per-example gradients [B, size], or (x, δ) for a Dense kernel on vectors
+    (`PerExample`)."""
     b = tf.shape(deltas)[0]
     dense = isinstance(layer, keras.layers.Dense)
     if dense and inputs.shape.rank == 2:
@@ -196,8 +196,10 @@ def _factored_parts(layers, records, deltas_of):
     deltas = deltas_of([z for _, _, z in captured])
     contributions = {}
     for (layer, inputs, _), delta in zip(captured, deltas):
-        for v, part in _layer_gradients(layer, tf.cast(inputs, tf.float64),
-                                        tf.cast(delta, tf.float64)):
+        vectors = isinstance(layer, keras.layers.Dense) and inputs.shape.rank == 2
+        dtype = tf.float64 if vectors else tf.float32  # a product of factors: float64
+        for v, part in _layer_gradients(layer, tf.cast(inputs, dtype), tf.cast(delta, dtype)):
+            part = tuple(part) if isinstance(part, tuple) else tf.cast(part, tf.float64)
             contributions.setdefault(id(v), (v, []))[1].append(part)
     return {key: _combine(parts) for key, (_, parts) in contributions.items()}
 
@@ -250,19 +252,20 @@ def per_example_gradients(model, variables, x, y):
             loss = compat.compute_loss(model, xi, yi, model(xi, training=False), False)
         return loss, tape.gradient(loss, others, unconnected_gradients=ZERO)
 
-    def loss_only(xi, yi):
-        return compat.compute_loss(model, xi, yi, model(xi, training=False), False), []
-
-    losses, other_grads = _vectorized(x, y, loss_and_gradients if others else loss_only)
     parts = {}
     if others:
+        losses, other_grads = _vectorized(x, y, loss_and_gradients)
         parts.update(zip(map(id, others), tf.split(other_grads, [_size(v) for v in others],
                                                    axis=1)))
     if layers:
-        b = tf.cast(tf.shape(losses)[0], tf.float32)
         with recording(layers) as records, tf.GradientTape() as tape:
-            loss = compat.compute_loss(model, x, y, model(x, training=False), False)
+            outputs = model(x, training=False)
+            loss = compat.compute_loss(model, x, y, outputs, False)
+            b = tf.cast(tf.shape(tf.nest.flatten(outputs)[0])[0], tf.float32)
             total = b * tf.cast(loss, tf.float32)  # Σ_n ℓ_n: a mean over examples
+        if not others:  # each example's loss from its outputs, without the model
+            losses = tf.vectorized_map(lambda e: tf.cast(compat.compute_loss(
+                model, None, *_example(e), False), tf.float32), (y, tf.stop_gradient(outputs)))
         factored = _factored_parts(layers, records, lambda zs: tape.gradient(total, zs))
         shifted = [v for v in variables if id(v) in factored]
         for v, r in zip(shifted, _regularisation_gradients(model, shifted)):
@@ -306,13 +309,13 @@ def ggn_diagonal_sum(model, variables, x, y):
     for c in range(k if layers else 0):
         with tape:
             projected = tf.reduce_sum(flat * factors[:, :, c])  # Σ_n s_ncᵀ z_n
-        parts = _factored_parts(layers, records, lambda zs: tape.gradient(projected, zs))
+        parts = _factored_parts(layers, records,
+                                lambda zs, target=projected: tape.gradient(target, zs))
         keys = list(parts)
         squares = PerExample([(*p, tf.zeros([p[0].shape[-1], p[1].shape[-1]], tf.float64))
                               if isinstance(p, tuple) else p for p in parts.values()])
         for key, value in zip(keys, squares.square_sum()):
             sums[key] += value
-    del tape
     if others:
         sums.update(zip(map(id, others), tf.split(
             tf.cast(_others_ggn(model, others, x, y), tf.float64),
