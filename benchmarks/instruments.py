@@ -5,8 +5,10 @@ Part "equal": the same small MLP and CNN in Keras and in PyTorch, identical weig
 images. Cockpit (with BackPACK) computes its quantities MeanGSNR, NormTest, InnerTest,
 OrthoTest, CABS, EarlyStopping, TICDiag and TICTrace (curvature "diag_ggn_exact", and
 "diag_h", Cockpit's default, which equals it on these piecewise-linear networks) on
-that batch; `optinsight.instruments.compute` computes its instruments on it. Prints
-each quantity's relative difference (target <= 1e-4).
+that batch; `optinsight.instruments.compute` computes its instruments on it. Then four
+SGD steps from the same weights on the same batches, with Cockpit's Alpha and
+Distance and with `fit` recording alpha and distance. Prints each quantity's relative
+difference (target <= 1e-4).
 
 Part "cost": the same MLP and CNN trained with SGD on batches of 128, every
 instrument due at every step. PyTorch: a plain step against a step under Cockpit with
@@ -122,6 +124,54 @@ def cockpit_values(net, x, y, quantities):
     return {name: q.get_output()[0] for name, q in made.items()}
 
 
+def two_step_values(kind, steps=4):
+    """Alpha and Distance over `steps` SGD steps from the same weights on the same
+    batches: ({"alpha": [...], "distance": [[per variable], ...]} of optinsight's
+    callback, the same of Cockpit's quantities), step t of the callback being Cockpit's
+    step t − 1."""
+    import json
+
+    import torch
+    from backpack import extend
+    from cockpit import Cockpit
+    from cockpit import quantities as cockpit_quantities
+
+    x, y = fashion_mnist(kind, BATCH * steps)
+    log_dir = tempfile.mkdtemp(prefix="instruments-equal-")
+    model = compiled_model(kind)
+    net = extend(torch_copy(model))  # the initial weights
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[
+        oi.OptimizationInsightCallback(log_dir, instruments=["alpha", "distance"])])
+    with open(os.path.join(log_dir, "instruments.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    ours = {"alpha": [r["instruments"]["alpha"] for r in records],
+            "distance": [list(r["distance"].values()) for r in records]}
+    schedule = lambda step: step >= 0  # noqa: E731
+    alpha = cockpit_quantities.Alpha(track_schedule=schedule)
+    distance = cockpit_quantities.Distance(track_schedule=schedule)
+    cockpit = Cockpit(net.parameters(), quantities=[alpha, distance])
+    optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE)
+    loss_fn = extend(torch.nn.CrossEntropyLoss())
+    individual_loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    inputs = torch.from_numpy(x if x.ndim == 2 else x.transpose(0, 3, 1, 2).copy())
+    labels = torch.from_numpy(y)
+    for step in range(steps):
+        xb, yb = inputs[step * BATCH:(step + 1) * BATCH], labels[step * BATCH:(step + 1) * BATCH]
+        optimizer.zero_grad()
+        outputs = net(xb)
+        loss = loss_fn(outputs, yb)
+        info = {"batch_size": BATCH, "individual_losses": individual_loss_fn(outputs, yb),
+                "loss": loss, "optimizer": optimizer}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with cockpit(step, info=info):
+                loss.backward(create_graph=cockpit.create_graph(step))
+        optimizer.step()
+    theirs = {"alpha": [alpha.get_output().get(s) for s in range(steps)],
+              "distance": [[float(d) for d in distance.get_output()[s]] for s in range(steps)]}
+    return ours, theirs
+
+
 def equal_part(args):
     results = {"target_relative_difference": 1e-4}
     for kind in ("mlp", "cnn"):
@@ -138,6 +188,21 @@ def equal_part(args):
             print(f"{kind} {name:18s} optinsight {value:12.6g}  cockpit "
                   f"{float(theirs[name]):12.6g}  relative difference {difference:.1e}",
                   flush=True)
+        ours, theirs = two_step_values(kind)
+        for step, (a, b) in enumerate(zip(ours["alpha"], theirs["alpha"]), start=1):
+            if a is None or b is None:
+                print(f"{kind} alpha at step {step}: optinsight {a}, cockpit {b}")
+                continue
+            rows[f"alpha_step_{step}"] = {"optinsight": a, "cockpit": float(b),
+                                          "relative_difference": abs(a - b) / abs(b)}
+        for step, (a, b) in enumerate(zip(ours["distance"], theirs["distance"]), start=1):
+            if step > 1:  # 0 at the first step
+                rows[f"distance_step_{step}"] = {
+                    "optinsight": a, "cockpit": b, "relative_difference": float(
+                        np.max(np.abs(np.subtract(a, b)) / np.abs(b)))}
+        for name in [n for n in rows if n.startswith(("alpha", "distance"))]:
+            print(f"{kind} {name:18s} relative difference "
+                  f"{rows[name]['relative_difference']:.1e}", flush=True)
         results[kind] = rows
     worst = max(r["relative_difference"] for kind in ("mlp", "cnn")
                 for r in results[kind].values())
