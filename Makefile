@@ -42,7 +42,8 @@ OLDEST_TESTS := tests/test_dynamics.py tests/test_native.py \
 	tests/test_resume.py::test_the_run_so_far_is_the_run_on_disk_also_after_resume \
 	tests/test_first_hour.py::test_keras_asynchronous_dispatch_stays_on_and_records_the_same \
 	tests/test_first_hour.py::test_a_run_and_its_findings_show_as_html_in_a_notebook \
-	tests/test_schedule.py tests/test_architecture_imports.py tests/test_compat.py
+	tests/test_schedule.py tests/test_architecture_imports.py tests/test_compat.py \
+	tests/test_instruments.py tests/test_instruments_fit.py
 
 # Benchmark-only extras (PyTorch and PyHessian, JAX: the references benchmarks/hessian.py
 # and benchmarks/ntk.py compare against) live in their own environment.

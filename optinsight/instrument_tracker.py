@@ -119,8 +119,10 @@ class InstrumentTracker(tf.Module):
         """The per-example columns at w_t: the weights are put back for the while."""
         variables = self.tracked_variables
         after = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
+        # Keras before 3.4 returns no op from assign: the step's automatic control
+        # dependencies order the reads after it all the same
         back = [v.assign(tf.cast(w, v.dtype)) for v, w in zip(variables, weights_before)]
-        with tf.control_dependencies(back):
+        with tf.control_dependencies([op for op in back if op is not None]):
             losses, gradients = per_example_gradients(self.model, variables, x, y)
             curvature = ggn_diagonal_sum(self.model, variables, x, y) \
                 if self.curvature else None
@@ -140,7 +142,7 @@ class InstrumentTracker(tf.Module):
             restored = [v.assign(a) for v, a in zip(variables, after)]
             if self.alpha:
                 restored.append(self.direction.assign(tf.concat(update, 0)))
-        with tf.control_dependencies(restored):
+        with tf.control_dependencies([op for op in restored if op is not None]):
             return {k: tf.identity(v) for k, v in values.items()}
 
     # ------------------------------------------------------------- the host

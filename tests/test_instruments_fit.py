@@ -101,3 +101,80 @@ def test_recorded_instruments_equal_their_definition_at_each_step(tmp_path, ever
     assert list(run.instruments["step"]) == [r["step"] for r in records]
     assert run.instruments["norm_test"].tolist() == pytest.approx(
         [r["instruments"]["norm_test"] for r in records])
+
+
+def small_run(tmp_path, seed=1, **options):
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(48, 5)).astype("float32")
+    y = rng.integers(0, 2, 48)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="relu"),
+                              keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=options.pop("jit_compile", False))
+    return model, x, y
+
+
+@pytest.mark.parametrize("names", [["norm_test"], ["distance"], ["alpha"]])
+def test_any_subset_of_instruments_records_only_those(tmp_path, names):
+    model, x, y = small_run(tmp_path)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
+        oi.OptimizationInsightCallback(tmp_path, instruments=names)])
+    frame = oi.read_log(tmp_path).instruments
+    assert list(frame["step"]) == [1, 2, 3]
+    assert [c for c in frame.columns if "/" not in c] == ["step", "epoch", "batch", *names]
+
+
+def test_xla_a_dataset_and_a_resume_record_the_same_as_one_plain_fit(tmp_path):
+    """jit_compile=True, a tf.data pipeline of unknown length, and a run interrupted
+    after its first epoch and resumed: distance still counts from the first weights."""
+    import tensorflow as tf
+
+    model, x, y = small_run(tmp_path)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False, callbacks=[
+        oi.OptimizationInsightCallback(tmp_path / "plain", instruments="economy")])
+    expected = oi.read_log(tmp_path / "plain").instruments
+
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).filter(lambda a, b: True)
+    model, _, _ = small_run(tmp_path, jit_compile=True)
+    log_dir = tmp_path / "resumed"
+    model.fit(data, epochs=1, verbose=0, shuffle=False, callbacks=[
+        oi.OptimizationInsightCallback(log_dir, instruments="economy")])
+    model, _, _ = small_run(tmp_path, seed=2, jit_compile=True)  # weights from the checkpoint
+    model.fit(data, epochs=2, initial_epoch=1, verbose=0, shuffle=False, callbacks=[
+        oi.OptimizationInsightCallback(log_dir, instruments="economy", resume=True)])
+    got = oi.read_log(log_dir).instruments
+    assert list(got["step"]) == list(expected["step"]) == list(range(1, 7))
+    assert len(got.columns) == len(expected.columns)  # variables named by each model
+    for column, (_, ours), (_, theirs) in zip(expected.columns, got.items(), expected.items()):
+        if column == "alpha":  # the last step before the interruption waited for its end
+            assert np.isnan(ours[2]) and not np.isnan(theirs[2])
+            keep = [0, 1, 3, 4, 5]
+            np.testing.assert_allclose(ours[keep], theirs[keep], rtol=1e-4)
+        else:
+            np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-7, err_msg=column)
+
+
+def test_a_custom_loop_passes_the_batch_or_hears_why(tmp_path):
+    import tensorflow as tf
+
+    model, x, y = small_run(tmp_path)
+    optimizer = model.optimizer
+    with oi.InsightRecorder(tmp_path, model, optimizer, instruments=["norm_test"]) as rec:
+        @tf.function
+        def step(xb, yb, with_targets):
+            with tf.GradientTape() as tape:
+                loss = model.compute_loss(x=xb, y=yb, y_pred=model(xb, training=True))
+            grads = tape.gradient(loss, model.trainable_variables)
+            rec.apply_gradients(zip(grads, model.trainable_variables), loss=loss,
+                                inputs=xb, targets=yb if with_targets else None)
+
+        for i in range(3):
+            step(x[16 * i:16 * i + 16], y[16 * i:16 * i + 16], True)
+            rec.batch_end()
+        rec.epoch_end()
+        with pytest.raises(ValueError, match="pass inputs= and targets="):
+            step(x[:16], y[:16], False)
+    frame = oi.read_log(tmp_path).instruments
+    assert list(frame["step"]) == [1, 2, 3] and frame["norm_test"].notna().all()
