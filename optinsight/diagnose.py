@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 
 from optinsight.architecture import EXACT_ZERO, PROBABILISTIC_LOSSES, SATURATING
+from optinsight.findings import SEVERITIES, Finding, Findings
+from optinsight.instrument_rules import INSTRUMENT_RULES
 from optinsight.logs.reader import read_log
 from optinsight.metrics import run_thresholds, zero_key
 from optinsight.probes import base as probe_keys
@@ -93,45 +95,6 @@ CAUSES = {
     "dead_layer": ("not_converging", "stalled_layer"),
     "zero_gradients": ("not_converging", "stalled_layer"),
 }
-
-SEVERITIES = ("info", "warning", "error")
-
-
-@dataclasses.dataclass(frozen=True)
-class Finding:
-    """One problem found: what (code), how bad (severity), where (layer, may be None),
-    when (step: where it shows; since: the step it began, may be None), the numbers
-    behind it (evidence, and `numbers` for scripts), what to try (advice), and the
-    finding that explains it (`caused_by`: the code of a problem that began before it
-    and leads to it, e.g. loss spikes before a layer died)."""
-
-    code: str
-    severity: str
-    layer: str | None
-    step: int | None
-    evidence: str
-    advice: str
-    since: int | None = None
-    caused_by: str | None = None
-    numbers: dict = dataclasses.field(default_factory=dict, compare=False)
-
-    def __str__(self):
-        where = f" [{self.layer}]" if self.layer else ""
-        when = f" at step {self.step}" if self.step is not None else ""
-        began = f" since step {self.since}" if self.since is not None else ""
-        cause = f" (caused by {self.caused_by})" if self.caused_by else ""
-        return (f"{self.severity.upper()} {self.code}{where}{when}{began}{cause}: "
-                f"{self.evidence}. {self.advice}")
-
-    def as_dict(self):
-        """The finding as a JSON-ready dict (`optinsight diagnose --format json`)."""
-        return dataclasses.asdict(self)
-
-    def _repr_html_(self):
-        from optinsight.report.notebook import findings_html
-
-        return findings_html([self])
-
 
 def _late(series):
     series = series.dropna()
@@ -676,7 +639,7 @@ def _failed_probes(run):
 
 RULES = (_failed_probes, _improper_output, _nonfinite, _learning_rate, _unstable_loss,
          _not_converging, _exploding, _vanishing, _dead, _dead_units, _stalled,
-         _rank_collapse, _saturation)
+         _rank_collapse, _saturation) + INSTRUMENT_RULES
 
 
 def _grouped(findings, run):
@@ -729,16 +692,6 @@ def _root_cause_first(findings, run):
                       and began(g) <= began(f)), None)
         out.append(dataclasses.replace(f, caused_by=cause))
     return out
-
-
-class Findings(list):
-    """The diagnosis' findings, first cause first: a list that shows as a table in a
-    notebook."""
-
-    def _repr_html_(self):
-        from optinsight.report.notebook import findings_html
-
-        return findings_html(self)
 
 
 def diagnose_run(run):

@@ -178,3 +178,28 @@ def test_a_custom_loop_passes_the_batch_or_hears_why(tmp_path):
             step(x[:16], y[:16], False)
     frame = oi.read_log(tmp_path).instruments
     assert list(frame["step"]) == [1, 2, 3] and frame["norm_test"].notna().all()
+
+
+@pytest.mark.parametrize("at_minimum", [True, False])
+def test_the_batch_size_and_stopping_findings(tmp_path, at_minimum):
+    """A linear regression at its least-squares minimum (every batch gradient is noise)
+    is told its batch is too small and that its gradients hold no more information;
+    the same far from its minimum is told neither. Half of the inputs are always zero
+    (as an image's border): their weights' gradients are zero, as in Cockpit's EB."""
+    rng = np.random.default_rng(3)
+    n = 1280
+    x = np.concatenate([rng.normal(size=(n, 10)), np.zeros((n, 10))], 1).astype("float32")
+    y = (x[:, :10] @ rng.normal(3, 1, 10) + rng.normal(size=n)).astype("float32")
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
+    if at_minimum:
+        solution = np.linalg.lstsq(np.c_[x, np.ones(n)], y, rcond=None)[0]
+        model.set_weights([solution[:-1, None], solution[-1:]])
+    else:
+        model.set_weights([np.zeros((20, 1)), np.zeros(1)])
+    model.fit(x, y[:, None], batch_size=32, epochs=1, verbose=0, callbacks=[
+        oi.OptimizationInsightCallback(tmp_path, instruments="full", diagnosis=False)])
+    codes = {f.code for f in oi.diagnose(tmp_path)}
+    found = {"batch_too_small", "no_information_left"} & codes
+    assert found == ({"batch_too_small", "no_information_left"} if at_minimum else set())
