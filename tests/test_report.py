@@ -35,7 +35,8 @@ def run_dir(tmp_path_factory):
                   metrics=["accuracy"])
     cb = oi.OptimizationInsightCallback(log_dir, histogram_freq=2, histogram_bins=30,
                                         probes=main.build_probes(every=3),
-                                        probe_data=(x[:64], y[:64]))
+                                        probe_data=(x[:64], y[:64]), instruments="full",
+                                        instrument_freq=2)
     model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[cb], validation_split=0.2)
     return log_dir
 
@@ -75,6 +76,8 @@ def test_missing_data_gives_a_note_not_a_crash(tmp_path):
     # probes that did not run are named once, with their figures, not figure by figure
     assert page.count("Not in this run") == 1 and "hessian (sharpness, hessian density)" \
         in page and "recorded no" not in page
+    assert "(step size, batch size tests, gradient noise, distance). Pass instruments=" \
+        in html.unescape(page)
 
 
 def test_report_page_is_self_contained_and_renders(run_dir, tmp_path, capsys):

@@ -9,7 +9,7 @@ import os
 
 import matplotlib.pyplot as plt
 
-from optinsight.report.plots import FIGURES, MissingData, ProbeAbsent
+from optinsight.report.plots import FIGURES, InstrumentsAbsent, MissingData, ProbeAbsent
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222;
@@ -101,10 +101,14 @@ def write_report(run, findings, out_dir):
               for k, v in _summary_rows(run)]
     parts.append("</table>")
     absent = {}  # probe -> its figures, mentioned once at the end
+    no_instruments = []  # figures of the instruments, when none were recorded
     concern = None
     for figure, png, missing in figures:
         if isinstance(missing, ProbeAbsent):
             absent.setdefault(missing.probe, []).append(figure.name.replace("_", " "))
+            continue
+        if isinstance(missing, InstrumentsAbsent):
+            no_instruments.append(figure.name.replace("_", " "))
             continue
         if figure.concern != concern:
             parts.append(f"<h2>{esc(figure.concern)}</h2>")
@@ -117,11 +121,17 @@ def write_report(run, findings, out_dir):
         parts.append(f"<figure><img alt='{esc(title)}' src='data:image/png;base64,{data}'>"
                      f"<figcaption><b>{esc(title)}</b>: {esc(figure.caption)}</figcaption>"
                      "</figure>")
+    if absent or no_instruments:
+        parts.append("<h2>Not in this run</h2>")
     if absent:
         listed = "; ".join(f"{probe} ({', '.join(names)})" for probe, names in absent.items())
-        parts.append(f"<h2>Not in this run</h2><p class='missing'>These probes did not run, "
-                     f"so their figures are left out: {esc(listed)}. Add them to "
-                     "probes= to see them.</p>")
+        parts.append(f"<p class='missing'>These probes did not run, so their figures are "
+                     f"left out: {esc(listed)}. Add them to probes= to see them.</p>")
+    if no_instruments:
+        parts.append(f"<p class='missing'>Cockpit's instruments were not recorded, so their "
+                     f"figures are left out ({esc(', '.join(no_instruments))}). Pass "
+                     "instruments=\"economy\" (or \"full\") to the callback to see "
+                     "them.</p>")
     parts.append(f"</main>{_CHECK}</body></html>")
     path = os.path.join(out_dir, "index.html")
     with open(path, "w", encoding="utf-8") as f:

@@ -31,6 +31,25 @@ class ProbeAbsent(MissingData):
         self.probe = probe
 
 
+class InstrumentsAbsent(MissingData):
+    """The run recorded none of the figure's instruments (`instruments=` was off)."""
+
+    def __init__(self):
+        super().__init__("no instruments recorded in this run")
+
+
+def _instruments(run, *names):
+    """The run's instrument rows with any of `names`; InstrumentsAbsent without
+    instruments, MissingData if none of `names` was recorded."""
+    frame = run.instruments
+    if frame.empty:
+        raise InstrumentsAbsent()
+    present = [n for n in names if n in frame and frame[n].notna().any()]
+    if not present:
+        raise MissingData(f"the run recorded no {' or '.join(names)} (instruments=)")
+    return frame, present
+
+
 def _steps(run, *columns):
     if run.steps.empty:
         raise MissingData("no steps recorded (steps.jsonl is empty)")
@@ -370,6 +389,75 @@ def weight_spectra(run):
     return fig
 
 
+def step_size(run):
+    frame, _ = _instruments(run, "alpha")
+    alpha = frame[["step", "alpha"]].dropna()
+    fig, (ax, hist) = plt.subplots(1, 2, figsize=(11, 3.2), width_ratios=(3, 1))
+    shown = alpha["alpha"].clip(-1.5, 3)  # far overshoots on the edge, not off the plot
+    ax.plot(alpha["step"], shown, "o", ms=3, alpha=0.6)
+    for level, label in ((0, "the fit's minimum"), (1, "as high as the start")):
+        ax.axhline(level, color="0.5", lw=0.8, ls="--")
+        ax.annotate(label, (1.0, level), xycoords=("axes fraction", "data"),
+                    xytext=(-4, 2), textcoords="offset points", ha="right", fontsize=7)
+    above = (alpha["alpha"] > 0).mean()
+    ax.set(xlabel="step", ylabel="α (clipped to [−1.5, 3])",
+           title=f"Step size α: {above:.0%} of the steps overshoot the fit's minimum")
+    hist.hist(shown, bins=30, orientation="horizontal", color="C0")
+    hist.set(xlabel="steps", ylim=ax.get_ylim())
+    fig.tight_layout()
+    return fig
+
+
+def batch_size_tests(run):
+    frame, present = _instruments(run, "norm_test", "inner_test", "ortho_test")
+    fig, ax = plt.subplots(figsize=(11, 3.2))
+    for name in present:
+        ax.plot(frame["step"], frame[name], "o-", ms=2, lw=0.8, label=name.replace("_", " "))
+    ax.axhline(1, color="k", lw=0.8, ls="--", label="1: the noise as large as the signal")
+    ax.set(xlabel="step", ylabel="θ (ν), the smallest value the batch passes at",
+           yscale="log", title="Batch-size tests")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def gradient_noise(run):
+    frame, present = _instruments(run, "mean_gsnr", "early_stopping", "tic_diag",
+                                  "tic_trace")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+    left, right = axes
+    if "mean_gsnr" in present:
+        left.plot(frame["step"], frame["mean_gsnr"], "o-", ms=2, lw=0.8, label="mean GSNR")
+    for name in [n for n in ("tic_diag", "tic_trace") if n in present]:
+        left.plot(frame["step"], frame[name], "o-", ms=2, lw=0.8, label=name)
+    left.set(xlabel="step", yscale="log", title="Signal to noise (GSNR) and TIC")
+    left.legend(fontsize=7)
+    if "early_stopping" in present:
+        right.plot(frame["step"], frame["early_stopping"], "o-", ms=2, lw=0.8, color="C3")
+        right.axhline(0, color="k", lw=0.8, ls="--")
+        right.set(title="EB criterion (above 0: stop)")
+    else:
+        right.text(0.5, 0.5, "EB criterion: plain SGD only", ha="center", va="center",
+                   transform=right.transAxes)
+    right.set(xlabel="step")
+    fig.tight_layout()
+    return fig
+
+
+def distance(run):
+    frame, _ = _instruments(run, "distance")
+    fig, ax = plt.subplots(figsize=(11, 3.2))
+    ax.plot(frame["step"], frame["distance"], "k-", lw=1.5, label="all weights")
+    per_variable = [c for c in frame.columns if c.startswith("distance/")]
+    last = frame[per_variable].iloc[-1].sort_values(ascending=False)
+    for column in last.index[:6]:  # the variables that moved most
+        ax.plot(frame["step"], frame[column], lw=0.8, label=column[len("distance/"):])
+    ax.set(xlabel="step", ylabel="‖w_t − w_0‖₂", title="Distance from the initial weights")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
 class Figure(NamedTuple):
     """One figure of the report: its file name, the concern it belongs to, the
     function that draws it from a `Run`, and its one-sentence caption (what it shows,
@@ -437,4 +525,23 @@ FIGURES = (
            "Per layer, how the activations spread over value bins at each evaluation "
            "(brighter: more of them): mass that piles into the lowest bin is units that "
            "stopped firing."),
+    Figure("step_size", "Cockpit's instruments", step_size,
+           "Where each step lands on a quadratic fitted along it to the losses and slopes "
+           "at both ends (α, Cockpit's Alpha): 0 is the fit's minimum and 1 the far side "
+           "as high as the start, so steps mostly above 0 overshoot and mostly below 0 "
+           "are cautious, and a spread around 0 to 1 is typical."),
+    Figure("batch_size_tests", "Cockpit's instruments", batch_size_tests,
+           "The norm, inner-product and orthogonality tests: the noise of the batch "
+           "gradient in the gradient's length and direction, relative to the gradient, "
+           "where values well below 1 say the batch is large enough and values about 1 "
+           "or above say it is too small to trust the gradient."),
+    Figure("gradient_noise", "Cockpit's instruments", gradient_noise,
+           "The gradient's mean signal-to-noise ratio per parameter and the Takeuchi "
+           "information criterion (left), and the EB criterion (right): SNR falls and "
+           "the EB criterion rises towards 0 as the gradients turn to noise, and above "
+           "0 there is no more information in them."),
+    Figure("distance", "Cockpit's instruments", distance,
+           "How far the weights are from where recording started, for all of them and "
+           "for the variables that moved most: it grows fast early and levels off, and "
+           "one variable far ahead of the rest dominates the training."),
 )
