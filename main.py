@@ -120,6 +120,7 @@ def run(config):
             optimizer=optimizer, loss="categorical_crossentropy",
             metrics=["accuracy", keras.metrics.F1Score(average="macro", name="macro_f1")])
     if config.train.strategy == "multiworker":
+        options["instruments"] = None  # per-example gradients of one replica's batch only
         recorder = oi.InsightRecorder(log_dir, model, optimizer, **options)
         final = custom_loop(strategy, model, recorder, train_ds, val_ds, config)
         return final, log_dir if is_chief(strategy) else None

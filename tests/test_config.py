@@ -20,12 +20,15 @@ def test_flags(tmp_path):
                     "--batch-size", "64", "--lr", "0.01", "--log-dir", "x", "--resume",
                     "--checkpoint-every", "2", "--thresholds", "1e-6,1e-4", "--ema-decay", "none",
                     "--sign-map-freq", "50", "--update-freq", "epoch", "--limit", "100",
-                    "--variable-update-freq", "epoch"])
+                    "--variable-update-freq", "epoch", "--instruments", "full",
+                    "--instrument-freq", "5"])
     assert c.data == DataConfig("fashion-mnist", str(tmp_path), 64, 0.1, 100)
     assert c.train == TrainConfig(3, 0.01, 0, "x", True, 2, "none")
     assert c.insight.thresholds == (1e-6, 1e-4) and c.insight.ema_decay is None
     assert c.insight.sign_map_freq == 50 and c.insight.update_freq == "epoch"
     assert c.insight.variable_update_freq == "epoch"
+    assert (c.insight.instruments, c.insight.instrument_freq) == ("full", 5)
+    assert parse_args(["--instruments", "none"]).insight.instruments is None
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -48,6 +51,8 @@ def test_flags(tmp_path):
     (["--checkpoint-every", "-1"], "checkpoint_every"),
     (["--limit", "0"], "limit must be a positive integer"),
     (["--strategy", "tpu"], "strategy must be one of"),
+    (["--instruments", "first"], "instruments='first' is not a preset"),
+    (["--instrument-freq", "0"], "instrument_freq must be a positive integer"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_bad_values_name_what_was_received(argv, match):
