@@ -2,10 +2,12 @@
 they are due, computed inside the compiled train step (docs/logs.md,
 instruments.jsonl; `optinsight.instruments` gives the formulas).
 
-At a due step t, after the optimizer's update, the tracker puts the weights back to
-w_t for a moment and takes the batch's per-example gradients there
-(`batch_statistics`), then restores w_{t+1}. Only scalars are kept: the sums the
-instruments need, the per-example slopes along the step's update d_t = w_{t+1} − w_t
+At a due step t, after the optimizer's update, the tracker takes the batch's
+per-example gradients at w_t (`per_example`): for a model of Dense and Conv2D layers
+(without batch normalisation or the TIC), from the step's own forward and backward
+pass (the train step records those layers' inputs and output gradients), else from a
+pass of its own with the weights put back to w_t for the while, then restored. Only
+scalars are kept: the sums the instruments need, the per-example slopes along the step's update d_t = w_{t+1} − w_t
 (Alpha's start) and along the previous due step's update (Alpha's end, at step t + 1,
 which is computed for it), and ‖w_t − w_0‖ per variable. They go to a ring buffer
 that the host reads in bursts with the dynamics rows.
@@ -21,7 +23,12 @@ import tensorflow as tf
 
 from optinsight.batch_statistics import CURVATURE_SUMS, SUMS, batch_sums, projection_moments
 from optinsight.instruments import CURVATURE
-from optinsight.per_example import ggn_diagonal_sum, per_example_gradients
+from optinsight.per_example import (
+    from_training_pass,
+    ggn_diagonal_sum,
+    per_example_gradients,
+    training_pass_layers,
+)
 
 #: Columns of Alpha's slopes: at the start of the due step's update, at its end.
 ALPHA_COLUMNS = ("step_length_sq", "start_slope", "start_slope_variance", "has_end",
@@ -32,13 +39,16 @@ class InstrumentTracker(tf.Module):
     """Records the instruments `names` (of `metrics.INSTRUMENTS`) of `variables` of `model` every
     `every` steps into a ring buffer of `buffer_size` steps."""
 
-    def __init__(self, model, variables, names, every, buffer_size, strategy=None):
+    def __init__(self, model, variables, names, every, buffer_size, strategy=None,
+                 loss_scaled=False):
         super().__init__(name="instrument_tracker")
         self.model, self.tracked_variables = model, tuple(variables)
         self.names, self.every = tuple(names), int(every)
         self.alpha, self.distance = "alpha" in names, "distance" in names
         self.curvature = bool(set(CURVATURE) & set(names))
         self.per_example = any(n != "distance" for n in names)
+        self._training_layers = None if not self.per_example or self.curvature \
+            or loss_scaled else training_pass_layers(model, variables)
         self.columns = (("due",) + (SUMS if self.per_example else ())
                         + (CURVATURE_SUMS if self.curvature else ())
                         + (ALPHA_COLUMNS if self.alpha else ()))
@@ -73,10 +83,19 @@ class InstrumentTracker(tf.Module):
         return tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
 
     # ----------------------------------------------------------- in the step
-    def record(self, step, weights_before, x, y):
+    def training_pass_layers(self):
+        """The layers the train step records for `record`'s `training_pass`, or None
+        when the per-example gradients need a pass of their own (a variable outside
+        Dense and Conv2D, batch normalisation, the TIC's curvature, a loss scale)."""
+        return self._training_layers
+
+    def record(self, step, weights_before, x, y, training_pass=None):
         """Record step `step` (int64 tensor) if due, or if it ends a due step's update
         (Alpha). Call in the train step after the optimizer's update; weights_before:
-        the variables' values before it (float32, one per variable)."""
+        the variables' values before it (float32, one per variable); training_pass:
+        (records, output gradients, model outputs) of the step's own pass around
+        `recording(training_pass_layers())`, the gradients of the unscaled batch-mean
+        loss."""
         due = tf.equal(tf.math.floormod(step, self.every), 0)
         ends = tf.constant(False)
         if self.alpha:
@@ -93,7 +112,9 @@ class InstrumentTracker(tf.Module):
                                             - tf.cast(w0, tf.float64)))
                     for w, w0 in zip(weights_before, self._split(self.initial))])
             if self.per_example:
-                values.update(self._per_example(weights_before, x, y, ends))
+                values.update(self._per_example(
+                    weights_before, x, y, ends, None if training_pass is None
+                    else (self._training_layers, *training_pass[:2], y, training_pass[2])))
             return tf.stack([values[c] for c in self.columns]), distances
 
         def skip():
@@ -115,18 +136,24 @@ class InstrumentTracker(tf.Module):
         sizes = [int(np.prod(v.shape)) for v in self.tracked_variables]
         return tf.split(flat, sizes) if sizes else []
 
-    def _per_example(self, weights_before, x, y, ends):
-        """The per-example columns at w_t: the weights are put back for the while."""
+    def _per_example(self, weights_before, x, y, ends, training_pass):
+        """The per-example columns at w_t: from the step's own training pass when given
+        (`training_pass_layers`), else from a pass of their own with the weights put
+        back to w_t for the while."""
         variables = self.tracked_variables
         after = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
-        # Keras before 3.4 returns no op from assign: the step's automatic control
-        # dependencies order the reads after it all the same
-        back = [v.assign(tf.cast(w, v.dtype)) for v, w in zip(variables, weights_before)]
-        with tf.control_dependencies([op for op in back if op is not None]):
-            losses, gradients = per_example_gradients(self.model, variables, x, y)
-            curvature = ggn_diagonal_sum(self.model, variables, x, y) \
-                if self.curvature else None
-        values = batch_sums(losses, gradients, curvature)
+        if training_pass is not None:
+            losses, gradients = from_training_pass(self.model, variables, *training_pass)
+            values, back = batch_sums(losses, gradients), []
+        else:
+            # Keras before 3.4 returns no op from assign: the step's automatic control
+            # dependencies order the reads after it all the same
+            back = [v.assign(tf.cast(w, v.dtype)) for v, w in zip(variables, weights_before)]
+            with tf.control_dependencies([op for op in back if op is not None]):
+                losses, gradients = per_example_gradients(self.model, variables, x, y)
+                curvature = ggn_diagonal_sum(self.model, variables, x, y) \
+                    if self.curvature else None
+            values = batch_sums(losses, gradients, curvature)
         if self.alpha:
             update = [tf.reshape(tf.cast(a, tf.float32) - w, [-1])
                       for a, w in zip(after, weights_before)]
@@ -139,7 +166,7 @@ class InstrumentTracker(tf.Module):
                 "has_end": tf.cast(ends, tf.float64), "end_slope": end,
                 "end_slope_variance": end_var})
         with tf.control_dependencies(list(values.values())):
-            restored = [v.assign(a) for v, a in zip(variables, after)]
+            restored = [v.assign(a) for v, a in zip(variables, after)] if back else []
             if self.alpha:
                 restored.append(self.direction.assign(tf.concat(update, 0)))
         with tf.control_dependencies([op for op in restored if op is not None]):

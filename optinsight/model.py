@@ -9,7 +9,7 @@ which applies and records the step. The callback installs it on any Keras model;
 import keras
 import tensorflow as tf
 
-from optinsight import compat
+from optinsight import compat, per_example
 
 
 def insight_train_step(model, data, recorder):
@@ -19,7 +19,10 @@ def insight_train_step(model, data, recorder):
     Returns the metrics dict of Keras's `train_step` (what `fit` shows).
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    with tf.GradientTape() as tape:
+    # the instruments' per-example gradients from this pass: some layers' inputs and
+    # the gradients of their outputs (without sample weights, which change the loss)
+    layers = recorder.training_pass_layers() if sample_weight is None else None
+    with tf.GradientTape() as tape, per_example.recording(layers or []) as records:
         if compat.call_has_training_arg(model):
             y_pred = model(x, training=True)
         else:
@@ -31,8 +34,15 @@ def insight_train_step(model, data, recorder):
         )
         scaled_loss = model.optimizer.scale_loss(loss)
     variables = model.trainable_weights
-    gradients = tape.gradient(scaled_loss, variables)
-    recorder.apply_gradients(zip(gradients, variables), loss=loss, inputs=x, targets=y)
+    outputs = [z for layer in layers or [] for _, z in records[layer]]
+    gradients = tape.gradient(scaled_loss, variables + outputs)
+    gradients, deltas = gradients[:len(variables)], gradients[len(variables):]
+    training_pass = None
+    if layers:
+        factor = getattr(model.optimizer, "loss_scale_factor", None) or 1.0
+        training_pass = (records, [d / factor for d in deltas], y_pred)
+    recorder.apply_gradients(zip(gradients, variables), loss=loss, inputs=x, targets=y,
+                             training_pass=training_pass)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 

@@ -261,17 +261,54 @@ def per_example_gradients(model, variables, x, y):
         with recording(layers) as records, tf.GradientTape() as tape:
             outputs = model(x, training=False)
             loss = compat.compute_loss(model, x, y, outputs, False)
-            b = tf.cast(tf.shape(tf.nest.flatten(outputs)[0])[0], tf.float32)
-            total = b * tf.cast(loss, tf.float32)  # Σ_n ℓ_n: a mean over examples
-        if not others:  # each example's loss from its outputs, without the model
-            losses = tf.vectorized_map(lambda e: tf.cast(compat.compute_loss(
-                model, None, *_example(e), False), tf.float32), (y, tf.stop_gradient(outputs)))
-        factored = _factored_parts(layers, records, lambda zs: tape.gradient(total, zs))
-        shifted = [v for v in variables if id(v) in factored]
-        for v, r in zip(shifted, _regularisation_gradients(model, shifted)):
-            part = factored[id(v)]
-            parts[id(v)] = (*part, r) if isinstance(part, tuple) else \
-                tf.cast(part, tf.float64) + tf.reshape(r, [1, -1])
+        zs = [z for layer in layers for _, z in records[layer]]
+        deltas = tape.gradient(loss, zs)
+        pass_losses, factored = _from_pass(model, variables, layers, records, deltas, y,
+                                           outputs)
+        parts.update(factored)
+        if not others:
+            losses = pass_losses
+    return losses, PerExample([parts[id(v)] for v in variables])
+
+
+def _from_pass(model, variables, layers, records, deltas, y, outputs):
+    """(losses [B], {id(variable): part}) of the factored `layers` from one pass over
+    the batch: their `recording`, the gradients of the batch-mean loss w.r.t. their
+    recorded outputs (`deltas`, in `records` order) and the model's `outputs`."""
+    b = tf.shape(tf.nest.flatten(outputs)[0])[0]
+    scale = tf.cast(b, tf.float32)  # Σ_n ℓ_n = B · the mean: per-example deltas
+    deltas = iter([tf.cast(d, tf.float32) * scale for d in deltas])
+    factored = _factored_parts(layers, records, lambda zs: [next(deltas) for _ in zs])
+    parts = {}
+    shifted = [v for v in variables if id(v) in factored]
+    for v, r in zip(shifted, _regularisation_gradients(model, shifted)):
+        part = factored[id(v)]
+        parts[id(v)] = (*part, r) if isinstance(part, tuple) else \
+            tf.cast(part, tf.float64) + tf.reshape(r, [1, -1])
+    # each example's loss from its outputs, without the model
+    losses = tf.vectorized_map(lambda e: tf.cast(compat.compute_loss(
+        model, None, *_example(e), False), tf.float32), (y, tf.stop_gradient(outputs)))
+    return losses, parts
+
+
+def training_pass_layers(model, variables):
+    """The layers whose records `from_training_pass` needs, or None when the training
+    pass cannot give every variable's per-example gradient: a variable outside a Dense
+    or Conv2D layer, or a BatchNormalization layer (it mixes the examples of a batch
+    in training)."""
+    layers, others = _split_layers(model, variables)
+    if others or not layers or any(isinstance(layer, keras.layers.BatchNormalization)
+                                   for layer in model._flatten_layers(include_self=False)):
+        return None
+    return layers
+
+
+def from_training_pass(model, variables, layers, records, deltas, y, outputs):
+    """(losses [B], `PerExample` of `variables`) from the training step's own forward
+    and backward pass: `records` of `recording(layers)` around its forward pass, the
+    gradients of its (unscaled) batch-mean loss w.r.t. the recorded outputs, its
+    targets `y` and the model's `outputs`."""
+    losses, parts = _from_pass(model, variables, layers, records, deltas, y, outputs)
     return losses, PerExample([parts[id(v)] for v in variables])
 
 

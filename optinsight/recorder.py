@@ -303,9 +303,10 @@ class InsightRecorder:
             raise ValueError("instruments= is not supported under a strategy with "
                              f"{strategy.num_replicas_in_sync} replicas: the per-example "
                              "gradients would need every replica's batch")
-        return InstrumentTracker(self.model, variables, options.instruments,
-                                 options.instrument_freq.steps,
-                                 READ_EVERY_STEPS + self.steps_per_call, strategy)
+        return InstrumentTracker(
+            self.model, variables, options.instruments, options.instrument_freq.steps,
+            READ_EVERY_STEPS + self.steps_per_call, strategy,
+            loss_scaled=getattr(self.optimizer, "inner_optimizer", None) is not None)
 
     def _use_instruments(self, instrument_tracker):
         """Record the instruments with `instrument_tracker` (None: no instruments) from
@@ -380,7 +381,14 @@ class InsightRecorder:
             self.instrument_tracker.ensure_buffer(READ_EVERY_STEPS + self.steps_per_call)
 
     # ----------------------------------------------------------- in the step
-    def apply_gradients(self, grads_and_vars, loss=None, inputs=None, targets=None):
+    def training_pass_layers(self):
+        """The layers whose inputs and output gradients the train step should record for
+        the instruments (`per_example.recording`), or None."""
+        tracker = self.instrument_tracker
+        return None if tracker is None else tracker.training_pass_layers()
+
+    def apply_gradients(self, grads_and_vars, loss=None, inputs=None, targets=None,
+                        training_pass=None):
         """`optimizer.apply_gradients(grads_and_vars)`, recorded. Call it in the
         (compiled) train step, in each replica under a tf.distribute strategy.
 
@@ -396,6 +404,10 @@ class InsightRecorder:
                 (`optinsight.locate`), for the diagnosis.
             targets: the batch's targets, as the compiled loss takes them; with
                 `instruments=`, the instruments need both inputs and targets.
+            training_pass: (records, output gradients, model outputs) of the step's
+                pass around `per_example.recording(training_pass_layers())`, the
+                gradients of the unscaled batch-mean loss (optional: without it the
+                instruments take a pass of their own).
         Returns what `optimizer.apply_gradients` returns.
         """
         pairs = list(grads_and_vars)
@@ -428,7 +440,7 @@ class InsightRecorder:
                 raise ValueError("instruments= needs the batch: pass inputs= and targets= "
                                  "to recorder.apply_gradients")
             self.instrument_tracker.record(self.tracker.step.read_value(), weights_before,
-                                           inputs, targets)
+                                           inputs, targets, training_pass)
         return result
 
     # --------------------------------------------------------------- batches
