@@ -8,12 +8,13 @@ per-example gradients at w_t (`per_example`): for a model of Dense and Conv2D la
 pass (the train step records those layers' inputs and output gradients), else from a
 pass of its own with the weights put back to w_t for the while, then restored. Only
 scalars are kept: the sums the instruments need, the per-example slopes along the
-step's update d_t = w_{t+1} − w_t (Alpha's start) and along the previous due step's update (Alpha's end, at step t + 1,
-which is computed for it), and ‖w_t − w_0‖ per variable. They go to a ring buffer
-that the host reads in bursts with the dynamics rows.
+step's update d_t = w_{t+1} − w_t (Alpha's start) and along the previous due step's
+update (Alpha's end, at step t + 1, which is computed for it), and ‖w_t − w_0‖ per
+variable. They go to a ring buffer that the host reads in bursts with the dynamics
+rows.
 
 State: Alpha keeps the last update d_t (P floats), distance the initial weights w_0
-(P floats); the per-example gradients (B × P × 4 bytes) exist only inside the step.
+(P floats); the per-example gradients exist only inside the step (`per_example`).
 """
 
 import contextlib
