@@ -33,23 +33,36 @@ def _example(batch):
     return tf.nest.map_structure(lambda t: t[None], batch)
 
 
+def layer_variables(layer):
+    """The variables of a factored layer: (kernel, bias) of a Dense or Conv2D, (gamma,
+    beta) of a BatchNormalization, those it has."""
+    if isinstance(layer, keras.layers.BatchNormalization):
+        names = ("gamma", "beta")
+    else:
+        names = ("kernel", "bias")
+    return [v for v in (getattr(layer, n, None) for n in names) if v is not None]
+
+
 def factored_layers(model, variables):
-    """The Dense and Conv2D layers of `model` (channels last, one group, neither
-    quantized nor LoRA) whose kernel is among `variables` and whose bias, if any, is
-    too: [layer]."""
+    """The layers of `model` whose per-example gradients follow from their inputs and
+    output gradients, every variable of which is among `variables`: Dense and Conv2D
+    (channels last, one group, neither quantized nor LoRA), and BatchNormalization on
+    one axis (in inference, an affine map per channel): [layer]."""
     ids = {id(v) for v in variables}
     chosen = []
     for layer in model._flatten_layers(include_self=False):
-        if type(layer) is keras.layers.Dense:
-            pass
-        elif type(layer) is keras.layers.Conv2D:
+        if type(layer) is keras.layers.Conv2D:
             if layer.data_format != "channels_last" or getattr(layer, "groups", 1) != 1:
                 continue
-        else:
+        elif type(layer) is keras.layers.BatchNormalization:
+            if getattr(layer, "synchronized", False) or not isinstance(layer.axis, int):
+                continue
+        elif type(layer) is not keras.layers.Dense:
             continue
         if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
             continue
-        if id(layer.kernel) in ids and (layer.bias is None or id(layer.bias) in ids):
+        own = layer_variables(layer)
+        if own and all(id(v) in ids for v in own):
             chosen.append(layer)
     return chosen
 
@@ -78,8 +91,20 @@ def recording(layers):
             return z if layer.activation is None else layer.activation(z)
         return call
 
+    def normalization_call(layer):
+        def call(inputs, training=None, mask=None):
+            out = type(layer).call(layer, inputs, training=training, mask=mask)
+            records[layer].append((inputs, out))
+            return out
+        return call
+
     for layer in layers:
-        make = dense_call if isinstance(layer, keras.layers.Dense) else conv_call
+        if isinstance(layer, keras.layers.Dense):
+            make = dense_call
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            make = normalization_call
+        else:
+            make = conv_call
         layer.call = make(layer)
     try:
         yield records
@@ -157,6 +182,8 @@ def _layer_gradients(layer, inputs, deltas):
     gradients: per-example gradients [B, size], or (x, δ) for a Dense kernel on vectors
     (`PerExample`)."""
     b = tf.shape(deltas)[0]
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return _normalization_gradients(layer, inputs, deltas)
     dense = isinstance(layer, keras.layers.Dense)
     if dense and inputs.shape.rank == 2:
         out = [(layer.kernel, (inputs, deltas))]
@@ -177,6 +204,26 @@ def _layer_gradients(layer, inputs, deltas):
     out = [(layer.kernel, tf.reshape(tf.einsum("bti,bto->bio", units, deltas), [b, -1]))]
     if layer.bias is not None:
         out.append((layer.bias, tf.reduce_sum(deltas, axis=1)))
+    return out
+
+
+def _normalization_gradients(layer, inputs, deltas):
+    """[(gamma, [B, C]), (beta, [B, C])] of a BatchNormalization in inference: y = γ x̂ + β
+    with x̂ normalised by the moving statistics, summed over all but the batch and
+    channel axes."""
+    rank = inputs.shape.rank
+    axis = layer.axis % rank
+    shape = [1] * rank
+    shape[axis] = -1
+    mean = tf.reshape(tf.cast(layer.moving_mean, inputs.dtype), shape)
+    variance = tf.reshape(tf.cast(layer.moving_variance, inputs.dtype), shape)
+    normalised = (inputs - mean) / tf.sqrt(variance + layer.epsilon)
+    others = [a for a in range(1, rank) if a != axis]
+    out = []
+    if getattr(layer, "gamma", None) is not None:
+        out.append((layer.gamma, tf.reduce_sum(deltas * normalised, axis=others)))
+    if getattr(layer, "beta", None) is not None:
+        out.append((layer.beta, tf.reduce_sum(deltas, axis=others)))
     return out
 
 
@@ -238,7 +285,7 @@ def _vectorized(x, y, outputs):
 
 def _split_layers(model, variables):
     layers = factored_layers(model, variables)
-    factored = {id(v) for layer in layers for v in (layer.kernel, layer.bias) if v is not None}
+    factored = {id(v) for layer in layers for v in layer_variables(layer)}
     return layers, [v for v in variables if id(v) not in factored]
 
 

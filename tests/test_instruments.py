@@ -106,6 +106,10 @@ def test_every_instrument_equals_its_definition(kind):
     x = batch_of(model, rng, 16)
     y = keras.utils.to_categorical(rng.integers(0, 3, 16), 3)
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="categorical_crossentropy")
+    factored = {type(layer).__name__ for layer in
+                per_example.factored_layers(model, model.trainable_variables)}
+    assert factored == {"mlp": {"Dense"}, "cnn": {"Conv2D", "BatchNormalization", "Dense"},
+                        "transformer": {"Dense"}}[kind]
     gradients = loop_gradients(model, x, y)
     loss = float(model.compute_loss(x=x, y=y, y_pred=model(x, training=False)))
     expected = by_definition(gradients, loss, 0.05, loop_ggn_diagonal(model, x, y))
@@ -163,7 +167,8 @@ def materialised(losses, per_example_gradients):
 
 
 def test_factored_per_example_gradients_of_every_dense_and_conv2d_form():
-    """Strided and dilated convolutions with either padding, a Dense on a sequence,
+    """Strided and dilated convolutions with either padding, batch normalisation in
+    inference (with moving statistics away from 0 and 1), a Dense on a sequence,
     Dense layers used twice on sequences and on vectors, and kernel regularisers (in
     every example's loss) on a convolution and on a Dense kept as its factors, to
     1e-5."""
@@ -171,6 +176,8 @@ def test_factored_per_example_gradients_of_every_dense_and_conv2d_form():
     images = keras.Input((9, 9, 2))
     h = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu",
                             kernel_regularizer=keras.regularizers.L2(0.01))(images)
+    normalisation = keras.layers.BatchNormalization()
+    h = normalisation(h)
     h = keras.layers.Conv2D(4, 2, dilation_rate=2, activation="tanh")(h)
     h = keras.layers.Reshape((-1, 4))(h)  # a sequence of positions
     shared = keras.layers.Dense(4, activation="tanh")
@@ -182,10 +189,12 @@ def test_factored_per_example_gradients_of_every_dense_and_conv2d_form():
         3, activation="softmax", kernel_regularizer=keras.regularizers.L2(0.02))(h))
     model.compile(optimizer="sgd", loss="categorical_crossentropy")
     rng = np.random.default_rng(6)
+    normalisation.moving_mean.assign(rng.normal(size=3))  # as after some training
+    normalisation.moving_variance.assign(rng.uniform(0.5, 2, size=3))
     x = rng.normal(size=(7, 9, 9, 2)).astype("float32")
     y = keras.utils.to_categorical(rng.integers(0, 3, 7), 3)
     variables = model.trainable_variables
-    assert len(per_example.factored_layers(model, variables)) == 7
+    assert len(per_example.factored_layers(model, variables)) == 8
     losses, gradients = tf.function(lambda: materialised(*per_example.per_example_gradients(
         model, variables, x, y)))()
     expected = loop_gradients(model, x, y)
