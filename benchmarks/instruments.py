@@ -7,8 +7,9 @@ OrthoTest, CABS, EarlyStopping, TICDiag and TICTrace (curvature "diag_ggn_exact"
 "diag_h", Cockpit's default, which equals it on these piecewise-linear networks) on
 that batch; `optinsight.instruments.compute` computes its instruments on it. Then four
 SGD steps from the same weights on the same batches, with Cockpit's Alpha and
-Distance and with `fit` recording alpha and distance. Prints each quantity's relative
-difference (target <= 1e-4).
+Distance and with `fit` recording alpha and distance; and GradHist2d (how many of its
+entries fall in another bin). Prints each quantity's relative difference (target
+<= 1e-4).
 
 Part "cost": the same MLP and CNN trained with SGD on batches of 128, every
 instrument due at every step. PyTorch: a plain step against a step under Cockpit with
@@ -172,6 +173,19 @@ def two_step_values(kind, steps=4):
     return ours, theirs
 
 
+def recorded_histogram(model, x, y):
+    """GradHist2d as `fit` records it at the model's weights on the batch (x, y): one
+    step with instruments=["grad_hist_2d"], which records at the weights it starts
+    from; the model's weights are put back after."""
+    weights = model.get_weights()
+    log_dir = tempfile.mkdtemp(prefix="instruments-hist-")
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False, callbacks=[
+        oi.OptimizationInsightCallback(log_dir, instruments=["grad_hist_2d"])])
+    model.set_weights(weights)
+    [(_, counts, _)] = oi.read_log(log_dir).gradient_parameter_histograms()
+    return counts
+
+
 def equal_part(args):
     results = {"target_relative_difference": 1e-4}
     for kind in ("mlp", "cnn"):
@@ -188,6 +202,15 @@ def equal_part(args):
             print(f"{kind} {name:18s} optinsight {value:12.6g}  cockpit "
                   f"{float(theirs[name]):12.6g}  relative difference {difference:.1e}",
                   flush=True)
+        ours_counts = recorded_histogram(model, x, y)
+        theirs_counts = np.asarray(cockpit_values(
+            torch_copy(model).double(), x.astype(np.float64), y,
+            {"hist": ("GradHist2d", {})})["hist"]["hist"])
+        moved = int(np.abs(ours_counts - theirs_counts).sum()) // 2
+        rows["grad_hist_2d"] = {"entries": int(theirs_counts.sum()), "moved": moved,
+                                "relative_difference": moved / theirs_counts.sum()}
+        print(f"{kind} grad_hist_2d       {moved} of {int(theirs_counts.sum())} entries in "
+              "another bin", flush=True)
         ours, theirs = two_step_values(kind)
         for step, (a, b) in enumerate(zip(ours["alpha"], theirs["alpha"]), start=1):
             if a is None or b is None:

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from optinsight.batch_statistics import CURVATURE_SUMS, SUMS, batch_sums, projection_moments
 from optinsight.instruments import CURVATURE
+from optinsight.metrics import GRAD_HIST_2D_BINS, GRAD_HIST_2D_RANGE
 from optinsight.per_example import (
     from_training_pass,
     ggn_diagonal_sum,
@@ -46,6 +47,7 @@ class InstrumentTracker(tf.Module):
         self.model, self.tracked_variables = model, tuple(variables)
         self.names, self.every = tuple(names), int(every)
         self.alpha, self.distance = "alpha" in names, "distance" in names
+        self.histogram = "grad_hist_2d" in names
         self.curvature = bool(set(CURVATURE) & set(names))
         self.per_example = any(n != "distance" for n in names)
         self._training_layers = None if not self.per_example or self.curvature \
@@ -73,6 +75,8 @@ class InstrumentTracker(tf.Module):
             "distances", [rows, len(self.tracked_variables) if self.distance else 0],
             tf.float64)
         self.row_step = self._state("row_step", [rows], tf.int64)
+        cells = int(np.prod(GRAD_HIST_2D_BINS)) if self.histogram else 0
+        self.histograms = self._state("histograms", [rows, cells], tf.int32)
 
     def ensure_buffer(self, rows):
         """At least `rows` steps in the ring buffer (call when everything was read)."""
@@ -104,8 +108,11 @@ class InstrumentTracker(tf.Module):
                                   step > 1)
         width = len(self.columns)
 
+        cells = int(np.prod(GRAD_HIST_2D_BINS)) if self.histogram else 0
+
         def measure():
             values = {"due": tf.cast(due, tf.float64)}
+            counts = tf.zeros([cells], tf.int32)
             distances = tf.zeros([0], tf.float64)
             if self.distance:
                 distances = tf.stack([
@@ -116,20 +123,25 @@ class InstrumentTracker(tf.Module):
                 values.update(self._per_example(
                     weights_before, x, y, ends, None if training_pass is None
                     else (self._training_layers, *training_pass[:2], y, training_pass[2])))
-            return tf.stack([values[c] for c in self.columns]), distances
+                if self.histogram:
+                    counts = tf.reshape(values.pop("grad_hist_2d"), [-1])
+            return tf.stack([values[c] for c in self.columns]), distances, counts
 
         def skip():
             return (tf.zeros([width], tf.float64),
                     tf.zeros([len(self.tracked_variables) if self.distance else 0],
-                             tf.float64))
+                             tf.float64), tf.zeros([cells], tf.int32))
 
-        row_values, row_distances = tf.cond(tf.logical_or(due, ends), measure, skip)
+        row_values, row_distances, row_counts = tf.cond(tf.logical_or(due, ends), measure,
+                                                        skip)
         slot = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)
         recorded = tf.logical_or(due, ends)
         writes = [(self.values, row_values),
                   (self.row_step, tf.where(recorded, step, tf.constant(0, tf.int64)))]
         if self.distance:
             writes.append((self.distances, row_distances))
+        if self.histogram:
+            writes.append((self.histograms, row_counts))
         for buffer, value in writes:
             buffer.assign(tf.tensor_scatter_nd_update(buffer, [[slot]], [value]))
 
@@ -146,6 +158,7 @@ class InstrumentTracker(tf.Module):
         if training_pass is not None:
             losses, gradients = from_training_pass(self.model, variables, *training_pass)
             values, back = batch_sums(losses, gradients), []
+            curvature = None
         else:
             # Keras before 3.4 returns no op from assign: the step's automatic control
             # dependencies order the reads after it all the same
@@ -155,6 +168,9 @@ class InstrumentTracker(tf.Module):
                 curvature = ggn_diagonal_sum(self.model, variables, x, y) \
                     if self.curvature else None
             values = batch_sums(losses, gradients, curvature)
+        if self.histogram:
+            values["grad_hist_2d"] = gradients.histogram2d(weights_before, GRAD_HIST_2D_BINS,
+                                                           GRAD_HIST_2D_RANGE)
         if self.alpha:
             update = [tf.reshape(tf.cast(a, tf.float32) - w, [-1])
                       for a, w in zip(after, weights_before)]
@@ -176,14 +192,18 @@ class InstrumentTracker(tf.Module):
     # ------------------------------------------------------------- the host
     def read_rows(self, after_step):
         """Steps recorded after `after_step`, in order: [(step, {column: value},
-        distances float64 [n_vars] (‖w_t − w_0‖), or None)]."""
+        distances float64 [n_vars] (‖w_t − w_0‖) or None, GradHist2d counts int
+        GRAD_HIST_2D_BINS or None)]."""
         steps = self.row_step.numpy()
         order = [i for i in np.argsort(steps) if steps[i] > after_step]
         if not order:
             return []
         values, distances = self.values.numpy(), self.distances.numpy()
+        histograms = self.histograms.numpy()
         return [(int(steps[i]), dict(zip(self.columns, values[i].tolist())),
-                 np.sqrt(distances[i]) if self.distance else None) for i in order]
+                 np.sqrt(distances[i]) if self.distance else None,
+                 histograms[i].reshape(GRAD_HIST_2D_BINS) if self.histogram else None)
+                for i in order]
 
     def state_dict(self):
         """What resume needs: the last update (Alpha) and the initial weights."""

@@ -51,6 +51,7 @@ import tensorflow as tf
 
 from optinsight.batch_statistics import TIC_EPSILON, batch_sums
 from optinsight.metrics import BATCH_INSTRUMENTS as NAMES  # what `compute` gives
+from optinsight.metrics import GRAD_HIST_2D_BINS, GRAD_HIST_2D_RANGE
 from optinsight.per_example import ggn_diagonal_sum, per_example_gradients
 from optinsight.probes.common import optimizer_learning_rate, resolve_variables
 
@@ -155,6 +156,14 @@ def compute(model, x, y, names=None):
                      optimizer_learning_rate(optimizer) if sgd else None, names)
 
 
+def histogram_record(counts):
+    """instruments.jsonl's "grad_hist_2d" of counts [gradient bins, parameter bins]:
+    its bins, ranges and non-zero cells [[i, j, count], ...]."""
+    cells = np.argwhere(counts)
+    return {"bins": list(GRAD_HIST_2D_BINS), "range": [list(r) for r in GRAD_HIST_2D_RANGE],
+            "cells": [[int(i), int(j), int(counts[i, j])] for i, j in cells]}
+
+
 class StepInstruments:
     """Turns the `InstrumentTracker`'s rows into instruments.jsonl records (docs/logs.md):
     {"step", "epoch", "batch", "instruments": {name: value}, "distance": {variable:
@@ -174,7 +183,7 @@ class StepInstruments:
         """The records finished by `rows` ([(step, columns, distances)] in order) of
         `epoch`, whose first step is epoch_start + 1."""
         out = []
-        for step, columns, distances in rows:
+        for step, columns, distances, counts in rows:
             if self.waiting is not None:
                 record, start = self.waiting
                 if step == record["step"] + 1 and columns.get("has_end"):
@@ -192,6 +201,8 @@ class StepInstruments:
                       "instruments": self._values(columns, distances)}
             if distances is not None:
                 record["distance"] = dict(zip(self.variables, map(float, distances)))
+            if counts is not None:
+                record["grad_hist_2d"] = histogram_record(counts)
             if "alpha" in self.names:
                 self.waiting = (record, columns)
             else:

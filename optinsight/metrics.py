@@ -249,15 +249,19 @@ def summarize(stats, has_prev, names, thresholds, ema_decay):
 #: from the initial weights, then those of one batch (`instruments.compute`).
 BATCH_INSTRUMENTS = ("mean_gsnr", "norm_test", "inner_test", "ortho_test", "cabs",
                      "early_stopping", "tic_diag", "tic_trace")
-INSTRUMENTS = ("alpha", "distance") + BATCH_INSTRUMENTS
+INSTRUMENTS = ("alpha", "distance") + BATCH_INSTRUMENTS + ("grad_hist_2d",)
+#: GradHist2d: bins and ranges of (per-example gradient entry, parameter value), as
+#: Cockpit's defaults.
+GRAD_HIST_2D_BINS = (40, 50)
+GRAD_HIST_2D_RANGE = ((-1.0, 1.0), (-2.0, 2.0))
 #: Cockpit's configurations by these names. Cockpit's HessTrace and HessMaxEV are the
 #: Hessian probe's here; GradHist1d, GradNorm, UpdateSize and Loss are always
-#: recorded; "full" adds the instruments that no Cockpit configuration has.
+#: recorded; "full" adds GradHist2d and the instruments no Cockpit configuration has.
 INSTRUMENT_PRESETS = {"economy": ("alpha", "distance", "norm_test", "inner_test",
                                   "ortho_test")}
 INSTRUMENT_PRESETS["business"] = INSTRUMENT_PRESETS["economy"] + ("tic_diag", "tic_trace")
 INSTRUMENT_PRESETS["full"] = INSTRUMENT_PRESETS["business"] + (
-    "mean_gsnr", "cabs", "early_stopping")
+    "mean_gsnr", "cabs", "early_stopping", "grad_hist_2d")
 
 
 def instrument_names(instruments):

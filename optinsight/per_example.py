@@ -163,6 +163,34 @@ class PerExample:
                 total += tf.reduce_sum(tf.square(p), axis=1)
         return total
 
+    def rows(self, i):
+        """Variable i's per-example gradients, materialised: [B, size] float64."""
+        p = self.parts[i]
+        if not isinstance(p, tuple):
+            return p
+        x, d, r = p
+        return tf.reshape(tf.einsum("bi,bo->bio", x, d) + r, [tf.shape(x)[0], -1])
+
+    def histogram2d(self, weights, bins, ranges):
+        """Counts [bins[0], bins[1]] (int32) of every per-example gradient entry g_nj
+        against its parameter's value w_j (`weights`, one per variable), each clipped
+        into its range's outermost bin centres (Cockpit's GradHist2d)."""
+        (gx_lo, gx_hi), (w_lo, w_hi) = ranges
+        width_g, width_w = (gx_hi - gx_lo) / bins[0], (w_hi - w_lo) / bins[1]
+
+        def index(values, lo, hi, width):
+            values = tf.clip_by_value(values, lo + width / 2, hi - width / 2)
+            return tf.cast(tf.floor((values - lo) / width), tf.int32)
+
+        total = tf.zeros([bins[0] * bins[1]], tf.int32)
+        for i, w in enumerate(weights):
+            g = index(self.rows(i), gx_lo, gx_hi, width_g)
+            v = index(tf.reshape(tf.cast(w, tf.float64), [1, -1]), w_lo, w_hi, width_w)
+            cells = tf.reshape(g * bins[1] + v, [-1])
+            total += tf.math.bincount(cells, minlength=bins[0] * bins[1],
+                                      maxlength=bins[0] * bins[1], dtype=tf.int32)
+        return tf.reshape(total, bins)
+
     def dots(self, directions):
         """g_nᵀ v [B] for a vector v given per variable (`directions`, any shapes)."""
         total = 0

@@ -97,6 +97,20 @@ def test_recorded_instruments_equal_their_definition_at_each_step(tmp_path, ever
         assert record["distance"] == pytest.approx(distances, rel=1e-5)
         assert got["distance"] == pytest.approx(
             np.sqrt(sum(v**2 for v in distances.values())), rel=1e-5)
+        if preset == "full":  # GradHist2d: every g_nj against w_j, binned as by numpy
+            gradients = loop_gradients(model, *batch(step))
+            values = np.concatenate([np.ravel(w) for w in weights])
+            (g_lo, g_hi), (w_lo, w_hi) = (-1, 1), (-2, 2)
+            g = np.clip(gradients, g_lo + 1 / 40, g_hi - 1 / 40).ravel()
+            w = np.tile(np.clip(values, w_lo + 2 / 50, w_hi - 2 / 50), len(gradients))
+            expected, _, _ = np.histogram2d(g, w, bins=(40, 50),
+                                            range=((g_lo, g_hi), (w_lo, w_hi)))
+            counts = np.zeros((40, 50))
+            for i, j, count in record["grad_hist_2d"]["cells"]:
+                counts[i, j] = count
+            # entries within round-off of a bin edge may fall on either side
+            assert counts.sum() == expected.sum() == gradients.size
+            assert np.abs(counts - expected).sum() <= 4  # two entries at most
         if step == 8:  # no next step: no end of its fit
             assert got["alpha"] is None
         else:
@@ -105,6 +119,8 @@ def test_recorded_instruments_equal_their_definition_at_each_step(tmp_path, ever
                 rel=1e-4, abs=1e-6), step
     run = oi.read_log(tmp_path)
     assert list(run.instruments["step"]) == [r["step"] for r in records]
+    assert [s for s, _, _ in run.gradient_parameter_histograms()] == (
+        [r["step"] for r in records] if preset == "full" else [])
     assert run.instruments["norm_test"].tolist() == pytest.approx(
         [r["instruments"]["norm_test"] for r in records])
 

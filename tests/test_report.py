@@ -76,8 +76,8 @@ def test_missing_data_gives_a_note_not_a_crash(tmp_path):
     # probes that did not run are named once, with their figures, not figure by figure
     assert page.count("Not in this run") == 1 and "hessian (sharpness, hessian density)" \
         in page and "recorded no" not in page
-    assert "(step size, batch size tests, gradient noise, distance). Pass instruments=" \
-        in html.unescape(page)
+    assert "(step size, batch size tests, gradient noise, gradient parameter histogram, "\
+        "distance). Pass instruments=" in html.unescape(page)
 
 
 def test_report_page_is_self_contained_and_renders(run_dir, tmp_path, capsys):

@@ -184,6 +184,21 @@ class Run:
                         out.append((int(step), dict(arrays)))
         return out
 
+    def gradient_parameter_histograms(self):
+        """[(step, counts int64 [gradient bins, parameter bins], ((g_lo, g_hi), (w_lo,
+        w_hi)))] of every step that recorded Cockpit's GradHist2d (instruments.jsonl,
+        read now, one line at a time)."""
+        out = []
+        for record in iter_jsonl(Layout(self.log_dir).instruments_jsonl):
+            histogram = record.get("grad_hist_2d") if isinstance(record, dict) else None
+            if not isinstance(histogram, dict):
+                continue
+            counts = np.zeros(histogram["bins"], np.int64)
+            for i, j, count in histogram["cells"]:
+                counts[i, j] = count
+            out.append((int(record["step"]), counts, tuple(map(tuple, histogram["range"]))))
+        return out
+
     def zero_since(self):
         """{variable: int64 [units]} of units.npz (docs/logs.md): per output unit, the
         first step of its current run of all-zero gradients, 0 if its last gradient

@@ -444,6 +444,27 @@ def gradient_noise(run):
     return fig
 
 
+def gradient_parameter_histogram(run):
+    _instruments(run, "distance", "norm_test", "alpha", "mean_gsnr", "tic_diag")
+    histograms = run.gradient_parameter_histograms()
+    if not histograms:
+        raise MissingData("the run recorded no grad_hist_2d (instruments=\"full\")")
+    step, counts, ((g_lo, g_hi), (w_lo, w_hi)) = histograms[-1]
+    fig, (ax, by_gradient) = plt.subplots(1, 2, figsize=(11, 3.4), width_ratios=(2, 1))
+    image = ax.imshow(np.log10(1 + counts.T), origin="lower", aspect="auto",
+                      extent=(g_lo, g_hi, w_lo, w_hi), cmap="viridis")
+    fig.colorbar(image, ax=ax, label="log10(1 + count)")
+    ax.set(xlabel="per-example gradient entry (clipped to the range)",
+           ylabel="parameter value", title=f"Per-example gradients against parameters, "
+           f"step {step}")
+    edges = np.linspace(g_lo, g_hi, counts.shape[0] + 1)
+    by_gradient.stairs(counts.sum(axis=1), edges, fill=True)
+    by_gradient.set(xlabel="per-example gradient entry", ylabel="count", yscale="log",
+                    title="all parameters")
+    fig.tight_layout()
+    return fig
+
+
 def distance(run):
     frame, _ = _instruments(run, "distance")
     fig, ax = plt.subplots(figsize=(11, 3.2))
@@ -540,6 +561,12 @@ FIGURES = (
            "information criterion (left), and the EB criterion (right): SNR falls and "
            "the EB criterion rises towards 0 as the gradients turn to noise, and above "
            "0 there is no more information in them."),
+    Figure("gradient_parameter_histogram", "Cockpit's instruments",
+           gradient_parameter_histogram,
+           "Every per-example gradient entry of the last recorded step against its "
+           "parameter's value (Cockpit's GradHist2d), with the gradients' distribution "
+           "on the right: healthy gradients spread around 0 for every parameter value, "
+           "and a band piled at the range's edges means gradients larger than it."),
     Figure("distance", "Cockpit's instruments", distance,
            "How far the weights are from where recording started, for all of them and "
            "for the variables that moved most: it grows fast early and levels off, and "
