@@ -63,7 +63,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             TensorBoard `instruments/<name>`, `read_log(...).instruments`): a preset,
             "economy" (alpha, distance, norm_test, inner_test, ortho_test),
             "business" (+ tic_diag, tic_trace) or "full" (+ mean_gsnr, cabs,
-            early_stopping), or a list of names; None (default) records none.
+            early_stopping, grad_hist_2d), or a list of names; None (default) records
+            none.
         instrument_freq: steps between two steps the instruments are recorded at
             (Alpha also takes the next step's batch).
     """
