@@ -211,7 +211,12 @@ class InstrumentTracker(tf.Module):
                 "instrument_initial": self.initial.numpy()}
 
     def load_state(self, state):
+        """Restore `state_dict()` output (call after the weights are restored). A
+        checkpoint without it (recorded without these instruments) counts distance
+        from the restored weights."""
         for key, variable in (("instrument_direction", self.direction),
                               ("instrument_initial", self.initial)):
             if key in state and state[key].shape == variable.shape:
                 variable.assign(state[key])
+            elif key == "instrument_initial" and self.distance:
+                variable.assign(self._flat(self.tracked_variables))

@@ -225,3 +225,16 @@ def test_the_batch_size_and_stopping_findings(tmp_path, at_minimum):
     codes = {f.code for f in oi.diagnose(tmp_path)}
     found = {"batch_too_small", "no_information_left"} & codes
     assert found == ({"batch_too_small", "no_information_left"} if at_minimum else set())
+
+
+def test_instruments_switched_on_at_a_resume_count_distance_from_there(tmp_path):
+    model, x, y = small_run(tmp_path)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
+              callbacks=[oi.OptimizationInsightCallback(tmp_path)])
+    model, _, _ = small_run(tmp_path, seed=2)
+    model.fit(x, y, batch_size=16, epochs=2, initial_epoch=1, verbose=0, shuffle=False,
+              callbacks=[oi.OptimizationInsightCallback(tmp_path, resume=True,
+                                                        instruments=["distance"])])
+    frame = oi.read_log(tmp_path).instruments
+    assert list(frame["step"]) == [4, 5, 6] and frame["distance"].iloc[0] == 0
+    assert (frame["distance"].iloc[1:] > 0).all()

@@ -44,7 +44,8 @@ def test_every_schedule_option_is_one_type_and_the_meta_keeps_its_value():
                  "checkpoint_freq"):
         assert isinstance(getattr(options, name), Every), name
     assert options.schedules() == {"histogram_freq": 4, "sign_map_freq": "epoch",
-                                   "update_freq": 1, "variable_update_freq": 0}
+                                   "update_freq": 1, "variable_update_freq": 0,
+                                   "instrument_freq": 1, "instruments": []}
     assert [options.checkpoint_freq.due(e, e + 1) for e in range(4)] == \
         [False, True, False, True]
     with pytest.raises(ValueError, match="probe 'p' every must be"):
