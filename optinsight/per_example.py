@@ -205,53 +205,56 @@ class PerExample:
         return total
 
 
-def _layer_gradients(layer, inputs, deltas):
-    """[(variable, part)] of a Dense or Conv2D layer from its inputs and output
-    gradients: per-example gradients [B, size], or (x, δ) for a Dense kernel on vectors
-    (`PerExample`)."""
-    b = tf.shape(deltas)[0]
+def _layer_units(layer, inputs):
+    """What a layer's per-example gradients multiply its output gradients with, from
+    its inputs (the same for every backward pass through it): the inputs of a Dense
+    (float64 on vectors, else [B, positions, in]), a convolution's input patches [B,
+    positions, kh·kw·in], a normalisation's normalised inputs."""
+    if isinstance(layer, keras.layers.Dense) and inputs.shape.rank == 2:
+        return tf.cast(inputs, tf.float64)
+    inputs = tf.cast(inputs, tf.float32)
+    b = tf.shape(inputs)[0]
     if isinstance(layer, keras.layers.BatchNormalization):
-        return _normalization_gradients(layer, inputs, deltas)
-    dense = isinstance(layer, keras.layers.Dense)
-    if dense and inputs.shape.rank == 2:
-        out = [(layer.kernel, (inputs, deltas))]
-        if layer.bias is not None:
-            out.append((layer.bias, deltas))
-        return out
-    if dense:
-        units = tf.reshape(inputs, [b, -1, tf.shape(inputs)[-1]])
-    else:
+        shape = [1] * inputs.shape.rank
+        shape[layer.axis % inputs.shape.rank] = -1
+        mean = tf.reshape(tf.cast(layer.moving_mean, tf.float32), shape)
+        variance = tf.reshape(tf.cast(layer.moving_variance, tf.float32), shape)
+        return (inputs - mean) / tf.sqrt(variance + layer.epsilon)
+    if isinstance(layer, keras.layers.Conv2D):
         kh, kw = layer.kernel_size
         sh, sw = layer.strides
         dh, dw = layer.dilation_rate
-        units = tf.image.extract_patches(
+        inputs = tf.image.extract_patches(
             inputs, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
             padding=layer.padding.upper())
-        units = tf.reshape(units, [b, -1, tf.shape(units)[-1]])
+    return tf.reshape(inputs, [b, -1, tf.shape(inputs)[-1]])
+
+
+def _layer_gradients(layer, units, deltas):
+    """[(variable, part)] of a factored layer from its `_layer_units` and output
+    gradients: per-example gradients [B, size], or (x, δ) for a Dense kernel on vectors
+    (`PerExample`)."""
+    b = tf.shape(deltas)[0]
+    deltas = tf.cast(deltas, units.dtype)
+    if isinstance(layer, keras.layers.BatchNormalization):
+        # y = γ x̂ + β per channel: sums over all but the batch and channel axes
+        rank = units.shape.rank
+        others = [a for a in range(1, rank) if a != layer.axis % rank]
+        out = []
+        if getattr(layer, "gamma", None) is not None:
+            out.append((layer.gamma, tf.reduce_sum(deltas * units, axis=others)))
+        if getattr(layer, "beta", None) is not None:
+            out.append((layer.beta, tf.reduce_sum(deltas, axis=others)))
+        return out
+    if units.dtype == tf.float64:  # a Dense on vectors: kept as its factors
+        out = [(layer.kernel, (units, deltas))]
+        if layer.bias is not None:
+            out.append((layer.bias, deltas))
+        return out
     deltas = tf.reshape(deltas, [b, -1, tf.shape(deltas)[-1]])
     out = [(layer.kernel, tf.reshape(tf.einsum("bti,bto->bio", units, deltas), [b, -1]))]
     if layer.bias is not None:
         out.append((layer.bias, tf.reduce_sum(deltas, axis=1)))
-    return out
-
-
-def _normalization_gradients(layer, inputs, deltas):
-    """[(gamma, [B, C]), (beta, [B, C])] of a BatchNormalization in inference: y = γ x̂ + β
-    with x̂ normalised by the moving statistics, summed over all but the batch and
-    channel axes."""
-    rank = inputs.shape.rank
-    axis = layer.axis % rank
-    shape = [1] * rank
-    shape[axis] = -1
-    mean = tf.reshape(tf.cast(layer.moving_mean, inputs.dtype), shape)
-    variance = tf.reshape(tf.cast(layer.moving_variance, inputs.dtype), shape)
-    normalised = (inputs - mean) / tf.sqrt(variance + layer.epsilon)
-    others = [a for a in range(1, rank) if a != axis]
-    out = []
-    if getattr(layer, "gamma", None) is not None:
-        out.append((layer.gamma, tf.reduce_sum(deltas * normalised, axis=others)))
-    if getattr(layer, "beta", None) is not None:
-        out.append((layer.beta, tf.reduce_sum(deltas, axis=others)))
     return out
 
 
@@ -264,16 +267,17 @@ def _combine(contributions):
                      if isinstance(c, tuple) else c for c in contributions])
 
 
-def _factored_parts(layers, records, deltas_of):
+def _factored_parts(layers, records, deltas_of, units=None):
     """{id(variable): part} of the recorded `layers`, deltas_of(captured z's) giving the
-    output gradients."""
+    output gradients; `units`: their `_layer_units` in `records` order (computed if
+    None)."""
     captured = [(layer, inputs, z) for layer in layers for inputs, z in records[layer]]
     deltas = deltas_of([z for _, _, z in captured])
+    if units is None:
+        units = [_layer_units(layer, inputs) for layer, inputs, _ in captured]
     contributions = {}
-    for (layer, inputs, _), delta in zip(captured, deltas):
-        vectors = isinstance(layer, keras.layers.Dense) and inputs.shape.rank == 2
-        dtype = tf.float64 if vectors else tf.float32  # a product of factors: float64
-        for v, part in _layer_gradients(layer, tf.cast(inputs, dtype), tf.cast(delta, dtype)):
+    for (layer, _, _), unit, delta in zip(captured, units, deltas):
+        for v, part in _layer_gradients(layer, unit, delta):
             part = tuple(part) if isinstance(part, tuple) else tf.cast(part, tf.float64)
             contributions.setdefault(id(v), (v, []))[1].append(part)
     return {key: _combine(parts) for key, (_, parts) in contributions.items()}
@@ -418,11 +422,12 @@ def ggn_diagonal_sum(model, variables, x, y):
         flat = tf.cast(tf.reshape(logits, [tf.shape(logits)[0], k]), tf.float32)
     factors = tf.stop_gradient(_logit_factors(model, x, y, logits, head))
     sums = {id(v): tf.zeros([_size(v)], tf.float64) for v in variables}
+    units = [_layer_units(layer, inputs) for layer in layers for inputs, _ in records[layer]]
     for c in range(k if layers else 0):
         with tape:
             projected = tf.reduce_sum(flat * factors[:, :, c])  # Σ_n s_ncᵀ z_n
         parts = _factored_parts(layers, records,
-                                lambda zs, target=projected: tape.gradient(target, zs))
+                                lambda zs, target=projected: tape.gradient(target, zs), units)
         keys = list(parts)
         squares = PerExample([(*p, tf.zeros([p[0].shape[-1], p[1].shape[-1]], tf.float64))
                               if isinstance(p, tuple) else p for p in parts.values()])
