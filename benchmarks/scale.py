@@ -13,6 +13,9 @@ Parts (all by default; pick with --parts):
   overhead   ResNet50 at batch 32, plain fit and fit with the callback alternating in
              one process, --steps steps per epoch: median step time ratio (target
              <= 1.08) and whole-epoch time ratio, epoch-end work included (<= 1.12).
+             With --instruments PRESET (--instrument-freq N, default 50) the callback
+             records Cockpit's instruments too: the mean step ratio, due steps
+             included (target <= 1.10 for economy).
 
 Prints the figures and writes benchmarks/results/scale.json.
 
@@ -184,13 +187,14 @@ class StepTimer(keras.callbacks.Callback):
         self.epoch_seconds = time.perf_counter() - self.epoch_start
 
 
-def overhead(root, steps, rounds):
+def overhead(root, steps, rounds, **instruments):
     x, y = images(32 * steps)
     models = {}
     for mode in ("plain", "insight"):
         keras.utils.set_random_seed(0)
         models[mode] = resnet50()
-    callback = oi.OptimizationInsightCallback(os.path.join(root, "overhead"), diagnosis=False)
+    callback = oi.OptimizationInsightCallback(os.path.join(root, "overhead"), diagnosis=False,
+                                              **instruments)
     step_times = {"plain": [], "insight": []}
     epoch_times = {"plain": [], "insight": []}
     for mode in ("plain", "insight"):  # warm-up: tracing and compilation
@@ -208,6 +212,8 @@ def overhead(root, steps, rounds):
     plain, insight = np.median(step_times["plain"]), np.median(step_times["insight"])
     return {"steps_per_epoch": steps, "rounds": rounds, "plain_step_s": plain,
             "insight_step_s": insight, "step_ratio": insight / plain, "step_target": 1.08,
+            "mean_step_ratio": float(np.mean(step_times["insight"])
+                                     / np.mean(step_times["plain"])),
             "plain_epoch_s": float(np.sum(epoch_times["plain"])),
             "insight_epoch_s": float(np.sum(epoch_times["insight"])),
             "epoch_ratio": float(np.sum(epoch_times["insight"]) / np.sum(epoch_times["plain"])),
@@ -220,6 +226,10 @@ def main():
     parser.add_argument("--steps", type=int, default=200, help="steps per overhead epoch")
     parser.add_argument("--rounds", type=int, default=1, help="overhead epochs per mode")
     parser.add_argument("--reader-steps", type=int, default=100_000)
+    parser.add_argument("--instruments", default=None,
+                        help="overhead with Cockpit's instruments (a preset), written as "
+                             "overhead_<preset>_every_<N>; target: mean step ratio <= 1.10")
+    parser.add_argument("--instrument-freq", type=int, default=50)
     args = parser.parse_args()
     results = {}
     if os.path.exists(RESULTS):  # parts not run keep their last figures
@@ -234,6 +244,11 @@ def main():
                 results[part] = epoch_end_times(root)
             elif part == "reader":
                 results[part] = reader(root, args.reader_steps)
+            elif part == "overhead" and args.instruments:
+                part = f"overhead_{args.instruments}_every_{args.instrument_freq}"
+                results[part] = overhead(root, args.steps, args.rounds,
+                                         instruments=args.instruments,
+                                         instrument_freq=args.instrument_freq)
             elif part == "overhead":
                 results[part] = overhead(root, args.steps, args.rounds)
             else:
