@@ -26,17 +26,14 @@ def batch_sums(losses, per_example, curvature_sum=None):
     `curvature_sum` ([Σ_n diag(J_nᵀ H_n J_n)] per variable, `ggn_diagonal_sum`), also
     the TIC's Σ_j m_j / (h_j + 1e-7), Σ_j m_j and Σ_j h_j, m = (1/B) Σ_n g_n² and h
     the mean curvature."""
-    losses = tf.cast(losses, tf.float64)
     b = tf.cast(tf.shape(losses)[0], tf.float64)
     means = per_example.mean()
     mean = tf.concat(means, 0)
     squares = tf.concat(per_example.square_sum(), 0)
     projections = per_example.dots(means)
-    loss = tf.reduce_mean(losses)
     out = {
-        "batch_size": b, "parameters": tf.cast(tf.size(mean), tf.float64), "loss": loss,
-        "loss_variance": tf.reduce_sum(tf.square(losses - loss)) / (b - 1),
-        "gradient_sq": tf.reduce_sum(tf.square(mean)),
+        "batch_size": b, "parameters": tf.cast(tf.size(mean), tf.float64),
+        **loss_moments(losses), "gradient_sq": tf.reduce_sum(tf.square(mean)),
         "norms_sum": tf.reduce_sum(per_example.norms()),
         "projections_sq": tf.reduce_sum(tf.square(projections)),
         "gsnr_sum": tf.reduce_sum(tf.square(mean) / (squares / b - tf.square(mean)
@@ -51,6 +48,15 @@ def batch_sums(losses, per_example, curvature_sum=None):
                     "moment_sum": tf.reduce_sum(moment),
                     "curvature_sum": tf.reduce_sum(curvature)})
     return out
+
+
+def loss_moments(losses):
+    """{"loss": the mean of per-example `losses` [B], "loss_variance": their sample
+    variance (1/(B − 1))}, float64."""
+    losses = tf.cast(losses, tf.float64)
+    loss = tf.reduce_mean(losses)
+    b = tf.cast(tf.shape(losses)[0], tf.float64)
+    return {"loss": loss, "loss_variance": tf.reduce_sum(tf.square(losses - loss)) / (b - 1)}
 
 
 def projection_moments(per_example, direction):

@@ -22,7 +22,13 @@ import contextlib
 import numpy as np
 import tensorflow as tf
 
-from optinsight.batch_statistics import CURVATURE_SUMS, SUMS, batch_sums, projection_moments
+from optinsight.batch_statistics import (
+    CURVATURE_SUMS,
+    SUMS,
+    batch_sums,
+    loss_moments,
+    projection_moments,
+)
 from optinsight.instruments import CURVATURE
 from optinsight.metrics import GRAD_HIST_2D_BINS, GRAD_HIST_2D_RANGE
 from optinsight.per_example import (
@@ -121,7 +127,7 @@ class InstrumentTracker(tf.Module):
                     for w, w0 in zip(weights_before, self._split(self.initial))])
             if self.per_example:
                 values.update(self._per_example(
-                    weights_before, x, y, ends, None if training_pass is None
+                    weights_before, x, y, due, ends, None if training_pass is None
                     else (self._training_layers, *training_pass[:2], y, training_pass[2])))
                 if self.histogram:
                     counts = tf.reshape(values.pop("grad_hist_2d"), [-1])
@@ -149,28 +155,42 @@ class InstrumentTracker(tf.Module):
         sizes = [int(np.prod(v.shape)) for v in self.tracked_variables]
         return tf.split(flat, sizes) if sizes else []
 
-    def _per_example(self, weights_before, x, y, ends, training_pass):
+    def _per_example(self, weights_before, x, y, due, ends, training_pass):
         """The per-example columns at w_t: from the step's own training pass when given
         (`training_pass_layers`), else from a pass of their own with the weights put
-        back to w_t for the while."""
+        back to w_t for the while. A step that only ends Alpha's fit takes the loss
+        and the slopes only (no materialised per-example gradient)."""
         variables = self.tracked_variables
         after = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
+        back = []
         if training_pass is not None:
             losses, gradients = from_training_pass(self.model, variables, *training_pass)
-            values, back = batch_sums(losses, gradients), []
-            curvature = None
         else:
             # Keras before 3.4 returns no op from assign: the step's automatic control
             # dependencies order the reads after it all the same
             back = [v.assign(tf.cast(w, v.dtype)) for v, w in zip(variables, weights_before)]
             with tf.control_dependencies([op for op in back if op is not None]):
                 losses, gradients = per_example_gradients(self.model, variables, x, y)
+
+        def statistics():
+            with tf.control_dependencies([op for op in back if op is not None]):
                 curvature = ggn_diagonal_sum(self.model, variables, x, y) \
                     if self.curvature else None
-            values = batch_sums(losses, gradients, curvature)
-        if self.histogram:
-            values["grad_hist_2d"] = gradients.histogram2d(weights_before, GRAD_HIST_2D_BINS,
-                                                           GRAD_HIST_2D_RANGE)
+            out = batch_sums(losses, gradients, curvature)
+            if self.histogram:
+                out["grad_hist_2d"] = gradients.histogram2d(
+                    weights_before, GRAD_HIST_2D_BINS, GRAD_HIST_2D_RANGE)
+            return out
+
+        def losses_only():
+            out = {k: tf.zeros([], tf.float64) for k in self.columns if k in SUMS
+                   or k in CURVATURE_SUMS}
+            out.update(loss_moments(losses))
+            if self.histogram:
+                out["grad_hist_2d"] = tf.zeros(GRAD_HIST_2D_BINS, tf.int32)
+            return out
+
+        values = tf.cond(due, statistics, losses_only) if self.alpha else statistics()
         if self.alpha:
             update = [tf.reshape(tf.cast(a, tf.float32) - w, [-1])
                       for a, w in zip(after, weights_before)]

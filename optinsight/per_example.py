@@ -18,6 +18,7 @@ be a mean over examples (Keras's default reduction).
 """
 
 import contextlib
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -113,26 +114,58 @@ def recording(layers):
             del layer.call
 
 
+class Outer(NamedTuple):
+    """A Dense kernel's per-example gradients on vectors, g_n = x_n ⊗ δ_n + r (float64;
+    r: the gradient common to every example, of the regularisation losses)."""
+
+    x: tf.Tensor  # [B, in]
+    d: tf.Tensor  # [B, out]
+    r: tf.Tensor = None  # [in, out]
+
+
+class Patches(NamedTuple):
+    """A convolution's (or a Dense's on sequences) per-example gradients,
+    g_n = Σ_t u_nt ⊗ δ_nt + r: u its input patches, δ its output gradients at each
+    position t (float32), r as `Outer`'s (float64, the kernel's shape)."""
+
+    u: tf.Tensor  # [B, positions, K]
+    d: tf.Tensor  # [B, positions, out]
+    r: tf.Tensor = None
+
+
+def _materialise(p):
+    """A part's per-example gradients [B, size] float64."""
+    if isinstance(p, Outer):
+        return tf.reshape(tf.einsum("bi,bo->bio", p.x, p.d) + p.r, [tf.shape(p.x)[0], -1])
+    if isinstance(p, Patches):
+        rows = tf.cast(tf.einsum("bti,bto->bio", p.u, p.d), tf.float64)
+        return tf.reshape(rows + tf.reshape(p.r, tf.shape(rows)[1:]), [tf.shape(p.u)[0], -1])
+    return p
+
+
 class PerExample:
     """The per-example gradients g_n of some variables, float64, each variable's either
-    materialised [B, size] or, for the kernel of a Dense layer called once on vectors,
-    kept as its factors: g_n = x_n ⊗ δ_n + r, r the gradient common to every example
-    (of the regularisation losses), so that its statistics cost matrix products of
-    the layer's size, not B copies of it.
-
-    parts: per variable, a [B, size] tensor or (x [B, in], δ [B, out], r [in, out])."""
+    materialised [B, size] or kept as its factors (`Outer`, `Patches`), so that its
+    mean and its dot products with a direction cost matrix products of the layer's
+    size, not B copies of it (its square sums and norms materialise it, one variable
+    at a time)."""
 
     def __init__(self, parts):
-        self.parts = [p if isinstance(p, tuple) else tf.cast(p, tf.float64) for p in parts]
+        self.parts = [p if isinstance(p, (Outer, Patches)) else tf.cast(p, tf.float64)
+                      for p in parts]
 
     def mean(self):
         """[(1/B) Σ_n g_n, flattened] per variable."""
         out = []
         for p in self.parts:
-            if isinstance(p, tuple):
-                x, d, r = p
-                b = tf.cast(tf.shape(x)[0], tf.float64)
-                out.append(tf.reshape(tf.matmul(x, d, transpose_a=True) / b + r, [-1]))
+            if isinstance(p, Outer):
+                b = tf.cast(tf.shape(p.x)[0], tf.float64)
+                out.append(tf.reshape(tf.matmul(p.x, p.d, transpose_a=True) / b + p.r, [-1]))
+            elif isinstance(p, Patches):
+                b = tf.cast(tf.shape(p.u)[0], tf.float64)
+                total = tf.einsum("bti,bto->io", tf.cast(p.u, tf.float64),
+                                  tf.cast(p.d, tf.float64))
+                out.append(tf.reshape(total / b + tf.reshape(p.r, tf.shape(total)), [-1]))
             else:
                 out.append(tf.reduce_mean(p, axis=0))
         return out
@@ -141,35 +174,30 @@ class PerExample:
         """[Σ_n g_n², elementwise, flattened] per variable."""
         out = []
         for p in self.parts:
-            if isinstance(p, tuple):
-                x, d, r = p
-                b = tf.cast(tf.shape(x)[0], tf.float64)
-                value = tf.matmul(tf.square(x), tf.square(d), transpose_a=True) \
-                    + 2 * r * tf.matmul(x, d, transpose_a=True) + b * tf.square(r)
+            if isinstance(p, Outer):
+                b = tf.cast(tf.shape(p.x)[0], tf.float64)
+                value = tf.matmul(tf.square(p.x), tf.square(p.d), transpose_a=True) \
+                    + 2 * p.r * tf.matmul(p.x, p.d, transpose_a=True) + b * tf.square(p.r)
                 out.append(tf.reshape(value, [-1]))
             else:
-                out.append(tf.reduce_sum(tf.square(p), axis=0))
+                out.append(tf.reduce_sum(tf.square(_materialise(p)), axis=0))
         return out
 
     def norms(self):
         """‖g_n‖² [B], over every variable."""
         total = 0
         for p in self.parts:
-            if isinstance(p, tuple):
-                x, d, r = p
-                total += (tf.reduce_sum(tf.square(x), 1) * tf.reduce_sum(tf.square(d), 1)
-                          + 2 * tf.reduce_sum(tf.matmul(x, r) * d, 1) + tf.reduce_sum(tf.square(r)))
+            if isinstance(p, Outer):
+                total += (tf.reduce_sum(tf.square(p.x), 1) * tf.reduce_sum(tf.square(p.d), 1)
+                          + 2 * tf.reduce_sum(tf.matmul(p.x, p.r) * p.d, 1)
+                          + tf.reduce_sum(tf.square(p.r)))
             else:
-                total += tf.reduce_sum(tf.square(p), axis=1)
+                total += tf.reduce_sum(tf.square(_materialise(p)), axis=1)
         return total
 
     def rows(self, i):
         """Variable i's per-example gradients, materialised: [B, size] float64."""
-        p = self.parts[i]
-        if not isinstance(p, tuple):
-            return p
-        x, d, r = p
-        return tf.reshape(tf.einsum("bi,bo->bio", x, d) + r, [tf.shape(x)[0], -1])
+        return _materialise(self.parts[i])
 
     def histogram2d(self, weights, bins, ranges):
         """Counts [bins[0], bins[1]] (int32) of every per-example gradient entry g_nj
@@ -196,10 +224,14 @@ class PerExample:
         total = 0
         for p, v in zip(self.parts, directions):
             v = tf.cast(v, tf.float64)
-            if isinstance(p, tuple):
-                x, d, r = p
-                v = tf.reshape(v, tf.shape(r))
-                total += tf.reduce_sum(tf.matmul(x, v) * d, 1) + tf.reduce_sum(r * v)
+            if isinstance(p, Outer):
+                v = tf.reshape(v, tf.shape(p.r))
+                total += tf.reduce_sum(tf.matmul(p.x, v) * p.d, 1) + tf.reduce_sum(p.r * v)
+            elif isinstance(p, Patches):
+                v = tf.reshape(v, [tf.shape(p.u)[-1], tf.shape(p.d)[-1]])
+                total += tf.einsum("bti,io,bto->b", tf.cast(p.u, tf.float64), v,
+                                   tf.cast(p.d, tf.float64)) \
+                    + tf.reduce_sum(tf.reshape(p.r, tf.shape(v)) * v)
             else:
                 total += tf.linalg.matvec(p, tf.reshape(v, [-1]))
         return total
@@ -232,8 +264,8 @@ def _layer_units(layer, inputs):
 
 def _layer_gradients(layer, units, deltas):
     """[(variable, part)] of a factored layer from its `_layer_units` and output
-    gradients: per-example gradients [B, size], or (x, δ) for a Dense kernel on vectors
-    (`PerExample`)."""
+    gradients: per-example gradients [B, size], or a kernel's factors (`Outer`,
+    `Patches`, without their shift r)."""
     b = tf.shape(deltas)[0]
     deltas = tf.cast(deltas, units.dtype)
     if isinstance(layer, keras.layers.BatchNormalization):
@@ -246,13 +278,13 @@ def _layer_gradients(layer, units, deltas):
         if getattr(layer, "beta", None) is not None:
             out.append((layer.beta, tf.reduce_sum(deltas, axis=others)))
         return out
-    if units.dtype == tf.float64:  # a Dense on vectors: kept as its factors
-        out = [(layer.kernel, (units, deltas))]
+    if units.dtype == tf.float64:  # a Dense on vectors
+        out = [(layer.kernel, Outer(units, deltas))]
         if layer.bias is not None:
             out.append((layer.bias, deltas))
         return out
     deltas = tf.reshape(deltas, [b, -1, tf.shape(deltas)[-1]])
-    out = [(layer.kernel, tf.reshape(tf.einsum("bti,bto->bio", units, deltas), [b, -1]))]
+    out = [(layer.kernel, Patches(units, deltas))]
     if layer.bias is not None:
         out.append((layer.bias, tf.reduce_sum(deltas, axis=1)))
     return out
@@ -263,8 +295,19 @@ def _combine(contributions):
     materialise their sum."""
     if len(contributions) == 1:
         return contributions[0]
-    return tf.add_n([tf.reshape(tf.einsum("bi,bo->bio", *c), [tf.shape(c[0])[0], -1])
-                     if isinstance(c, tuple) else c for c in contributions])
+    return tf.add_n([_materialise(_shifted(c, None)) for c in contributions])
+
+
+def _shifted(part, r):
+    """A part with the gradient r (the variable's shape; None: zero) added to every
+    example's."""
+    if isinstance(part, (Outer, Patches)):
+        kernel_shape = tf.concat([tf.shape(part[0])[-1:], tf.shape(part.d)[-1:]], 0)
+        r = tf.zeros(kernel_shape, tf.float64) if r is None else tf.reshape(
+            tf.cast(r, tf.float64), kernel_shape)
+        return part._replace(r=r)
+    return part if r is None else tf.cast(part, tf.float64) + tf.reshape(
+        tf.cast(r, tf.float64), [1, -1])
 
 
 def _factored_parts(layers, records, deltas_of, units=None):
@@ -278,7 +321,8 @@ def _factored_parts(layers, records, deltas_of, units=None):
     contributions = {}
     for (layer, _, _), unit, delta in zip(captured, units, deltas):
         for v, part in _layer_gradients(layer, unit, delta):
-            part = tuple(part) if isinstance(part, tuple) else tf.cast(part, tf.float64)
+            if not isinstance(part, (Outer, Patches)):
+                part = tf.cast(part, tf.float64)
             contributions.setdefault(id(v), (v, []))[1].append(part)
     return {key: _combine(parts) for key, (_, parts) in contributions.items()}
 
@@ -361,9 +405,7 @@ def _from_pass(model, variables, layers, records, deltas, y, outputs):
     parts = {}
     shifted = [v for v in variables if id(v) in factored]
     for v, r in zip(shifted, _regularisation_gradients(model, shifted)):
-        part = factored[id(v)]
-        parts[id(v)] = (*part, r) if isinstance(part, tuple) else \
-            tf.cast(part, tf.float64) + tf.reshape(r, [1, -1])
+        parts[id(v)] = _shifted(factored[id(v)], r)
     # each example's loss from its outputs, without the model
     losses = tf.vectorized_map(lambda e: tf.cast(compat.compute_loss(
         model, None, *_example(e), False), tf.float32), (y, tf.stop_gradient(outputs)))
@@ -429,8 +471,7 @@ def ggn_diagonal_sum(model, variables, x, y):
         parts = _factored_parts(layers, records,
                                 lambda zs, target=projected: tape.gradient(target, zs), units)
         keys = list(parts)
-        squares = PerExample([(*p, tf.zeros([p[0].shape[-1], p[1].shape[-1]], tf.float64))
-                              if isinstance(p, tuple) else p for p in parts.values()])
+        squares = PerExample([_shifted(p, None) for p in parts.values()])
         for key, value in zip(keys, squares.square_sum()):
             sums[key] += value
     if others:

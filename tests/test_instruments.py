@@ -161,9 +161,8 @@ def test_the_tic_curvature_is_the_hessian_diagonal_of_a_piecewise_linear_network
 
 def materialised(losses, per_example_gradients):
     """(losses, [B, P]) of a PerExample, its factored parts multiplied out."""
-    rows = [tf.reshape(tf.einsum("bi,bo->bio", p[0], p[1]) + p[2], [tf.shape(p[0])[0], -1])
-            if isinstance(p, tuple) else p for p in per_example_gradients.parts]
-    return losses, tf.concat(rows, axis=1)
+    parts = range(len(per_example_gradients.parts))
+    return losses, tf.concat([per_example_gradients.rows(i) for i in parts], axis=1)
 
 
 def test_factored_per_example_gradients_of_every_dense_and_conv2d_form():
