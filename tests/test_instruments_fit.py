@@ -238,3 +238,27 @@ def test_instruments_switched_on_at_a_resume_count_distance_from_there(tmp_path)
     frame = oi.read_log(tmp_path).instruments
     assert list(frame["step"]) == [4, 5, 6] and frame["distance"].iloc[0] == 0
     assert (frame["distance"].iloc[1:] > 0).all()
+
+
+@pytest.mark.parametrize("preset", ["economy", "full"])
+def test_recording_the_instruments_changes_nothing_in_training(tmp_path, preset):
+    """Batch normalisation takes the instruments' own pass at the step's starting
+    weights (put back, then restored): the trained weights are those of a fit without
+    them, bit for bit."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 6)).astype("float32")
+    y = rng.integers(0, 3, 96)
+
+    def trained(**options):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((6,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
+            keras.layers.Activation("relu"), keras.layers.Dense(3)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.
+                      SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False, callbacks=[
+            oi.OptimizationInsightCallback(tmp_path / str(len(options)), **options)])
+        return model.get_weights()
+
+    for plain, recorded in zip(trained(), trained(instruments=preset, instrument_freq=3)):
+        np.testing.assert_array_equal(plain, recorded)
