@@ -32,6 +32,7 @@ from optinsight.batch_statistics import (
 from optinsight.instruments import CURVATURE
 from optinsight.metrics import GRAD_HIST_2D_BINS, GRAD_HIST_2D_RANGE
 from optinsight.per_example import (
+    flatten,
     from_training_pass,
     ggn_diagonal_sum,
     per_example_gradients,
@@ -65,7 +66,7 @@ class InstrumentTracker(tf.Module):
         n_params = sum(int(np.prod(v.shape)) for v in variables)
         self.direction = self._state("direction", [n_params if self.alpha else 0])
         self.initial = self._state("initial", [n_params if self.distance else 0])
-        self.initial.assign(self._flat(self.tracked_variables) if self.distance
+        self.initial.assign(flatten(self.tracked_variables) if self.distance
                             else tf.zeros([0]))
         self._make_buffer(buffer_size)
 
@@ -88,10 +89,6 @@ class InstrumentTracker(tf.Module):
         """At least `rows` steps in the ring buffer (call when everything was read)."""
         if rows > self.buffer_size:
             self._make_buffer(rows)
-
-    @staticmethod
-    def _flat(tensors):
-        return tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
 
     # ----------------------------------------------------------- in the step
     def training_pass_layers(self):
@@ -138,10 +135,9 @@ class InstrumentTracker(tf.Module):
                     tf.zeros([len(self.tracked_variables) if self.distance else 0],
                              tf.float64), tf.zeros([cells], tf.int32))
 
-        row_values, row_distances, row_counts = tf.cond(tf.logical_or(due, ends), measure,
-                                                        skip)
-        slot = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)
         recorded = tf.logical_or(due, ends)
+        row_values, row_distances, row_counts = tf.cond(recorded, measure, skip)
+        slot = tf.cast(tf.math.floormod(step - 1, self.buffer_size), tf.int32)
         writes = [(self.values, row_values),
                   (self.row_step, tf.where(recorded, step, tf.constant(0, tf.int64)))]
         if self.distance:
@@ -162,18 +158,19 @@ class InstrumentTracker(tf.Module):
         and the slopes only (no materialised per-example gradient)."""
         variables = self.tracked_variables
         after = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
-        back = []
+        back = []  # the assignments putting w_t back (ops; Keras before 3.4 gives none)
         if training_pass is not None:
             losses, gradients = from_training_pass(self.model, variables, *training_pass)
         else:
             # Keras before 3.4 returns no op from assign: the step's automatic control
             # dependencies order the reads after it all the same
-            back = [v.assign(tf.cast(w, v.dtype)) for v, w in zip(variables, weights_before)]
-            with tf.control_dependencies([op for op in back if op is not None]):
+            back = [op for op in (v.assign(tf.cast(w, v.dtype))
+                                  for v, w in zip(variables, weights_before)) if op is not None]
+            with tf.control_dependencies(back):
                 losses, gradients = per_example_gradients(self.model, variables, x, y)
 
         def statistics():
-            with tf.control_dependencies([op for op in back if op is not None]):
+            with tf.control_dependencies(back):
                 curvature = ggn_diagonal_sum(self.model, variables, x, y) \
                     if self.curvature else None
             out = batch_sums(losses, gradients, curvature)
@@ -203,7 +200,8 @@ class InstrumentTracker(tf.Module):
                 "has_end": tf.cast(ends, tf.float64), "end_slope": end,
                 "end_slope_variance": end_var})
         with tf.control_dependencies(list(values.values())):
-            restored = [v.assign(a) for v, a in zip(variables, after)] if back else []
+            restored = [] if training_pass is not None else [
+                v.assign(a) for v, a in zip(variables, after)]
             if self.alpha:
                 restored.append(self.direction.assign(tf.concat(update, 0)))
         with tf.control_dependencies([op for op in restored if op is not None]):
@@ -239,4 +237,4 @@ class InstrumentTracker(tf.Module):
             if key in state and state[key].shape == variable.shape:
                 variable.assign(state[key])
             elif key == "instrument_initial" and self.distance:
-                variable.assign(self._flat(self.tracked_variables))
+                variable.assign(flatten(self.tracked_variables))

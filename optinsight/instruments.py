@@ -180,7 +180,7 @@ class StepInstruments:
         self.waiting = None  # (record, the row of its step)
 
     def records(self, rows, epoch, epoch_start):
-        """The records finished by `rows` ([(step, columns, distances)] in order) of
+        """The records finished by `rows` (`InstrumentTracker.read_rows`, in order) of
         `epoch`, whose first step is epoch_start + 1."""
         out = []
         for step, columns, distances, counts in rows:

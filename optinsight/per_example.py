@@ -344,7 +344,8 @@ def _size(variable):
     return int(np.prod(variable.shape))
 
 
-def _flat(tensors):
+def flatten(tensors):
+    """Tensors -> one float32 vector, in order."""
     return tf.concat([tf.reshape(tf.cast(tf.convert_to_tensor(t), tf.float32), [-1])
                       for t in tensors], 0)
 
@@ -355,7 +356,7 @@ def _vectorized(x, y, outputs):
     def one(example):
         xi, yi = _example(example)
         loss, grads = outputs(xi, yi)
-        return tf.cast(loss, tf.float32), _flat(grads) if grads else tf.zeros([0])
+        return tf.cast(loss, tf.float32), flatten(grads) if grads else tf.zeros([0])
     return tf.vectorized_map(one, (x, y))
 
 
