@@ -169,36 +169,41 @@ class InstrumentTracker(tf.Module):
             with tf.control_dependencies(back):
                 losses, gradients = per_example_gradients(self.model, variables, x, y)
 
+        update = [tf.reshape(tf.cast(a, tf.float32) - w, [-1])
+                  for a, w in zip(after, weights_before)]
+        previous = self._split(self.direction) if self.alpha else None
+
         def statistics():
             with tf.control_dependencies(back):
                 curvature = ggn_diagonal_sum(self.model, variables, x, y) \
                     if self.curvature else None
-            out = batch_sums(losses, gradients, curvature)
+            moments = gradients.moments([update, previous] if self.alpha else [])
+            out = batch_sums(losses, moments, curvature)
             if self.histogram:
                 out["grad_hist_2d"] = gradients.histogram2d(
                     weights_before, GRAD_HIST_2D_BINS, GRAD_HIST_2D_RANGE)
-            return out
+            return out, moments.dots
 
-        def losses_only():
+        def losses_only():  # the step after a due step: Alpha's end slope
             out = {k: tf.zeros([], tf.float64) for k in self.columns if k in SUMS
                    or k in CURVATURE_SUMS}
             out.update(loss_moments(losses))
             if self.histogram:
                 out["grad_hist_2d"] = tf.zeros(GRAD_HIST_2D_BINS, tf.int32)
-            return out
+            return out, [tf.zeros_like(losses, tf.float64), gradients.dots(previous)]
 
-        values = tf.cond(due, statistics, losses_only) if self.alpha else statistics()
         if self.alpha:
-            update = [tf.reshape(tf.cast(a, tf.float32) - w, [-1])
-                      for a, w in zip(after, weights_before)]
-            start, start_var = projection_moments(gradients, update)
-            end, end_var = projection_moments(gradients, self._split(self.direction))
+            values, (start_dots, end_dots) = tf.cond(due, statistics, losses_only)
+            start, start_var = projection_moments(start_dots, update)
+            end, end_var = projection_moments(end_dots, previous)
             values.update({
                 "step_length_sq": tf.add_n([tf.reduce_sum(tf.square(tf.cast(u, tf.float64)))
                                             for u in update]),
                 "start_slope": start, "start_slope_variance": start_var,
                 "has_end": tf.cast(ends, tf.float64), "end_slope": end,
                 "end_slope_variance": end_var})
+        else:
+            values = statistics()[0]
         with tf.control_dependencies(list(values.values())):
             restored = [] if training_pass is not None else [
                 v.assign(a) for v, a in zip(variables, after)]

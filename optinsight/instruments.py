@@ -130,8 +130,8 @@ def _batch_sums(model, curvature):
 
         def sums(x, y):
             losses, gradients = per_example_gradients(model, variables, x, y)
-            return batch_sums(losses, gradients, ggn_diagonal_sum(model, variables, x, y)
-                              if curvature else None)
+            curvature_sum = ggn_diagonal_sum(model, variables, x, y) if curvature else None
+            return batch_sums(losses, gradients.moments(), curvature_sum)
         functions[curvature] = tf.function(sums, reduce_retracing=True)
     return functions[curvature]
 

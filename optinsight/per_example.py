@@ -125,75 +125,121 @@ class Outer(NamedTuple):
 
 class Patches(NamedTuple):
     """A convolution's (or a Dense's on sequences) per-example gradients,
-    g_n = Σ_t u_nt ⊗ δ_nt + r: u its input patches, δ its output gradients at each
-    position t (float32), r as `Outer`'s (float64, the kernel's shape)."""
+    g_n = Σ_t u_nt ⊗ δ_nt + r, u_nt the input patch under output position t: x its
+    inputs, padded, δ its output gradients (float32), r as `Outer`'s (float64, [kh·kw,
+    in·out]: one row per kernel offset), and the kernel's geometry. A Dense on sequences
+    is a 1×1 convolution over positions."""
 
-    u: tf.Tensor  # [B, positions, K]
-    d: tf.Tensor  # [B, positions, out]
+    x: tf.Tensor  # [B, H, W, in]
+    d: tf.Tensor  # [B, H', W', out]
     r: tf.Tensor = None
+    kernel_size: tuple = (1, 1)
+    strides: tuple = (1, 1)
+    dilation: tuple = (1, 1)
+
+
+def _offsets(p):
+    """The per-example gradients of a `Patches` part, one kernel offset (i, j) at a
+    time: [B, in · out] float64 each, in the kernel's order. One batched matrix product
+    of the inputs under that offset with δ; memory B · in · out."""
+    b, (kh, kw), (sh, sw), (dh, dw) = tf.shape(p.x)[0], p.kernel_size, p.strides, p.dilation
+    h, w = tf.shape(p.d)[1], tf.shape(p.d)[2]
+    d = tf.reshape(p.d, [b, -1, tf.shape(p.d)[-1]])
+    for i in range(kh):
+        for j in range(kw):
+            under = p.x[:, i * dh:i * dh + (h - 1) * sh + 1:sh,
+                        j * dw:j * dw + (w - 1) * sw + 1:sw, :]
+            rows = tf.matmul(tf.reshape(under, [b, -1, tf.shape(p.x)[-1]]), d,
+                             transpose_a=True)  # [B, in, out]
+            yield tf.cast(tf.reshape(rows, [b, -1]), tf.float64) + p.r[i * kw + j][None]
+
+
+def _pieces(p):
+    """A part's per-example gradients materialised piece by piece: [B, size_i] float64,
+    whose concatenation is [B, size]."""
+    if isinstance(p, Patches):
+        yield from _offsets(p)
+    elif isinstance(p, Outer):
+        yield tf.reshape(tf.einsum("bi,bo->bio", p.x, p.d) + p.r, [tf.shape(p.x)[0], -1])
+    else:
+        yield p
 
 
 def _materialise(p):
     """A part's per-example gradients [B, size] float64."""
-    if isinstance(p, Outer):
-        return tf.reshape(tf.einsum("bi,bo->bio", p.x, p.d) + p.r, [tf.shape(p.x)[0], -1])
-    if isinstance(p, Patches):
-        rows = tf.cast(tf.einsum("bti,bto->bio", p.u, p.d), tf.float64)
-        return tf.reshape(rows + tf.reshape(p.r, tf.shape(rows)[1:]), [tf.shape(p.u)[0], -1])
-    return p
+    return tf.concat(list(_pieces(p)), axis=1)
+
+
+class Moments(NamedTuple):
+    """What the instruments need of a batch's per-example gradients g_n, float64: per
+    variable the mean (1/B) Σ_n g_n and Σ_n g_n² (elementwise, flattened), and per
+    example ‖g_n‖², the projection g_nᵀ ḡ on the mean, and g_nᵀ v for each direction v
+    asked for ([B] each)."""
+
+    mean: list
+    square_sum: list
+    norms: tf.Tensor
+    projections: tf.Tensor
+    dots: list
+
+
+def _outer_dot(p, v):
+    """g_nᵀ v [B] of an `Outer` part, v float64 of the kernel's shape."""
+    return tf.reduce_sum(tf.matmul(p.x, v) * p.d, 1) + tf.reduce_sum(p.r * v)
+
+
+def _outer_moments(p, directions):
+    """`Moments` of one `Outer` part (lists of one), from its factors."""
+    b = tf.cast(tf.shape(p.x)[0], tf.float64)
+    total = tf.matmul(p.x, p.d, transpose_a=True)
+    mean = total / b + p.r
+    square = tf.matmul(tf.square(p.x), tf.square(p.d), transpose_a=True) \
+        + 2 * p.r * total + b * tf.square(p.r)
+    norms = tf.reduce_sum(tf.square(p.x), 1) * tf.reduce_sum(tf.square(p.d), 1) \
+        + 2 * tf.reduce_sum(tf.matmul(p.x, p.r) * p.d, 1) + tf.reduce_sum(tf.square(p.r))
+    slopes = [_outer_dot(p, tf.reshape(v, tf.shape(p.r))) for v in [mean, *directions]]
+    return Moments([tf.reshape(mean, [-1])], [tf.reshape(square, [-1])], norms, slopes[0],
+                   slopes[1:])
+
+
+def _piece_moments(p, directions):
+    """`Moments` of one part (lists of one), materialised piece by piece (`_pieces`)."""
+    directions = [tf.reshape(v, [-1]) for v in directions]
+    start, mean, square, norms, projections = 0, [], [], 0, 0
+    dots = [0] * len(directions)
+    for rows in _pieces(p):
+        size = tf.shape(rows)[1]
+        mean.append(tf.reduce_mean(rows, axis=0))
+        squared = tf.square(rows)
+        square.append(tf.reduce_sum(squared, axis=0))
+        norms += tf.reduce_sum(squared, axis=1)
+        projections += tf.linalg.matvec(rows, mean[-1])
+        dots = [a + tf.linalg.matvec(rows, v[start:start + size])
+                for a, v in zip(dots, directions)]
+        start += size
+    return Moments([tf.concat(mean, 0)], [tf.concat(square, 0)], norms, projections, dots)
 
 
 class PerExample:
     """The per-example gradients g_n of some variables, float64, each variable's either
-    materialised [B, size] or kept as its factors (`Outer`, `Patches`), so that its
-    mean and its dot products with a direction cost matrix products of the layer's
-    size, not B copies of it (its square sums and norms materialise it, one variable
-    at a time)."""
+    materialised [B, size] or kept as its factors (`Outer`, `Patches`). A Dense
+    kernel's statistics are matrix products of the layer's size, not B copies of it;
+    a convolution's are materialised once, one variable at a time, by `moments`."""
 
     def __init__(self, parts):
         self.parts = [p if isinstance(p, (Outer, Patches)) else tf.cast(p, tf.float64)
                       for p in parts]
 
-    def mean(self):
-        """[(1/B) Σ_n g_n, flattened] per variable."""
-        out = []
-        for p in self.parts:
-            if isinstance(p, Outer):
-                b = tf.cast(tf.shape(p.x)[0], tf.float64)
-                out.append(tf.reshape(tf.matmul(p.x, p.d, transpose_a=True) / b + p.r, [-1]))
-            elif isinstance(p, Patches):
-                b = tf.cast(tf.shape(p.u)[0], tf.float64)
-                total = tf.einsum("bti,bto->io", tf.cast(p.u, tf.float64),
-                                  tf.cast(p.d, tf.float64))
-                out.append(tf.reshape(total / b + tf.reshape(p.r, tf.shape(total)), [-1]))
-            else:
-                out.append(tf.reduce_mean(p, axis=0))
-        return out
-
-    def square_sum(self):
-        """[Σ_n g_n², elementwise, flattened] per variable."""
-        out = []
-        for p in self.parts:
-            if isinstance(p, Outer):
-                b = tf.cast(tf.shape(p.x)[0], tf.float64)
-                value = tf.matmul(tf.square(p.x), tf.square(p.d), transpose_a=True) \
-                    + 2 * p.r * tf.matmul(p.x, p.d, transpose_a=True) + b * tf.square(p.r)
-                out.append(tf.reshape(value, [-1]))
-            else:
-                out.append(tf.reduce_sum(tf.square(_materialise(p)), axis=0))
-        return out
-
-    def norms(self):
-        """‖g_n‖² [B], over every variable."""
-        total = 0
-        for p in self.parts:
-            if isinstance(p, Outer):
-                total += (tf.reduce_sum(tf.square(p.x), 1) * tf.reduce_sum(tf.square(p.d), 1)
-                          + 2 * tf.reduce_sum(tf.matmul(p.x, p.r) * p.d, 1)
-                          + tf.reduce_sum(tf.square(p.r)))
-            else:
-                total += tf.reduce_sum(tf.square(_materialise(p)), axis=1)
-        return total
+    def moments(self, directions=()):
+        """`Moments`, with g_nᵀ v for each v in `directions` (a vector given per
+        variable, any shapes), each part materialised at most once, piece by piece."""
+        parts = [(_outer_moments if isinstance(p, Outer) else _piece_moments)(
+            p, [tf.cast(d[i], tf.float64) for d in directions])
+            for i, p in enumerate(self.parts)]
+        return Moments([m.mean[0] for m in parts], [m.square_sum[0] for m in parts],
+                       tf.add_n([m.norms for m in parts]),
+                       tf.add_n([m.projections for m in parts]),
+                       [tf.add_n([m.dots[k] for m in parts]) for k in range(len(directions))])
 
     def rows(self, i):
         """Variable i's per-example gradients, materialised: [B, size] float64."""
@@ -211,27 +257,32 @@ class PerExample:
             return tf.cast(tf.floor((values - lo) / width), tf.int32)
 
         total = tf.zeros([bins[0] * bins[1]], tf.int32)
-        for i, w in enumerate(weights):
-            g = index(self.rows(i), gx_lo, gx_hi, width_g)
-            v = index(tf.reshape(tf.cast(w, tf.float64), [1, -1]), w_lo, w_hi, width_w)
-            cells = tf.reshape(g * bins[1] + v, [-1])
-            total += tf.math.bincount(cells, minlength=bins[0] * bins[1],
-                                      maxlength=bins[0] * bins[1], dtype=tf.int32)
+        for p, w in zip(self.parts, weights):
+            w, start = tf.reshape(tf.cast(w, tf.float64), [1, -1]), 0
+            for rows in _pieces(p):
+                size = tf.shape(rows)[1]
+                g = index(rows, gx_lo, gx_hi, width_g)
+                v = index(w[:, start:start + size], w_lo, w_hi, width_w)
+                start += size
+                cells = tf.reshape(g * bins[1] + v, [-1])
+                total += tf.math.bincount(cells, minlength=bins[0] * bins[1],
+                                          maxlength=bins[0] * bins[1], dtype=tf.int32)
         return tf.reshape(total, bins)
 
-    def dots(self, directions):
-        """g_nᵀ v [B] for a vector v given per variable (`directions`, any shapes)."""
+    def dots(self, direction):
+        """g_nᵀ v [B] for one vector v given per variable (any shapes), from the factors:
+        nothing is materialised."""
         total = 0
-        for p, v in zip(self.parts, directions):
+        for p, v in zip(self.parts, direction):
             v = tf.cast(v, tf.float64)
             if isinstance(p, Outer):
-                v = tf.reshape(v, tf.shape(p.r))
-                total += tf.reduce_sum(tf.matmul(p.x, v) * p.d, 1) + tf.reduce_sum(p.r * v)
-            elif isinstance(p, Patches):
-                v = tf.reshape(v, [tf.shape(p.u)[-1], tf.shape(p.d)[-1]])
-                total += tf.einsum("bti,io,bto->b", tf.cast(p.u, tf.float64), v,
-                                   tf.cast(p.d, tf.float64)) \
-                    + tf.reduce_sum(tf.reshape(p.r, tf.shape(v)) * v)
+                total += _outer_dot(p, tf.reshape(v, tf.shape(p.r)))
+            elif isinstance(p, Patches):  # the convolution with kernel v, against δ
+                kernel = tf.reshape(v, [*p.kernel_size, tf.shape(p.x)[-1], tf.shape(p.d)[-1]])
+                along = tf.nn.conv2d(p.x, tf.cast(kernel, tf.float32), p.strides, "VALID",
+                                     dilations=p.dilation) * p.d
+                total += tf.reduce_sum(tf.cast(along, tf.float64), [1, 2, 3]) \
+                    + tf.reduce_sum(p.r * tf.reshape(v, tf.shape(p.r)))
             else:
                 total += tf.linalg.matvec(p, tf.reshape(v, [-1]))
         return total
@@ -240,8 +291,8 @@ class PerExample:
 def _layer_units(layer, inputs):
     """What a layer's per-example gradients multiply its output gradients with, from
     its inputs (the same for every backward pass through it): the inputs of a Dense
-    (float64 on vectors, else [B, positions, in]), a convolution's input patches [B,
-    positions, kh·kw·in], a normalisation's normalised inputs."""
+    (float64 on vectors, else [B, positions, 1, in]), a convolution's inputs padded
+    [B, H, W, in], a normalisation's normalised inputs."""
     if isinstance(layer, keras.layers.Dense) and inputs.shape.rank == 2:
         return tf.cast(inputs, tf.float64)
     inputs = tf.cast(inputs, tf.float32)
@@ -253,13 +304,19 @@ def _layer_units(layer, inputs):
         variance = tf.reshape(tf.cast(layer.moving_variance, tf.float32), shape)
         return (inputs - mean) / tf.sqrt(variance + layer.epsilon)
     if isinstance(layer, keras.layers.Conv2D):
-        kh, kw = layer.kernel_size
-        sh, sw = layer.strides
-        dh, dw = layer.dilation_rate
-        inputs = tf.image.extract_patches(
-            inputs, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
-            padding=layer.padding.upper())
-    return tf.reshape(inputs, [b, -1, tf.shape(inputs)[-1]])
+        if layer.padding == "same":
+            inputs = tf.pad(inputs, [[0, 0], *(_same_padding(
+                tf.shape(inputs)[a + 1], layer.kernel_size[a], layer.strides[a],
+                layer.dilation_rate[a]) for a in (0, 1)), [0, 0]])
+        return inputs
+    return tf.reshape(inputs, [b, -1, 1, tf.shape(inputs)[-1]])  # a Dense on sequences
+
+
+def _same_padding(size, kernel, stride, dilation):
+    """[before, after] of padding "same" on an axis of `size` (as TensorFlow's)."""
+    out = (size + stride - 1) // stride
+    total = tf.maximum((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return [total // 2, total - total // 2]
 
 
 def _layer_gradients(layer, units, deltas):
@@ -283,10 +340,14 @@ def _layer_gradients(layer, units, deltas):
         if layer.bias is not None:
             out.append((layer.bias, deltas))
         return out
-    deltas = tf.reshape(deltas, [b, -1, tf.shape(deltas)[-1]])
-    out = [(layer.kernel, Patches(units, deltas))]
+    if isinstance(layer, keras.layers.Conv2D):
+        part = Patches(units, deltas, None, layer.kernel_size, layer.strides,
+                       layer.dilation_rate)
+    else:
+        part = Patches(units, tf.reshape(deltas, [b, -1, 1, tf.shape(deltas)[-1]]))
+    out = [(layer.kernel, part)]
     if layer.bias is not None:
-        out.append((layer.bias, tf.reduce_sum(deltas, axis=1)))
+        out.append((layer.bias, tf.reduce_sum(part.d, axis=[1, 2])))
     return out
 
 
@@ -302,9 +363,11 @@ def _shifted(part, r):
     """A part with the gradient r (the variable's shape; None: zero) added to every
     example's."""
     if isinstance(part, (Outer, Patches)):
-        kernel_shape = tf.concat([tf.shape(part[0])[-1:], tf.shape(part.d)[-1:]], 0)
-        r = tf.zeros(kernel_shape, tf.float64) if r is None else tf.reshape(
-            tf.cast(r, tf.float64), kernel_shape)
+        shape = tf.stack([tf.shape(part.x)[-1], tf.shape(part.d)[-1]])
+        if isinstance(part, Patches):  # one row per kernel offset
+            shape = tf.stack([int(np.prod(part.kernel_size)), shape[0] * shape[1]])
+        r = tf.zeros(shape, tf.float64) if r is None else tf.reshape(
+            tf.cast(r, tf.float64), shape)
         return part._replace(r=r)
     return part if r is None else tf.cast(part, tf.float64) + tf.reshape(
         tf.cast(r, tf.float64), [1, -1])
@@ -473,7 +536,7 @@ def ggn_diagonal_sum(model, variables, x, y):
                                 lambda zs, target=projected: tape.gradient(target, zs), units)
         keys = list(parts)
         squares = PerExample([_shifted(p, None) for p in parts.values()])
-        for key, value in zip(keys, squares.square_sum()):
+        for key, value in zip(keys, squares.moments().square_sum):
             sums[key] += value
     if others:
         sums.update(zip(map(id, others), tf.split(
