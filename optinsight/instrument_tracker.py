@@ -4,9 +4,10 @@ instruments.jsonl; `optinsight.instruments` gives the formulas).
 
 At a due step t, after the optimizer's update, the tracker takes the batch's
 per-example gradients at w_t (`per_example`): for a model of Dense and Conv2D layers
-(without batch normalisation or the TIC), from the step's own forward and backward
-pass (the train step records those layers' inputs and output gradients), else from a
-pass of its own with the weights put back to w_t for the while, then restored. Only
+without batch normalisation, from the step's own forward and backward pass (the train
+step records those layers' inputs and output gradients; the TIC's backward passes
+start from its outputs, on its tape), else from a pass of its own (training=False)
+with the weights put back to w_t for the while, then restored. Only
 scalars are kept: the sums the instruments need, the per-example slopes along the
 step's update d_t = w_{t+1} − w_t (Alpha's start) and along the previous due step's
 update (Alpha's end, at step t + 1, which is computed for it), and ‖w_t − w_0‖ per
@@ -57,8 +58,8 @@ class InstrumentTracker(tf.Module):
         self.histogram = "grad_hist_2d" in names
         self.curvature = bool(set(CURVATURE) & set(names))
         self.per_example = any(n != "distance" for n in names)
-        self._training_layers = None if not self.per_example or self.curvature \
-            or loss_scaled else training_pass_layers(model, variables)
+        self._training_layers = None if not self.per_example or loss_scaled \
+            else training_pass_layers(model, variables)
         self.columns = (("due",) + (SUMS if self.per_example else ())
                         + (CURVATURE_SUMS if self.curvature else ())
                         + (ALPHA_COLUMNS if self.alpha else ()))
@@ -94,16 +95,16 @@ class InstrumentTracker(tf.Module):
     def training_pass_layers(self):
         """The layers the train step records for `record`'s `training_pass`, or None
         when the per-example gradients need a pass of their own (a variable outside
-        Dense and Conv2D, batch normalisation, the TIC's curvature, a loss scale)."""
+        Dense and Conv2D, batch normalisation, a loss scale)."""
         return self._training_layers
 
     def record(self, step, weights_before, x, y, training_pass=None):
         """Record step `step` (int64 tensor) if due, or if it ends a due step's update
         (Alpha). Call in the train step after the optimizer's update; weights_before:
         the variables' values before it (float32, one per variable); training_pass:
-        (records, output gradients, model outputs) of the step's own pass around
+        (records, output gradients, model outputs, tape) of the step's own pass around
         `recording(training_pass_layers())`, the gradients of the unscaled batch-mean
-        loss."""
+        loss; the tape, persistent, is needed for the TIC only."""
         due = tf.equal(tf.math.floormod(step, self.every), 0)
         ends = tf.constant(False)
         if self.alpha:
@@ -124,8 +125,7 @@ class InstrumentTracker(tf.Module):
                     for w, w0 in zip(weights_before, self._split(self.initial))])
             if self.per_example:
                 values.update(self._per_example(
-                    weights_before, x, y, due, ends, None if training_pass is None
-                    else (self._training_layers, *training_pass[:2], y, training_pass[2])))
+                    weights_before, x, y, due, ends, training_pass))
                 if self.histogram:
                     counts = tf.reshape(values.pop("grad_hist_2d"), [-1])
             return tf.stack([values[c] for c in self.columns]), distances, counts
@@ -160,7 +160,14 @@ class InstrumentTracker(tf.Module):
         after = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
         back = []  # the assignments putting w_t back (ops; Keras before 3.4 gives none)
         if training_pass is not None:
-            losses, gradients = from_training_pass(self.model, variables, *training_pass)
+            records, deltas, outputs = training_pass[:3]
+            tape = training_pass[3] if len(training_pass) > 3 else None
+            if self.curvature and tape is None:
+                raise ValueError("the TIC from the training pass needs its tape: pass "
+                                 "training_pass=(records, output gradients, outputs, tape), "
+                                 "the tape persistent")
+            losses, gradients = from_training_pass(self.model, variables, self._training_layers,
+                                                   records, deltas, y, outputs)
         else:
             # Keras before 3.4 returns no op from assign: the step's automatic control
             # dependencies order the reads after it all the same
@@ -175,7 +182,9 @@ class InstrumentTracker(tf.Module):
 
         def statistics():
             with tf.control_dependencies(back):
-                curvature = ggn_diagonal_sum(self.model, variables, x, y) \
+                curvature = ggn_diagonal_sum(
+                    self.model, variables, x, y,
+                    None if training_pass is None else (records, tape, outputs)) \
                     if self.curvature else None
             moments = gradients.moments([update, previous] if self.alpha else [])
             out = batch_sums(losses, moments, curvature)

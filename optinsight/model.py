@@ -22,7 +22,9 @@ def insight_train_step(model, data, recorder):
     # the instruments' per-example gradients from this pass: some layers' inputs and
     # the gradients of their outputs (without sample weights, which change the loss)
     layers = recorder.training_pass_layers() if sample_weight is None else None
-    with tf.GradientTape() as tape, per_example.recording(layers or []) as records:
+    # persistent: the TIC's backward passes start from this pass's outputs
+    with tf.GradientTape(persistent=bool(layers)) as tape, \
+            per_example.recording(layers or []) as records:
         if compat.call_has_training_arg(model):
             y_pred = model(x, training=True)
         else:
@@ -40,7 +42,7 @@ def insight_train_step(model, data, recorder):
     training_pass = None
     if layers:
         factor = getattr(model.optimizer, "loss_scale_factor", None) or 1.0
-        training_pass = (records, [d / factor for d in deltas], y_pred)
+        training_pass = (records, [d / factor for d in deltas], y_pred, tape)
     recorder.apply_gradients(zip(gradients, variables), loss=loss, inputs=x, targets=y,
                              training_pass=training_pass)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -515,34 +515,48 @@ def _logit_factors(model, x, y, logits, head):
     return vectors * tf.sqrt(tf.maximum(values, 0.0))[:, None, :]
 
 
-def ggn_diagonal_sum(model, variables, x, y):
+def ggn_diagonal_sum(model, variables, x, y, training_pass=None):
     """[Σ_n diag(J_nᵀ H_n J_n), flattened] float64 per variable: J_n the Jacobian of
     example n's logits (the output before a final softmax or sigmoid,
-    `compat.split_at_logits`), H_n the Hessian of its loss w.r.t. them; training=False.
-    With H_n = S_n S_nᵀ it is Σ_c Σ_n (∂ s_ncᵀ z_n / ∂θ)²: for the Dense and Conv2D
-    layers one backward pass of the batch per column c of S."""
+    `compat.split_at_logits`), H_n the Hessian of its loss w.r.t. them. With
+    H_n = S_n S_nᵀ it is Σ_c Σ_n (J_nᵀ s_nc)²: for the Dense and Conv2D layers one
+    backward pass of the batch per column c of S. From a forward pass of its own
+    (training=False), or from the training step's (`training_pass`: the `recording`
+    of `training_pass_layers` around it, its persistent tape and the model's
+    outputs)."""
     layers, others = _split_layers(model, variables)
-    with recording(layers) as records, tf.GradientTape(persistent=True) as tape:
-        logits, head = compat.split_at_logits(model(x, training=False))
-        k = int(np.prod(logits.shape[1:]))  # the logits of one example
-        flat = tf.cast(tf.reshape(logits, [tf.shape(logits)[0], k]), tf.float32)
-    factors = tf.stop_gradient(_logit_factors(model, x, y, logits, head))
+    if training_pass is None:
+        with recording(layers) as records, tf.GradientTape(persistent=True) as tape:
+            outputs = model(x, training=False)
+    else:
+        records, tape, outputs = training_pass
+    logits, head = compat.split_at_logits(outputs)
+    k = int(np.prod(logits.shape[1:]))  # the logits of one example
+    factors = tf.cast(tf.stop_gradient(_logit_factors(model, x, y, logits, head)),
+                      logits.dtype)
     sums = {id(v): tf.zeros([_size(v)], tf.float64) for v in variables}
     units = [_layer_units(layer, inputs) for layer in layers for inputs, _ in records[layer]]
+    columns = []  # {id(variable): part} per column c
     for c in range(k if layers else 0):
-        with tape:
-            projected = tf.reduce_sum(flat * factors[:, :, c])  # Σ_n s_ncᵀ z_n
-        parts = _factored_parts(layers, records,
-                                lambda zs, target=projected: tape.gradient(target, zs), units)
-        keys = list(parts)
-        squares = PerExample([_shifted(p, None) for p in parts.values()])
-        for key, value in zip(keys, squares.moments().square_sum):
-            sums[key] += value
+        column = tf.reshape(factors[:, :, c], tf.shape(logits))
+        columns.append(_factored_parts(layers, records, lambda zs, column=column: tape.gradient(
+            logits, zs, output_gradients=column), units))
+    for key in columns[0] if columns else ():
+        sums[key] = tf.add_n([_square_sum(parts[key]) for parts in columns])
     if others:
         sums.update(zip(map(id, others), tf.split(
             tf.cast(_others_ggn(model, others, x, y), tf.float64),
             [_size(v) for v in others])))
     return [sums[id(v)] for v in variables]
+
+
+def _square_sum(part):
+    """Σ_n g_n², elementwise and flattened (float64), of a part without its shift."""
+    if isinstance(part, Outer):
+        return tf.reshape(tf.matmul(tf.square(part.x), tf.square(part.d), transpose_a=True),
+                          [-1])
+    return tf.concat([tf.reduce_sum(tf.square(rows), axis=0)
+                      for rows in _pieces(_shifted(part, None))], 0)
 
 
 def _others_ggn(model, variables, x, y):

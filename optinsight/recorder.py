@@ -404,10 +404,11 @@ class InsightRecorder:
                 (`optinsight.locate`), for the diagnosis.
             targets: the batch's targets, as the compiled loss takes them; with
                 `instruments=`, the instruments need both inputs and targets.
-            training_pass: (records, output gradients, model outputs) of the step's
-                pass around `per_example.recording(training_pass_layers())`, the
-                gradients of the unscaled batch-mean loss (optional: without it the
-                instruments take a pass of their own).
+            training_pass: (records, output gradients, model outputs, tape) of the
+                step's pass around `per_example.recording(training_pass_layers())`,
+                the gradients of the unscaled batch-mean loss, and its tape,
+                persistent (needed for the TIC only); optional: without it the
+                instruments take a pass of their own.
         Returns what `optimizer.apply_gradients` returns.
         """
         pairs = list(grads_and_vars)

@@ -53,18 +53,21 @@ def alpha_by_definition(start, end, model, batches):
     return -1.0 if mu[2] < 0 else 2 * t / (-mu[1] / mu[2]) - 1
 
 
-@pytest.mark.parametrize("every,optimizer,preset", [
-    (1, "sgd", "full"), (3, "adam", "full"),
-    (1, "sgd", "economy"),  # from the training pass itself (no TIC: Dense layers only)
+@pytest.mark.parametrize("every,optimizer,preset,own_pass", [
+    (1, "sgd", "full", False), (3, "adam", "full", True), (1, "sgd", "economy", False),
+    (1, "sgd", "business", True),
 ])
 def test_recorded_instruments_equal_their_definition_at_each_step(tmp_path, every, optimizer,
-                                                                 preset):
+                                                                 preset, own_pass):
+    """Dense layers only: from the training pass itself (the TIC on its tape); with a
+    LayerNormalization: from a pass of the tracker's own at w_t."""
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 6)).astype("float32")
     y = rng.integers(0, 3, 64)
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
-                              keras.layers.Dense(3)])
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu")]
+                             + [keras.layers.LayerNormalization()] * own_pass
+                             + [keras.layers.Dense(3)])
     model.compile(optimizer=keras.optimizers.SGD(0.2) if optimizer == "sgd"
                   else keras.optimizers.Adam(0.05),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -74,7 +77,7 @@ def test_recorded_instruments_equal_their_definition_at_each_step(tmp_path, ever
     model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
               callbacks=[seen, callback])
     tracker = callback.recorder.instrument_tracker
-    assert (tracker.training_pass_layers() is not None) == (preset == "economy")
+    assert (tracker.training_pass_layers() is None) == own_pass
     with open(os.path.join(tmp_path, "instruments.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == list(range(every, 9, every))
@@ -200,6 +203,42 @@ def test_a_custom_loop_passes_the_batch_or_hears_why(tmp_path):
             step(x[:16], y[:16], False)
     frame = oi.read_log(tmp_path).instruments
     assert list(frame["step"]) == [1, 2, 3] and frame["norm_test"].notna().all()
+
+
+def test_a_custom_loop_gives_its_own_pass_with_its_tape_for_the_tic(tmp_path):
+    import tensorflow as tf
+
+    from optinsight import per_example
+
+    model, x, y = small_run(tmp_path)
+    with oi.InsightRecorder(tmp_path, model, model.optimizer,
+                            instruments=["tic_trace", "norm_test"]) as rec:
+        layers = rec.training_pass_layers()
+        assert layers is not None
+
+        @tf.function
+        def step(xb, yb, give_tape):
+            with tf.GradientTape(persistent=True) as tape, \
+                    per_example.recording(layers) as records:
+                outputs = model(xb, training=True)
+                loss = model.compute_loss(x=xb, y=yb, y_pred=outputs)
+            zs = [z for layer in layers for _, z in records[layer]]
+            grads = tape.gradient(loss, model.trainable_variables + zs)
+            n = len(model.trainable_variables)
+            rec.apply_gradients(zip(grads[:n], model.trainable_variables), loss=loss,
+                                inputs=xb, targets=yb, training_pass=(
+                                    records, grads[n:], outputs, *[tape] * give_tape))
+
+        weights = model.get_weights()
+        step(x[:16], y[:16], True)
+        rec.batch_end()
+        with pytest.raises(ValueError, match="needs its tape"):
+            step(x[:16], y[:16], False)
+    got = oi.read_log(tmp_path).instruments
+    model.set_weights(weights)
+    expected = instruments.compute(model, x[:16], y[:16], names=["tic_trace", "norm_test"])
+    assert got["tic_trace"].iloc[0] == pytest.approx(expected["tic_trace"], rel=1e-5)
+    assert got["norm_test"].iloc[0] == pytest.approx(expected["norm_test"], rel=1e-5)
 
 
 @pytest.mark.parametrize("at_minimum", [True, False])
