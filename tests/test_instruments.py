@@ -165,6 +165,38 @@ def materialised(losses, per_example_gradients):
     return losses, tf.concat([per_example_gradients.rows(i) for i in parts], axis=1)
 
 
+def check_statistics(model, x, y, expected):
+    """PerExample's moments, dots along a direction and 2-D histogram against those of
+    the loop gradients `expected` [B, P]."""
+    variables = model.trainable_variables
+    rng = np.random.default_rng(7)
+    direction = [rng.normal(size=v.shape).astype("float32") for v in variables]
+    ranges = ((-0.5, 0.5), (-1, 1))
+
+    @tf.function
+    def statistics():
+        _, gradients = per_example.per_example_gradients(model, variables, x, y)
+        moments = gradients.moments([direction])
+        return (tf.concat(moments.mean, 0), tf.concat(moments.square_sum, 0), moments.norms,
+                moments.projections, moments.dots[0], gradients.dots(direction),
+                gradients.histogram2d(variables, (6, 5), ranges))
+
+    mean, square_sum, norms, projections, dots, factored_dots, counts = statistics()
+    v = np.concatenate([d.ravel() for d in direction])
+    for got, want in [(mean, expected.mean(0)), (square_sum, np.sum(expected**2, 0)),
+                      (norms, np.sum(expected**2, 1)),
+                      (projections, expected @ expected.mean(0)), (dots, expected @ v),
+                      (factored_dots, expected @ v)]:
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    w = np.concatenate([np.ravel(v.numpy()) for v in variables])
+    (g_lo, g_hi), (w_lo, w_hi) = ranges
+    g = np.clip(expected, g_lo + 1 / 12, g_hi - 1 / 12).ravel()
+    w = np.tile(np.clip(w, w_lo + 1 / 5, w_hi - 1 / 5), len(expected))
+    want, _, _ = np.histogram2d(g, w, bins=(6, 5), range=ranges)
+    assert counts.numpy().sum() == expected.size
+    assert np.abs(counts.numpy() - want).sum() <= 4  # entries at a bin edge, either side
+
+
 def test_factored_per_example_gradients_of_every_dense_and_conv2d_form():
     """Strided and dilated convolutions with either padding, batch normalisation in
     inference (with moving statistics away from 0 and 1), a Dense on a sequence,
@@ -199,6 +231,7 @@ def test_factored_per_example_gradients_of_every_dense_and_conv2d_form():
     expected = loop_gradients(model, x, y)
     np.testing.assert_allclose(gradients.numpy(), expected, rtol=1e-5,
                                atol=1e-6 * np.abs(expected).max())
+    check_statistics(model, x, y, expected)
     np.testing.assert_allclose(losses.numpy(), [
         float(model.compute_loss(x=x[i:i + 1], y=y[i:i + 1], y_pred=model(x[i:i + 1])))
         for i in range(len(x))], rtol=1e-6)
