@@ -140,7 +140,7 @@ class Patches(NamedTuple):
 
 def _offsets(p):
     """The per-example gradients of a `Patches` part, one kernel offset (i, j) at a
-    time: [B, in · out] float64 each, in the kernel's order. One batched matrix product
+    time: [B, in · out] float32 each, in the kernel's order. One batched matrix product
     of the inputs under that offset with δ; memory B · in · out."""
     b, (kh, kw), (sh, sw), (dh, dw) = tf.shape(p.x)[0], p.kernel_size, p.strides, p.dilation
     h, w = tf.shape(p.d)[1], tf.shape(p.d)[2]
@@ -151,12 +151,12 @@ def _offsets(p):
                         j * dw:j * dw + (w - 1) * sw + 1:sw, :]
             rows = tf.matmul(tf.reshape(under, [b, -1, tf.shape(p.x)[-1]]), d,
                              transpose_a=True)  # [B, in, out]
-            yield tf.cast(tf.reshape(rows, [b, -1]), tf.float64) + p.r[i * kw + j][None]
+            yield tf.reshape(rows, [b, -1]) + tf.cast(p.r[i * kw + j], tf.float32)[None]
 
 
 def _pieces(p):
-    """A part's per-example gradients materialised piece by piece: [B, size_i] float64,
-    whose concatenation is [B, size]."""
+    """A part's per-example gradients materialised piece by piece: [B, size_i] (float32
+    for a convolution, else float64), whose concatenation is [B, size]."""
     if isinstance(p, Patches):
         yield from _offsets(p)
     elif isinstance(p, Outer):
@@ -167,7 +167,7 @@ def _pieces(p):
 
 def _materialise(p):
     """A part's per-example gradients [B, size] float64."""
-    return tf.concat(list(_pieces(p)), axis=1)
+    return tf.cast(tf.concat(list(_pieces(p)), axis=1), tf.float64)
 
 
 class Moments(NamedTuple):
@@ -203,18 +203,22 @@ def _outer_moments(p, directions):
 
 
 def _piece_moments(p, directions):
-    """`Moments` of one part (lists of one), materialised piece by piece (`_pieces`)."""
+    """`Moments` of one part (lists of one), materialised piece by piece (`_pieces`),
+    each piece's sums over B examples or its entries in its own dtype (a convolution's:
+    float32, half the memory traffic), summed over the pieces in float64."""
     directions = [tf.reshape(v, [-1]) for v in directions]
     start, mean, square, norms, projections = 0, [], [], 0, 0
     dots = [0] * len(directions)
+    wide = lambda t: tf.cast(t, tf.float64)  # noqa: E731
     for rows in _pieces(p):
         size = tf.shape(rows)[1]
-        mean.append(tf.reduce_mean(rows, axis=0))
+        piece_mean = tf.reduce_mean(rows, axis=0)
         squared = tf.square(rows)
-        square.append(tf.reduce_sum(squared, axis=0))
-        norms += tf.reduce_sum(squared, axis=1)
-        projections += tf.linalg.matvec(rows, mean[-1])
-        dots = [a + tf.linalg.matvec(rows, v[start:start + size])
+        mean.append(wide(piece_mean))
+        square.append(wide(tf.reduce_sum(squared, axis=0)))
+        norms += wide(tf.reduce_sum(squared, axis=1))
+        projections += wide(tf.linalg.matvec(rows, piece_mean))
+        dots = [a + wide(tf.linalg.matvec(rows, tf.cast(v[start:start + size], rows.dtype)))
                 for a, v in zip(dots, directions)]
         start += size
     return Moments([tf.concat(mean, 0)], [tf.concat(square, 0)], norms, projections, dots)
@@ -555,7 +559,7 @@ def _square_sum(part):
     if isinstance(part, Outer):
         return tf.reshape(tf.matmul(tf.square(part.x), tf.square(part.d), transpose_a=True),
                           [-1])
-    return tf.concat([tf.reduce_sum(tf.square(rows), axis=0)
+    return tf.concat([tf.cast(tf.reduce_sum(tf.square(rows), axis=0), tf.float64)
                       for rows in _pieces(_shifted(part, None))], 0)
 
 
