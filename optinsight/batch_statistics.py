@@ -1,8 +1,9 @@
 """The sums Cockpit's instruments need, from the per-example losses and gradients of
-one batch (`per_example`), computed in the graph in float64: nothing of size
-O(parameters) leaves the device. `optinsight.instruments` gives each instrument's
-formula from them. Memory: the materialised per-example gradients in float64 (B × 8
-bytes per parameter outside Dense kernels) and a few P-vectors.
+one batch (`per_example`), computed in the graph in float64 (a convolution's pieces
+summed in float32 first): nothing of size O(parameters) leaves the device.
+`optinsight.instruments` gives each instrument's formula from them. Memory: the
+materialised per-example gradients (at most B × 4 bytes per convolution parameter,
+B × 8 per other parameter outside Dense kernels) and a few P-vectors.
 """
 
 import tensorflow as tf
