@@ -22,6 +22,8 @@ OLDEST_INSTALLED := $(OLDEST_VENV)/.installed
 OLDEST_TESTS := tests/test_dynamics.py tests/test_native.py \
 	tests/test_callback.py::test_plain_sequential_is_instrumented_and_restored \
 	tests/test_callback.py::test_resume_continues_steps_epochs_and_state \
+	tests/test_callback.py::test_predict_and_evaluate_inside_fit_leave_the_recording_on \
+	tests/test_report.py::test_summary_table \
 	tests/test_recorder.py::test_custom_loop_records_what_fit_records \
 	tests/test_recorder.py::test_the_clipped_gradient_is_recorded \
 	tests/test_workflows.py::test_loss_scale_growing_every_step_in_fit \

@@ -88,7 +88,8 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             verbose=verbose, instruments=instruments, instrument_freq=instrument_freq)
         self.recorder = None  # made at the first fit; a further fit continues its run
         self._traced = None  # (what it was traced for, the insight train function)
-        self._fit = None  # the History of the fit being recorded, None between fits
+        self._fits = 0  # fits begun on the model (`_count_fits`)
+        self._fit = None  # the number of the fit being recorded, None between fits
 
     def on_train_begin(self, logs=None):
         model = self.model
@@ -118,7 +119,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
         self.recorder.trainable_changed()  # fine-tuning: layers unfrozen or frozen
         self.recorder.ensure_steps_per_call(self._steps_per_call(model))
         self._install(model)
-        self._fit = model.history  # the History of this fit (a new one per fit)
+        self._fit = self._fits  # this fit's number
         atexit.register(self._end_fit)
 
     @staticmethod
@@ -139,13 +140,26 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             model.make_train_function(force=True)
             self._traced = (traced_for, model.train_function)
         model.train_function = self._guarded(self._traced[1])
+        self._count_fits(model)
+
+    def _count_fits(self, model):
+        """Count the fits of `model` from now on: each calls make_train_function before
+        its callbacks begin, evaluate and predict do not (Keras before 3.4 gives those
+        a History of their own on `model.history`, so it cannot tell a fit)."""
+        make = type(model).make_train_function.__get__(model)
+
+        def make_train_function(force=False):
+            self._fits += 1
+            return make(force)
+
+        model.make_train_function = make_train_function
 
     def _guarded(self, train_function):
         """`train_function` that ends the recording when it raises (Ctrl-C, an error in
         the step: Keras does not call on_train_end then), and that hands a later fit
         without this callback the model's own train function."""
         def guarded(iterator):
-            if self.model.history is not self._fit:  # a fit this callback is not in
+            if self._fits != self._fit:  # a fit this callback is not in
                 self._end_fit()
                 self.model.make_train_function()
                 return self.model.train_function(iterator)
@@ -219,6 +233,7 @@ class OptimizationInsightCallback(keras.callbacks.Callback):
             model.attach_recorder(None)
         else:
             model.__dict__.pop("train_step", None)
+        model.__dict__.pop("make_train_function", None)
         model.train_function = None
         if self.recorder.tracker is not None:
             self.recorder.end_partial_epoch()  # fit stopped inside an epoch

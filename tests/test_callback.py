@@ -338,6 +338,25 @@ def test_resume_writes_each_tensorboard_step_once(tmp_path):
     assert sorted(histogram_steps) == list(range(2, 13, 2))
 
 
+def test_predict_and_evaluate_inside_fit_leave_the_recording_on(tmp_path):
+    """A callback (or a probe) calling predict and evaluate in the middle of fit: every
+    step is still recorded (Keras before 3.4 puts their History on model.history)."""
+    x, y = tiny_data(n=64)
+    model = compiled(tiny_relu_model())
+
+    class Peek(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                self.model.predict(x[:8], verbose=0)
+                self.model.evaluate(x[:8], y[:8], verbose=0)
+
+    cb = oi.OptimizationInsightCallback(tmp_path, histogram_freq=0)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[cb, Peek()])
+    assert [s["step"] for s in step_records(tmp_path)] == list(range(1, 9))
+    assert oi.read_log(tmp_path).epochs["epoch"].tolist() == [0, 1]
+    assert "make_train_function" not in model.__dict__
+
+
 def test_a_further_fit_reuses_the_traced_insight_step_until_recompiled(tmp_path):
     """Fitting again with the same callback continues the run without tracing the
     insight train step again; after compile() it is traced anew (new loss/optimizer)."""
@@ -354,7 +373,7 @@ def test_a_further_fit_reuses_the_traced_insight_step_until_recompiled(tmp_path)
     assert cb._traced[1] is not first
     steps = step_records(tmp_path)
     assert [s["step"] for s in steps] == list(range(1, 7))  # the plain fit not recorded
-    assert "train_step" not in model.__dict__
+    assert "train_step" not in model.__dict__ and "make_train_function" not in model.__dict__
     # the SGD steps were recorded with the new step: Δw = -0.1·g for every variable
     for name, g_norm, wdiff in [(n, s["layers"][n]["grad_norm"], s["layers"][n]["wdiff"])
                                 for s in steps[4:] for n in s["layers"]]:
