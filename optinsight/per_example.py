@@ -225,10 +225,11 @@ def _piece_moments(p, directions):
 
 
 class PerExample:
-    """The per-example gradients g_n of some variables, float64, each variable's either
-    materialised [B, size] or kept as its factors (`Outer`, `Patches`). A Dense
-    kernel's statistics are matrix products of the layer's size, not B copies of it;
-    a convolution's are materialised once, one variable at a time, by `moments`."""
+    """The per-example gradients g_n of some variables, each variable's either
+    materialised [B, size] (float64) or kept as its factors (`Outer`, `Patches`). A
+    Dense kernel's statistics are matrix products of the layer's size, not B copies of
+    it; a convolution's are materialised once by `moments`, one kernel offset at a time
+    (float32), their statistics summed in float64."""
 
     def __init__(self, parts):
         self.parts = [p if isinstance(p, (Outer, Patches)) else tf.cast(p, tf.float64)
