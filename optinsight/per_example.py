@@ -539,15 +539,14 @@ def ggn_diagonal_sum(model, variables, x, y, training_pass=None):
     k = int(np.prod(logits.shape[1:]))  # the logits of one example
     factors = tf.cast(tf.stop_gradient(_logit_factors(model, x, y, logits, head)),
                       logits.dtype)
-    sums = {id(v): tf.zeros([_size(v)], tf.float64) for v in variables}
     units = [_layer_units(layer, inputs) for layer in layers for inputs, _ in records[layer]]
     columns = []  # {id(variable): part} per column c
     for c in range(k if layers else 0):
         column = tf.reshape(factors[:, :, c], tf.shape(logits))
         columns.append(_factored_parts(layers, records, lambda zs, column=column: tape.gradient(
             logits, zs, output_gradients=column), units))
-    for key in columns[0] if columns else ():
-        sums[key] = tf.add_n([_square_sum(parts[key]) for parts in columns])
+    sums = {key: tf.add_n([_square_sum(parts[key]) for parts in columns])
+            for key in (columns[0] if columns else ())}
     if others:
         sums.update(zip(map(id, others), tf.split(
             tf.cast(_others_ggn(model, others, x, y), tf.float64),
