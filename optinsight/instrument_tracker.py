@@ -37,6 +37,7 @@ from optinsight.per_example import (
     from_training_pass,
     ggn_diagonal_sum,
     per_example_gradients,
+    routed_pools,
     training_pass_layers,
 )
 
@@ -60,6 +61,8 @@ class InstrumentTracker(tf.Module):
         self.per_example = any(n != "distance" for n in names)
         self._training_layers = None if not self.per_example or loss_scaled \
             else training_pass_layers(model, variables)
+        if self._training_layers and self.curvature:  # one backward pass per logit
+            self._training_layers += routed_pools(model)
         self.columns = (("due",) + (SUMS if self.per_example else ())
                         + (CURVATURE_SUMS if self.curvature else ())
                         + (ALPHA_COLUMNS if self.alpha else ()))
@@ -95,7 +98,8 @@ class InstrumentTracker(tf.Module):
     def training_pass_layers(self):
         """The layers the train step records for `record`'s `training_pass`, or None
         when the per-example gradients need a pass of their own (a variable outside
-        Dense and Conv2D, batch normalisation, a loss scale)."""
+        Dense and Conv2D, batch normalisation, a loss scale); with the TIC, the
+        `routed_pools` too, whose many backward passes are cheaper."""
         return self._training_layers
 
     def record(self, step, weights_before, x, y, training_pass=None):

@@ -68,10 +68,63 @@ def factored_layers(model, variables):
     return chosen
 
 
+def routed_pools(model):
+    """The MaxPooling2D layers of `model` whose windows do not overlap (pool size =
+    strides, padding "valid", channels last), which `recording` gives a cheaper
+    gradient: [layer]."""
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, keras.layers.MaxPooling2D)
+            and tuple(layer.pool_size) == tuple(layer.strides)
+            and layer.padding == "valid" and layer.data_format == "channels_last"]
+
+
+def _routed_max_pool(inputs, size):
+    """`inputs` [B, H, W, C] max-pooled over non-overlapping windows `size` (padding
+    "valid"), with the same values and the same gradient as TensorFlow's on CPU: each
+    window's output gradient goes to the element MaxPoolGrad picks (its first, then
+    each later one greater than the greatest so far, in row-major order; NaN and -inf
+    included). Which element that is, is found once, in the forward pass; each
+    backward pass is then one product with that mask, where MaxPoolGrad searches every
+    window again (on CPU most of a backward pass through a small CNN, and the TIC
+    takes one per logit)."""
+    ph, pw = size
+
+    @tf.custom_gradient
+    def pool(x):
+        out = tf.nn.max_pool2d(x, size, size, "VALID")
+        b, ho, wo, c = (tf.shape(out)[a] for a in range(4))
+        windows = tf.reshape(tf.transpose(tf.reshape(  # [ph · pw, B, H', W', C]
+            x[:, :ho * ph, :wo * pw, :], [b, ho, ph, wo, pw, c]), [2, 4, 0, 1, 3, 5]),
+            [ph * pw, b, ho, wo, c])
+        greatest, chosen = None, None
+        for k in range(ph * pw):
+            element = windows[k]
+            if k == 0:
+                greatest, chosen = element, tf.zeros(tf.shape(out), tf.int32)
+            else:
+                greater = element > greatest
+                greatest = tf.where(greater, element, greatest)
+                chosen = tf.where(greater, k, chosen)
+        mask = tf.stack([tf.stack([tf.equal(chosen, i * pw + j) for j in range(pw)], axis=3)
+                         for i in range(ph)], axis=2)  # [B, H', ph, W', pw, C]
+        mask = tf.cast(tf.reshape(mask, [b * ho, ph, wo, pw, c]), x.dtype)
+
+        def gradient(g):
+            routed = tf.reshape(tf.reshape(g, [b * ho, 1, wo, 1, c]) * mask,
+                                [b, ho * ph, wo * pw, c])
+            return tf.pad(routed, [[0, 0], [0, tf.shape(x)[1] - ho * ph],
+                                   [0, tf.shape(x)[2] - wo * pw], [0, 0]])
+        return out, gradient
+
+    return pool(inputs)
+
+
 @contextlib.contextmanager
 def recording(layers):
     """Swap each layer's `call` for the same computation that appends (inputs,
-    pre-activation outputs) to `records[layer]`; yields `records`."""
+    pre-activation outputs) to `records[layer]`, a `routed_pools` layer's for the same
+    pooling with a cheaper gradient (`_routed_max_pool`, nothing recorded); yields
+    `records`."""
     records = {layer: [] for layer in layers}
 
     def dense_call(layer):
@@ -99,9 +152,16 @@ def recording(layers):
             return out
         return call
 
+    def pool_call(layer):
+        def call(inputs):
+            return _routed_max_pool(inputs, tuple(layer.pool_size))
+        return call
+
     for layer in layers:
         if isinstance(layer, keras.layers.Dense):
             make = dense_call
+        elif isinstance(layer, keras.layers.MaxPooling2D):
+            make = pool_call
         elif isinstance(layer, keras.layers.BatchNormalization):
             make = normalization_call
         else:
@@ -503,8 +563,11 @@ def from_training_pass(model, variables, layers, records, deltas, y, outputs):
 
 
 def _logit_factors(model, x, y, logits, head):
-    """S [B, k, k] with S_n S_nᵀ = H_n, the Hessian of example n's loss w.r.t. its logits
-    (from their eigendecomposition, negative eigenvalues dropped), and B."""
+    """S [B, k, k] with S_n S_nᵀ = H_n, the Hessian of example n's loss w.r.t. its logits,
+    from its eigendecomposition: column c is √λ_nc times the eigenvector of the c-th
+    smallest eigenvalue λ_nc, taken as 0 where negative or at most 1e-6 of the largest
+    (the float32 solver's round-off: a softmax cross-entropy's Hessian is singular,
+    its rows sum to 0)."""
     b = tf.shape(logits)[0]
     with tf.GradientTape() as outer:
         outer.watch(logits)
@@ -517,7 +580,8 @@ def _logit_factors(model, x, y, logits, head):
     k = tf.shape(slopes)[1]
     hessians = tf.cast(tf.reshape(hessians, [b, k, k]), tf.float32)
     values, vectors = tf.linalg.eigh(hessians)
-    return vectors * tf.sqrt(tf.maximum(values, 0.0))[:, None, :]
+    values = tf.where(values > 1e-6 * values[:, -1:], values, 0.0)
+    return vectors * tf.sqrt(values)[:, None, :]
 
 
 def ggn_diagonal_sum(model, variables, x, y, training_pass=None):
@@ -531,7 +595,8 @@ def ggn_diagonal_sum(model, variables, x, y, training_pass=None):
     outputs)."""
     layers, others = _split_layers(model, variables)
     if training_pass is None:
-        with recording(layers) as records, tf.GradientTape(persistent=True) as tape:
+        with recording(layers + routed_pools(model)) as records, \
+                tf.GradientTape(persistent=True) as tape:
             outputs = model(x, training=False)
     else:
         records, tape, outputs = training_pass
@@ -540,13 +605,20 @@ def ggn_diagonal_sum(model, variables, x, y, training_pass=None):
     factors = tf.cast(tf.stop_gradient(_logit_factors(model, x, y, logits, head)),
                       logits.dtype)
     units = [_layer_units(layer, inputs) for layer in layers for inputs, _ in records[layer]]
-    columns = []  # {id(variable): part} per column c
-    for c in range(k if layers else 0):
+    factored = [v for layer in layers for v in layer_variables(layer)]
+
+    def column_sums(c):  # [Σ_n (J_nᵀ s_nc)² per factored variable]
         column = tf.reshape(factors[:, :, c], tf.shape(logits))
-        columns.append(_factored_parts(layers, records, lambda zs, column=column: tape.gradient(
-            logits, zs, output_gradients=column), units))
-    sums = {key: tf.add_n([_square_sum(parts[key]) for parts in columns])
-            for key in (columns[0] if columns else ())}
+        parts = _factored_parts(layers, records, lambda zs: tape.gradient(
+            logits, zs, output_gradients=column), units)
+        return [_square_sum(parts[id(v)]) for v in factored]
+
+    columns = []
+    if layers:  # the smallest eigenvalue's column is skipped where zero for every example
+        columns = [column_sums(c) for c in range(1, k)] + [tf.cond(
+            tf.reduce_any(tf.not_equal(factors[:, :, 0], 0.0)), lambda: column_sums(0),
+            lambda: [tf.zeros([_size(v)], tf.float64) for v in factored])]
+    sums = {id(v): tf.add_n(list(s)) for v, *s in zip(factored, *columns)}
     if others:
         sums.update(zip(map(id, others), tf.split(
             tf.cast(_others_ggn(model, others, x, y), tf.float64),

@@ -159,6 +159,35 @@ def test_the_tic_curvature_is_the_hessian_diagonal_of_a_piecewise_linear_network
     assert got["tic_diag"] == pytest.approx(np.sum(moment / (diagonal + 1e-7)), rel=1e-4)
 
 
+@pytest.mark.parametrize("shape,size,dtype", [
+    ((3, 7, 9, 2), (2, 2), "float32"), ((2, 8, 9, 3), (2, 3), "float32"),
+    ((2, 9, 9, 1), (3, 3), "float16"), ((2, 6, 6, 2), (1, 2), "float32")])
+def test_routed_max_pooling_has_tensorflows_values_and_gradient(shape, size, dtype):
+    """The TIC's cheaper max pooling against TensorFlow's, bit for bit: windows with
+    ties (small integers), NaN, −inf, and rows and columns left over."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, shape).astype(dtype)
+    x[0, 0, 0, 0], x[0, 1, 1, 0], x[-1, :size[0], :size[1], -1] = np.nan, np.nan, -np.inf
+    x = tf.constant(x)
+    g = tf.constant(rng.normal(size=(shape[0], shape[1] // size[0], shape[2] // size[1],
+                                     shape[3])).astype(dtype))
+
+    def pooled(pool):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = pool(x)
+        return out, tape.gradient(out, x, output_gradients=g)
+
+    theirs = pooled(lambda t: tf.nn.max_pool2d(t, size, size, "VALID"))
+    for ours in (pooled(lambda t: per_example._routed_max_pool(t, size)),
+                 tf.function(pooled)(lambda t: per_example._routed_max_pool(t, size))):
+        for a, b in zip(theirs, ours):
+            np.testing.assert_array_equal(a, b)
+    model = keras.Sequential([keras.Input(shape[1:]), keras.layers.MaxPooling2D(size),
+                              keras.layers.MaxPooling2D(2, strides=1)])
+    assert per_example.routed_pools(model) == model.layers[:1]
+
+
 def materialised(losses, per_example_gradients):
     """(losses, [B, P]) of a PerExample, its factored parts multiplied out."""
     parts = range(len(per_example_gradients.parts))

@@ -279,24 +279,36 @@ def test_instruments_switched_on_at_a_resume_count_distance_from_there(tmp_path)
     assert (frame["distance"].iloc[1:] > 0).all()
 
 
-@pytest.mark.parametrize("preset", ["economy", "full"])
-def test_recording_the_instruments_changes_nothing_in_training(tmp_path, preset):
+@pytest.mark.parametrize("preset,pooled", [("economy", False), ("full", False),
+                                           ("business", True)])
+def test_recording_the_instruments_changes_nothing_in_training(tmp_path, preset, pooled):
     """Batch normalisation takes the instruments' own pass at the step's starting
-    weights (put back, then restored): the trained weights are those of a fit without
-    them, bit for bit."""
+    weights (put back, then restored); a CNN's training pass has its max pooling's
+    gradient routed by the instruments' mask: the trained weights are those of a fit
+    without them, bit for bit."""
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(96, 6)).astype("float32")
+    x = rng.integers(0, 2, size=(96, 6, 6, 1)).astype("float32")  # ties in the pools
     y = rng.integers(0, 3, 96)
+    if pooled:
+        layers = [keras.layers.Conv2D(3, 2), keras.layers.MaxPooling2D(2),
+                  keras.layers.Flatten(), keras.layers.Dense(3)]
+    else:
+        layers = [keras.layers.Flatten(), keras.layers.Dense(8),
+                  keras.layers.BatchNormalization(), keras.layers.Activation("relu"),
+                  keras.layers.Dense(3)]
 
     def trained(**options):
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([
-            keras.Input((6,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
-            keras.layers.Activation("relu"), keras.layers.Dense(3)])
+        model = keras.Sequential([keras.Input((6, 6, 1)), *[layer.from_config(
+            layer.get_config()) for layer in layers]])
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.
                       SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False, callbacks=[
-            oi.OptimizationInsightCallback(tmp_path / str(len(options)), **options)])
+        callback = oi.OptimizationInsightCallback(tmp_path / str(len(options)), **options)
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
+                  callbacks=[callback])
+        if options:
+            routed = callback.recorder.training_pass_layers() or []
+            assert (model.layers[1] in routed) == pooled
         return model.get_weights()
 
     for plain, recorded in zip(trained(), trained(instruments=preset, instrument_freq=3)):
