@@ -13,9 +13,10 @@ from optinsight import instruments, per_example
 
 def loop_ggn_diagonal(model, x, y):
     """(1/B) Σ_n diag(J_nᵀ H_n J_n), J_n of the logits, one example at a time, with
-    dense Jacobians taken row by row (no vectorisation). A softmax output's logits are
-    its input (Keras keeps them on the output), and the Hessian of the cross-entropy
-    w.r.t. them is diag(p) − ppᵀ; another output's by a tape."""
+    dense Jacobians taken row by row (no vectorisation). A softmax or sigmoid output's
+    logits are its input (Keras keeps them on the output), and the Hessian of the
+    cross-entropy w.r.t. them is diag(p) − ppᵀ, or diag(p(1 − p)) / k for k sigmoids
+    (the mean over them); another output's by a tape."""
     total = 0
     for i in range(len(x)):
         with tf.GradientTape(persistent=True) as tape:
@@ -32,7 +33,10 @@ def loop_ggn_diagonal(model, x, y):
                                  [k, k]).numpy()
         else:
             p = output.numpy().reshape(-1).astype(np.float64)
-            hessian = np.diag(p) - np.outer(p, p)
+            if model.layers[-1].activation.__name__ == "sigmoid":
+                hessian = np.diag(p * (1 - p)) / k
+            else:
+                hessian = np.diag(p) - np.outer(p, p)
         parts = tape.jacobian(flat, model.trainable_variables, experimental_use_pfor=False,
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
         jacobian = np.concatenate([np.reshape(p, (k, -1)) for p in parts], axis=1)
@@ -157,6 +161,27 @@ def test_the_tic_curvature_is_the_hessian_diagonal_of_a_piecewise_linear_network
     got = instruments.compute(model, x, y, names=["tic_diag", "tic_trace"])
     assert got["tic_trace"] == pytest.approx(moment.sum() / (diagonal.sum() + 1e-7), rel=1e-5)
     assert got["tic_diag"] == pytest.approx(np.sum(moment / (diagonal + 1e-7)), rel=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["mse", "binary_crossentropy"])
+def test_the_gauss_newton_diagonal_of_losses_without_a_null_direction(loss):
+    """A mean squared error's Hessian w.r.t. the outputs is 2/k · I, a sigmoid
+    cross-entropy's diagonal: no column of their factors is zero (a softmax
+    cross-entropy's smallest is, and is skipped), against one example at a time."""
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([
+        keras.Input((5, 5, 1)), keras.layers.Conv2D(2, 2, activation="relu"),
+        keras.layers.MaxPooling2D(2), keras.layers.Flatten(),
+        keras.layers.Dense(3, activation=None if loss == "mse" else "sigmoid")])
+    model.compile(optimizer="sgd", loss=loss)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(9, 5, 5, 1)).astype("float32")
+    y = (rng.normal(size=(9, 3)) if loss == "mse" else rng.integers(0, 2, (9, 3))
+         ).astype("float32")
+    ggn = np.concatenate(tf.function(lambda: per_example.ggn_diagonal_sum(
+        model, model.trainable_variables, x, y))())
+    expected = loop_ggn_diagonal(model, x, y) * len(x)
+    np.testing.assert_allclose(ggn, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("shape,size,dtype", [
