@@ -112,6 +112,9 @@ def _routed_max_pool(inputs, size):
         def gradient(g):
             routed = tf.reshape(tf.reshape(g, [b * ho, 1, wo, 1, c]) * mask,
                                 [b, ho * ph, wo * pw, c])
+            if x.shape[1] is not None and x.shape[2] is not None \
+                    and x.shape[1] % ph == x.shape[2] % pw == 0:
+                return routed  # no rows or columns left over
             return tf.pad(routed, [[0, 0], [0, tf.shape(x)[1] - ho * ph],
                                    [0, tf.shape(x)[2] - wo * pw], [0, 0]])
         return out, gradient
