@@ -190,8 +190,8 @@ class Patches(NamedTuple):
     """A convolution's (or a Dense's on sequences) per-example gradients,
     g_n = Σ_t u_nt ⊗ δ_nt + r, u_nt the input patch under output position t: x its
     inputs, padded, δ its output gradients (float32), r as `Outer`'s (float64, [kh·kw,
-    in·out]: one row per kernel offset), and the kernel's geometry. A Dense on sequences
-    is a 1×1 convolution over positions."""
+    in·out]: one row per kernel offset; None: no shift), and the kernel's geometry. A
+    Dense on sequences is a 1×1 convolution over positions."""
 
     x: tf.Tensor  # [B, H, W, in]
     d: tf.Tensor  # [B, H', W', out]
@@ -214,7 +214,8 @@ def _offsets(p):
                         j * dw:j * dw + (w - 1) * sw + 1:sw, :]
             rows = tf.matmul(tf.reshape(under, [b, -1, tf.shape(p.x)[-1]]), d,
                              transpose_a=True)  # [B, in, out]
-            yield tf.reshape(rows, [b, -1]) + tf.cast(p.r[i * kw + j], tf.float32)[None]
+            rows = tf.reshape(rows, [b, -1])
+            yield rows if p.r is None else rows + tf.cast(p.r[i * kw + j], tf.float32)[None]
 
 
 def _pieces(p):
@@ -634,8 +635,10 @@ def _square_sum(part):
     if isinstance(part, Outer):
         return tf.reshape(tf.matmul(tf.square(part.x), tf.square(part.d), transpose_a=True),
                           [-1])
-    return tf.concat([tf.cast(tf.reduce_sum(tf.square(rows), axis=0), tf.float64)
-                      for rows in _pieces(_shifted(part, None))], 0)
+    if isinstance(part, Patches):  # no shift: r None
+        return tf.concat([tf.cast(tf.reduce_sum(tf.square(rows), axis=0), tf.float64)
+                          for rows in _offsets(part)], 0)
+    return tf.reduce_sum(tf.square(part), axis=0)
 
 
 def _others_ggn(model, variables, x, y):
