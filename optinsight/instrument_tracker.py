@@ -36,7 +36,7 @@ from optinsight.per_example import (
     flatten,
     from_training_pass,
     ggn_diagonal_sum,
-    per_example_gradients,
+    losses_and_gradients,
     routed_pools,
     training_pass_layers,
 )
@@ -178,7 +178,7 @@ class InstrumentTracker(tf.Module):
             back = [op for op in (v.assign(tf.cast(w, v.dtype))
                                   for v, w in zip(variables, weights_before)) if op is not None]
             with tf.control_dependencies(back):
-                losses, gradients = per_example_gradients(self.model, variables, x, y)
+                losses, gradients = losses_and_gradients(self.model, variables, x, y)
 
         update = [tf.reshape(tf.cast(a, tf.float32) - w, [-1])
                   for a, w in zip(after, weights_before)]

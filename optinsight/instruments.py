@@ -52,7 +52,7 @@ import tensorflow as tf
 from optinsight.batch_statistics import TIC_EPSILON, batch_sums
 from optinsight.metrics import BATCH_INSTRUMENTS as NAMES  # what `compute` gives
 from optinsight.metrics import GRAD_HIST_2D_BINS, GRAD_HIST_2D_RANGE
-from optinsight.per_example import ggn_diagonal_sum, per_example_gradients
+from optinsight.per_example import ggn_diagonal_sum, losses_and_gradients
 from optinsight.probes.common import optimizer_learning_rate, resolve_variables
 
 CURVATURE = ("tic_diag", "tic_trace")  # the instruments that need the curvature
@@ -129,7 +129,7 @@ def _batch_sums(model, curvature):
         variables = resolve_variables(model)
 
         def sums(x, y):
-            losses, gradients = per_example_gradients(model, variables, x, y)
+            losses, gradients = losses_and_gradients(model, variables, x, y)
             curvature_sum = ggn_diagonal_sum(model, variables, x, y) if curvature else None
             return batch_sums(losses, gradients.moments(), curvature_sum)
         functions[curvature] = tf.function(sums, reduce_retracing=True)

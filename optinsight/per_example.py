@@ -11,9 +11,9 @@ variable (normalisation, embedding, attention, depthwise convolution, ...) gets
 `tf.vectorized_map` over single-example backward passes. Both include the gradient
 of the model's regularisation losses in every example's, as a per-example loss does.
 
-`per_example_gradients` gives the gradients of the per-example losses (a `PerExample`,
-which keeps a Dense kernel's as its factors), `ggn_diagonal_sum` the diagonal of the
-generalised Gauss-Newton matrix through the same paths. The compiled loss is taken to
+`losses_and_gradients` gives the per-example losses and their gradients (a
+`PerExample`, which keeps a Dense kernel's as its factors), `ggn_diagonal_sum` the
+diagonal of the generalised Gauss-Newton matrix through the same paths. The compiled loss is taken to
 be a mean over examples (Keras's default reduction).
 """
 
@@ -498,7 +498,7 @@ def _split_layers(model, variables):
     return layers, [v for v in variables if id(v) not in factored]
 
 
-def per_example_gradients(model, variables, x, y):
+def losses_and_gradients(model, variables, x, y):
     """(losses [B] float32, `PerExample` of `variables`): each example's compiled loss and
     gradient, training=False."""
     layers, others = _split_layers(model, variables)

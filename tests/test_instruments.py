@@ -229,7 +229,7 @@ def check_statistics(model, x, y, expected):
 
     @tf.function
     def statistics():
-        _, gradients = per_example.per_example_gradients(model, variables, x, y)
+        _, gradients = per_example.losses_and_gradients(model, variables, x, y)
         moments = gradients.moments([direction])
         return (tf.concat(moments.mean, 0), tf.concat(moments.square_sum, 0), moments.norms,
                 moments.projections, moments.dots[0], gradients.dots(direction),
@@ -280,7 +280,7 @@ def test_factored_per_example_gradients_of_every_dense_and_conv2d_form():
     y = keras.utils.to_categorical(rng.integers(0, 3, 7), 3)
     variables = model.trainable_variables
     assert len(per_example.factored_layers(model, variables)) == 8
-    losses, gradients = tf.function(lambda: materialised(*per_example.per_example_gradients(
+    losses, gradients = tf.function(lambda: materialised(*per_example.losses_and_gradients(
         model, variables, x, y)))()
     expected = loop_gradients(model, x, y)
     np.testing.assert_allclose(gradients.numpy(), expected, rtol=1e-5,
