@@ -13,8 +13,8 @@ of the model's regularisation losses in every example's, as a per-example loss d
 
 `losses_and_gradients` gives the per-example losses and their gradients (a
 `PerExample`, which keeps a Dense kernel's as its factors), `ggn_diagonal_sum` the
-diagonal of the generalised Gauss-Newton matrix through the same paths. The compiled loss is taken to
-be a mean over examples (Keras's default reduction).
+diagonal of the generalised Gauss-Newton matrix through the same paths. The compiled
+loss is taken to be a mean over examples (Keras's default reduction).
 """
 
 import contextlib
