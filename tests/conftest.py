@@ -1,5 +1,6 @@
 """Shared test set-up: quiet TensorFlow, deterministic seeds, tiny models and data."""
 
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -13,6 +14,20 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(0)
+
+
+@contextlib.contextmanager
+def float64():
+    """New layers and compiled losses in float64 inside, float32 after: floatx and the
+    dtype policy, which Keras otherwise takes from floatx once, at its first layer, and
+    keeps (a float64 first test would leave every later model in float64)."""
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        yield
+    finally:
+        keras.config.set_floatx("float32")
+        keras.config.set_dtype_policy("float32")
 
 
 def tiny_relu_model(model_class=keras.Model, inputs=6, hidden=8, classes=3):

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import float64
 
 import optinsight as oi
 from optinsight.probes import common, hessian, hvp, krylov
@@ -39,13 +40,10 @@ def dense_hessian(model, x, y, variables=None):
 
 @pytest.fixture(scope="module")
 def setup():
-    keras.config.set_floatx("float64")  # the compiled loss computes in floatx
-    try:
+    with float64():  # the compiled loss computes in floatx
         model = small_model()
         x, y = small_data()
         yield model, x, y, dense_hessian(model, x, y)
-    finally:
-        keras.config.set_floatx("float32")
 
 
 @pytest.mark.parametrize("method", ["forward", "reverse"])
@@ -218,16 +216,13 @@ def _slot(optimizer, variable, suffix):
 def test_each_optimizers_sharpness_and_limit_against_the_dense_hessian(kind):
     """After a few steps: the sharpness and limit of the module docstring of
     probes.stability, from the optimizer's slots and the dense Hessian."""
-    keras.config.set_floatx("float64")
-    try:
+    with float64():
         model = small_model()
         model.compile(optimizer=OPTIMIZERS[kind](), loss="categorical_crossentropy")
         x, y = small_data()
         model.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0)
         h = dense_hessian(model, x, y)
         out = hessian.HessianProbe(per_layer=False, tol=1e-7, max_iter=200)(model, x, y)
-    finally:
-        keras.config.set_floatx("float32")
     opt, variables = model.optimizer, model.trainable_variables
     lr = float(np.asarray(opt.learning_rate))
     p, limit = np.ones(len(h)), None
@@ -260,15 +255,12 @@ def test_each_optimizers_sharpness_and_limit_against_the_dense_hessian(kind):
 
 
 def test_adam_before_its_first_step_has_no_limit():
-    keras.config.set_floatx("float64")
-    try:
+    with float64():
         model = small_model()
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
         model.optimizer.build(model.trainable_variables)
         x, y = small_data()
         out = hessian.HessianProbe(per_layer=False)(model, x, y)
-    finally:
-        keras.config.set_floatx("float32")
     assert out["sharpness"] == out["lambda_1"] and out["stability_limit"] is None
 
 
@@ -482,8 +474,7 @@ def test_with_a_preconditioner_lambda_leaves_a_share_of_the_budget_to_the_sharpn
         monkeypatch, capsys):
     """λ never converges at tol=1e-300: alone it would spend the whole budget, and the
     learning-rate diagnosis would never get Adam's sharpness (k = 1: half each)."""
-    keras.config.set_floatx("float64")
-    try:
+    with float64():
         model = small_model()
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
         x, y = small_data()
@@ -491,8 +482,6 @@ def test_with_a_preconditioner_lambda_leaves_a_share_of_the_budget_to_the_sharpn
         ticking_clock(monkeypatch)
         out = hessian.HessianProbe(per_layer=False, tol=1e-300, time_budget=100,
                                    max_examples=None)(model, x, y)
-    finally:
-        keras.config.set_floatx("float32")
     assert out["stability_ratio"] == out["sharpness"] / out["stability_limit"]
     assert abs(out["sharpness"] / out["lambda_1"] - 1) > 0.5  # Adam's, not λmax
     err = capsys.readouterr().err
@@ -511,8 +500,7 @@ def test_a_layer_not_compiled_yet_starts_only_if_its_tracing_fits(monkeypatch, c
             clock.steps = [1.0, 1000.0]
         relax(self)
 
-    keras.config.set_floatx("float64")
-    try:
+    with float64():
         model = small_model(seed=5)  # its products not traced yet
         x, y = small_data()
         clock = ticking_clock(monkeypatch)
@@ -526,8 +514,6 @@ def test_a_layer_not_compiled_yet_starts_only_if_its_tracing_fits(monkeypatch, c
         out = probe(model, x, y)
         assert {"lambda_max/h", "lambda_max/out"} <= set(out)
         assert capsys.readouterr().err == ""
-    finally:
-        keras.config.set_floatx("float32")
 
 
 def test_from_large_entries_the_default_basis_is_two_vectors_smaller(monkeypatch):
@@ -560,8 +546,7 @@ def test_the_budget_counts_lanczos_own_work(monkeypatch, capsys):
     started with seconds left ran 22 s past)."""
     from types import SimpleNamespace
 
-    keras.config.set_floatx("float64")
-    try:
+    with float64():
         model, (x, y) = small_model(), small_data()
         clock = SimpleNamespace(now=0.0)
         clock_module = SimpleNamespace(monotonic=lambda: clock.now)
@@ -592,8 +577,6 @@ def test_the_budget_counts_lanczos_own_work(monkeypatch, capsys):
                 assert "lambda_1" in probe(model, x, y)
                 assert clock.now - began <= 1.1 * budget, budget
         assert "over its budget" not in capsys.readouterr().err
-    finally:
-        keras.config.set_floatx("float32")
 
 
 def test_lanczos_traces_its_helpers_once_per_shape():
