@@ -190,12 +190,17 @@ class InstrumentTracker(tf.Module):
                     self.model, variables, x, y,
                     None if training_pass is None else (records, tape, outputs)) \
                     if self.curvature else None
-            moments = gradients.moments([update, previous] if self.alpha else [])
+            # a due step ends the previous one's update only when every step is due
+            ending = [previous] if self.every == 1 else []
+            moments = gradients.moments([update, *ending] if self.alpha else [])
             out = batch_sums(losses, moments, curvature)
             if self.histogram:
                 out["grad_hist_2d"] = gradients.histogram2d(
                     weights_before, GRAD_HIST_2D_BINS, GRAD_HIST_2D_RANGE)
-            return out, moments.dots
+            dots = moments.dots  # along the update, and the previous one's when ending
+            if len(dots) == 1:
+                dots.append(tf.zeros_like(dots[0]))
+            return out, dots
 
         def losses_only():  # the step after a due step: Alpha's end slope
             out = {k: tf.zeros([], tf.float64) for k in self.columns if k in SUMS
