@@ -83,34 +83,40 @@ def _routed_max_pool(inputs, size):
     "valid"), with the same values and the same gradient as TensorFlow's on CPU: each
     window's output gradient goes to the element MaxPoolGrad picks (its first, then
     each later one greater than the greatest so far, in row-major order; NaN and -inf
-    included). Which element that is, is found once, in the forward pass; each
-    backward pass is then one product with that mask, where MaxPoolGrad searches every
-    window again (on CPU most of a backward pass through a small CNN, and the TIC
-    takes one per logit)."""
+    included). The first backward pass through it is MaxPoolGrad itself; every later
+    one is a product with a mask of those elements, found once, where MaxPoolGrad
+    would search every window again (on CPU most of a backward pass through a small
+    CNN, and the TIC takes one per logit)."""
     ph, pw = size
 
     @tf.custom_gradient
     def pool(x):
         out = tf.nn.max_pool2d(x, size, size, "VALID")
         b, ho, wo, c = (tf.shape(out)[a] for a in range(4))
-        windows = tf.reshape(tf.transpose(tf.reshape(  # [ph · pw, B, H', W', C]
-            x[:, :ho * ph, :wo * pw, :], [b, ho, ph, wo, pw, c]), [2, 4, 0, 1, 3, 5]),
-            [ph * pw, b, ho, wo, c])
-        greatest, chosen = None, None
-        for k in range(ph * pw):
-            element = windows[k]
-            if k == 0:
-                greatest, chosen = element, tf.zeros(tf.shape(out), tf.int32)
-            else:
-                greater = element > greatest
-                greatest = tf.where(greater, element, greatest)
+        passes = []  # the backward passes built through this forward pass so far
+
+        def routing():  # [B · H', ph, W', pw, C], 1 where each window's gradient goes
+            windows = tf.reshape(tf.transpose(tf.reshape(  # [ph · pw, B, H', W', C]
+                x[:, :ho * ph, :wo * pw, :], [b, ho, ph, wo, pw, c]), [2, 4, 0, 1, 3, 5]),
+                [ph * pw, b, ho, wo, c])
+            greatest, chosen = windows[0], tf.zeros(tf.shape(out), tf.int32)
+            for k in range(1, ph * pw):
+                greater = windows[k] > greatest
+                greatest = tf.where(greater, windows[k], greatest)
                 chosen = tf.where(greater, k, chosen)
-        mask = tf.stack([tf.stack([tf.equal(chosen, i * pw + j) for j in range(pw)], axis=3)
-                         for i in range(ph)], axis=2)  # [B, H', ph, W', pw, C]
-        mask = tf.cast(tf.reshape(mask, [b * ho, ph, wo, pw, c]), x.dtype)
+            mask = tf.stack([tf.stack([tf.equal(chosen, i * pw + j) for j in range(pw)],
+                                      axis=3) for i in range(ph)], axis=2)
+            return tf.cast(tf.reshape(mask, [b * ho, ph, wo, pw, c]), x.dtype)
 
         def gradient(g):
-            routed = tf.reshape(tf.reshape(g, [b * ho, 1, wo, 1, c]) * mask,
+            passes.append(g)
+            if len(passes) == 1:  # the training step's own pass: TensorFlow's, as cheap
+                return tf.raw_ops.MaxPoolGrad(orig_input=x, orig_output=out, grad=g,
+                                              ksize=[1, ph, pw, 1], strides=[1, ph, pw, 1],
+                                              padding="VALID")
+            # the later ones (the TIC's): the mask's ops are the same in each, and the
+            # graph optimiser computes them once
+            routed = tf.reshape(tf.reshape(g, [b * ho, 1, wo, 1, c]) * routing(),
                                 [b, ho * ph, wo * pw, c])
             if x.shape[1] is not None and x.shape[2] is not None \
                     and x.shape[1] % ph == x.shape[2] % pw == 0:

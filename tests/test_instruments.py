@@ -197,11 +197,11 @@ def test_routed_max_pooling_has_tensorflows_values_and_gradient(shape, size, dty
     g = tf.constant(rng.normal(size=(shape[0], shape[1] // size[0], shape[2] // size[1],
                                      shape[3])).astype(dtype))
 
-    def pooled(pool):
-        with tf.GradientTape() as tape:
+    def pooled(pool):  # the values, and the first and a later backward pass
+        with tf.GradientTape(persistent=True) as tape:
             tape.watch(x)
             out = pool(x)
-        return out, tape.gradient(out, x, output_gradients=g)
+        return out, *[tape.gradient(out, x, output_gradients=g) for _ in range(2)]
 
     theirs = pooled(lambda t: tf.nn.max_pool2d(t, size, size, "VALID"))
     for ours in (pooled(lambda t: per_example._routed_max_pool(t, size)),
