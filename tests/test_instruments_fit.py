@@ -283,9 +283,9 @@ def test_instruments_switched_on_at_a_resume_count_distance_from_there(tmp_path)
                                            ("business", True)])
 def test_recording_the_instruments_changes_nothing_in_training(tmp_path, preset, pooled):
     """Batch normalisation takes the instruments' own pass at the step's starting
-    weights (put back, then restored); a CNN's training pass has its max pooling's
-    gradient routed by the instruments' mask: the trained weights are those of a fit
-    without them, bit for bit."""
+    weights (put back, then restored); a CNN's training pass goes through the TIC's
+    max pooling (its first backward pass TensorFlow's own): the trained weights are
+    those of a fit without them, bit for bit."""
     rng = np.random.default_rng(0)
     x = rng.integers(0, 2, size=(96, 6, 6, 1)).astype("float32")  # ties in the pools
     y = rng.integers(0, 3, 96)
