@@ -427,8 +427,7 @@ class DynamicsTracker(tf.Module):
                                             self.histogram_slots), tf.int32)
             counts, ranges, hist_step = tf.cond(
                 tf.equal(tf.math.floormod(step, self.histogram_freq), 0),
-                lambda: (*self._histograms(self.prev_grad.read_value(), _flatten(weights)),
-                         step),
+                lambda: (*self._histograms_of(grads, weights), step),
                 # gather, not slicing: XLA takes a slice's bounds as compile-time
                 # constants, which compiled the step anew for every step's slot.
                 lambda: tuple(tf.gather(buffer, slot) for buffer in (
@@ -436,6 +435,17 @@ class DynamicsTracker(tf.Module):
             for buffer, value in ((self.hist_counts, counts), (self.hist_ranges, ranges),
                                   (self.hist_step, hist_step)):
                 buffer.assign(tf.tensor_scatter_nd_update(buffer, [[slot]], [value]))
+
+    def _histograms_of(self, grads, weights):
+        """Counts [2, n_vars, bins] int32 and ranges [2, n_vars, 2] float64 (lo, hi) of
+        the gradients (0; `prev_grad` holds them after the update) and weights (1), one
+        list of float32 tensors each."""
+        if self._native is None:
+            return self._histograms(self.prev_grad.read_value(), _flatten(weights))
+        shape = [2, len(self.sizes)]
+        counts, ranges = self._native.insight_histograms(
+            [*grads, *weights], bins=max(self.histogram_bins, 1))
+        return tf.reshape(counts, shape + [-1]), tf.reshape(ranges, shape + [2])
 
     def read_rows(self, after_step):
         """Rows recorded after `after_step`: list of `Row`."""

@@ -419,26 +419,47 @@ def test_tracker_matches_numpy(thresholds, shapes, near_zero, kernel):
                             (t, select, key)
 
 
-def test_histogram_function_skips_nonfinite_and_handles_edge_cases():
+@pytest.mark.parametrize("kernel", ["native", "xla"])
+def test_histograms_skip_nonfinite_and_handle_edge_cases(kernel):
     """Per variable: NaN/Inf left out of range and counts, a constant variable all in
-    bin 0, an empty variable all zeros; counts equal numpy's over the same range."""
+    bin 0, an empty variable all zeros, entries on bin edges, a variable over many of
+    the native kernel's blocks; counts equal numpy's over the same range, from the
+    XLA function and the native op alike."""
+    from optinsight import native
     from optinsight.dynamics import _histograms
 
     rng = np.random.default_rng(3)
     parts = [rng.normal(size=50).astype(np.float32), np.full(7, 2.5, np.float32),
-             np.zeros(0, np.float32), rng.normal(size=40).astype(np.float32)]
+             np.zeros(0, np.float32), rng.normal(size=40).astype(np.float32),
+             np.arange(-16, 17, dtype=np.float32) / 4,  # every bin edge of 8 bins
+             rng.standard_cauchy(size=300_001).astype(np.float32)]
     parts[0][[3, 9]] = [np.nan, np.inf]
     parts[3][5] = -np.inf
-    sizes = [len(p) for p in parts]
-    segments = tf.constant(np.repeat(np.arange(len(parts)), sizes), tf.int32)
-    counts, ranges = _histograms(tf.constant(np.concatenate(parts)), segments, len(parts), 8)
-    for v, values in enumerate(parts):
-        finite = values[np.isfinite(values)].astype(np.float64)
-        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
-        assert ranges.numpy()[v].tolist() == [lo, hi]
-        width = hi - lo if hi > lo else 1.0
-        index = np.clip(np.floor((finite - lo) / width * 8).astype(int), 0, 7)
-        assert counts.numpy()[v].tolist() == np.bincount(index, minlength=8).tolist()
+    parts[5][[7, 150_000, 300_000]] = [np.nan, -np.inf, np.nan]
+    # entries on bin edges of 7 bins that (v - lo) * (7 / width) puts in the bin below
+    parts.append(np.array([0, 1.391619, 0.19880271, 0.39760542, 0.5964081, 0.79521084,
+                           1.1928163], np.float32))
+    module = native.load() if kernel == "native" else None
+    if kernel == "native" and module is None:
+        pytest.skip("the native kernel is not built")
+    for bins in (8, 7):
+        if kernel == "native":
+            counts, ranges = module.insight_histograms([tf.constant(p) for p in parts],
+                                                       bins=bins)
+        else:
+            sizes = [len(p) for p in parts]
+            segments = tf.constant(np.repeat(np.arange(len(parts)), sizes), tf.int32)
+            counts, ranges = _histograms(tf.constant(np.concatenate(parts)), segments,
+                                         len(parts), bins)
+        for v, values in enumerate(parts):
+            finite = values[np.isfinite(values)].astype(np.float64)
+            lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+            assert ranges.numpy()[v].tolist() == [lo, hi]
+            width = hi - lo if hi > lo else 1.0
+            index = np.clip(np.floor((finite - lo) / width * bins).astype(int), 0, bins - 1)
+            assert counts.numpy()[v].tolist() == np.bincount(index, minlength=bins).tolist()
+        if bins == 8:
+            assert counts.numpy()[4].tolist() == [4] * 7 + [5]  # the last bin closed
 
 
 @pytest.mark.parametrize("kernel", ["native", "xla"])

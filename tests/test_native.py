@@ -14,7 +14,8 @@ from optinsight.dynamics import DynamicsTracker
 
 def test_kernel_is_built_and_loaded():
     module = native.load()
-    assert module is not None and hasattr(module, "insight_step_statistics")
+    assert module is not None
+    assert hasattr(module, "insight_step_statistics") and hasattr(module, "insight_histograms")
 
 
 def test_failed_build_falls_back_with_one_line(tmp_path, monkeypatch, capsys):

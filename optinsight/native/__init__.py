@@ -1,10 +1,11 @@
-"""The fused CPU kernel of the per-step statistics, built on first use.
+"""The fused CPU kernels of the per-step statistics, built on first use.
 
-`step_statistics.cc` defines the TensorFlow op `InsightStepStatistics`. `load()`
-compiles it with the system C++ compiler against the installed TensorFlow (about
-ten seconds, once per TensorFlow version and machine type) into the user's cache
-directory and returns the loaded op module, or None when it cannot be built or is
-switched off with OPTINSIGHT_NATIVE=0; the tracker then uses its XLA version.
+`step_statistics.cc` defines the TensorFlow op `InsightStepStatistics`,
+`histograms.cc` the op `InsightHistograms`. `load()` compiles them with the system
+C++ compiler against the installed TensorFlow (about ten seconds, once per TensorFlow
+version and machine type) into one library in the user's cache directory and returns
+the loaded op module, or None when it cannot be built or is switched off with
+OPTINSIGHT_NATIVE=0; the tracker then uses its XLA versions.
 """
 
 import functools
@@ -18,7 +19,8 @@ import tempfile
 
 import tensorflow as tf
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "step_statistics.cc")
+SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+                for name in ("step_statistics.cc", "histograms.cc"))
 CXX_FLAGS = ["-shared", "-fPIC", "-O3", "-march=native", "-fopenmp-simd",
              "-ffp-contract=off"]
 
@@ -34,9 +36,10 @@ def _cpu_signature():
 
 
 def library_path():
-    """Where the compiled library for this TensorFlow, source and CPU lives."""
+    """Where the compiled library for this TensorFlow, these sources and CPU lives."""
     key = hashlib.sha256()
-    for part in (open(SOURCE, "rb").read(), tf.__version__.encode(), tf.__file__.encode(),
+    sources = [open(source, "rb").read() for source in SOURCES]
+    for part in (*sources, tf.__version__.encode(), tf.__file__.encode(),
                  " ".join(CXX_FLAGS).encode(), _cpu_signature().encode()):
         key.update(part)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -44,14 +47,14 @@ def library_path():
 
 
 def build(path):
-    """Compile the kernel into `path` (atomically); raises RuntimeError on failure."""
+    """Compile the kernels into `path` (atomically); raises RuntimeError on failure."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found (install g++)")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
-    command = [compiler, SOURCE, "-o", tmp, *CXX_FLAGS, *tf.sysconfig.get_compile_flags(),
+    command = [compiler, *SOURCES, "-o", tmp, *CXX_FLAGS, *tf.sysconfig.get_compile_flags(),
                *tf.sysconfig.get_link_flags()]
     try:
         result = subprocess.run(command, capture_output=True, text=True)
@@ -64,7 +67,8 @@ def build(path):
 
 
 def load():
-    """The op module with `insight_step_statistics`, or None (see module docstring)."""
+    """The op module with `insight_step_statistics` and `insight_histograms`, or None
+    (see module docstring)."""
     if os.environ.get("OPTINSIGHT_NATIVE", "1") == "0":
         return None
     return _library()
