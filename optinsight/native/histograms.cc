@@ -23,16 +23,7 @@
 
 namespace optinsight {
 
-using ::tensorflow::DEVICE_CPU;
-using ::tensorflow::OpInputList;
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Status;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-namespace errors = ::tensorflow::errors;
-namespace shape_inference = ::tensorflow::shape_inference;
+namespace tf = ::tensorflow;
 
 REGISTER_OP("InsightHistograms")
     .Input("values: N * float")
@@ -40,13 +31,13 @@ REGISTER_OP("InsightHistograms")
     .Output("ranges: double")  // [N, 2]: lo, hi
     .Attr("N: int >= 1")
     .Attr("bins: int >= 1")
-    .SetShapeFn([](shape_inference::InferenceContext* c) {
+    .SetShapeFn([](tf::shape_inference::InferenceContext* c) {
       int n, bins;
       TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
       TF_RETURN_IF_ERROR(c->GetAttr("bins", &bins));
       c->set_output(0, c->Matrix(n, bins));
       c->set_output(1, c->Matrix(n, 2));
-      return Status();
+      return tf::Status();
     });
 
 namespace {
@@ -57,14 +48,14 @@ constexpr int kChunk = 256;                   // entries per vectorised inner lo
 
 }  // namespace
 
-class InsightHistogramsOp : public OpKernel {
+class InsightHistogramsOp : public tf::OpKernel {
  public:
-  explicit InsightHistogramsOp(OpKernelConstruction* c) : OpKernel(c) {
+  explicit InsightHistogramsOp(tf::OpKernelConstruction* c) : tf::OpKernel(c) {
     OP_REQUIRES_OK(c, c->GetAttr("bins", &bins_));
   }
 
-  void Compute(OpKernelContext* ctx) override {
-    OpInputList values;
+  void Compute(tf::OpKernelContext* ctx) override {
+    tf::OpInputList values;
     OP_REQUIRES_OK(ctx, ctx->input_list("values", &values));
     const int n = values.size();
     struct Block { int tensor; int64_t first, size; };
@@ -81,7 +72,7 @@ class InsightHistogramsOp : public OpKernel {
     // Pass 1: each block's smallest and largest finite entry (+FLT_MAX, -FLT_MAX: none).
     std::vector<float> block_lo(blocks.size(), FLT_MAX), block_hi(blocks.size(), -FLT_MAX);
     std::vector<char> block_any(blocks.size(), 0);
-    ::tensorflow::Shard(workers->NumThreads(), workers, blocks.size(), cost,
+    tf::Shard(workers->NumThreads(), workers, blocks.size(), cost,
                         [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const float* v = values[blocks[b].tensor].flat<float>().data() + blocks[b].first;
@@ -97,8 +88,8 @@ class InsightHistogramsOp : public OpKernel {
         block_lo[b] = lo, block_hi[b] = hi, block_any[b] = any > 0;
       }
     });
-    Tensor* ranges_out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({n, 2}), &ranges_out));
+    tf::Tensor* ranges_out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, tf::TensorShape({n, 2}), &ranges_out));
     auto ranges = ranges_out->matrix<double>();
     std::vector<char> any(n, 0);
     std::vector<float> lo(n, FLT_MAX), hi(n, -FLT_MAX);
@@ -115,12 +106,12 @@ class InsightHistogramsOp : public OpKernel {
     // Pass 2: the counts. A shard of blocks counts into kLanes counters per bin of its
     // own and adds them to the output when it moves to another tensor or ends.
     const int bins = bins_;
-    Tensor* counts_out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n, bins}), &counts_out));
+    tf::Tensor* counts_out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tf::TensorShape({n, bins}), &counts_out));
     auto counts = counts_out->matrix<int32_t>();
     counts.setZero();
     std::mutex mu;
-    ::tensorflow::Shard(workers->NumThreads(), workers, blocks.size(), cost,
+    tf::Shard(workers->NumThreads(), workers, blocks.size(), cost,
                         [&](int64_t begin, int64_t end) {
       std::vector<int32_t> local(kLanes * (bins + 1), 0);  // a spare bin each
       int current = -1;
@@ -162,6 +153,6 @@ class InsightHistogramsOp : public OpKernel {
   int bins_;
 };
 
-REGISTER_KERNEL_BUILDER(Name("InsightHistograms").Device(DEVICE_CPU), InsightHistogramsOp);
+REGISTER_KERNEL_BUILDER(Name("InsightHistograms").Device(tf::DEVICE_CPU), InsightHistogramsOp);
 
 }  // namespace optinsight
