@@ -313,3 +313,38 @@ def test_recording_the_instruments_changes_nothing_in_training(tmp_path, preset,
 
     for plain, recorded in zip(trained(), trained(instruments=preset, instrument_freq=3)):
         np.testing.assert_array_equal(plain, recorded)
+
+
+def test_under_mixed_precision_the_instruments_are_those_of_the_float32_model(tmp_path):
+    """mixed_float16 (float16 layers, the loss scaled by the optimizer): the instruments
+    of the first step equal `instruments.compute` on a float32 copy at the same weights,
+    to float16's precision; the loss scale (2**15) must not reach them (cabs and the
+    TIC would carry it)."""
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 8, 8, 1), dtype=np.float32)
+    y = rng.integers(0, 3, 16)
+
+    def cnn(policy):
+        keras.config.set_dtype_policy(policy)
+        try:
+            keras.utils.set_random_seed(1)
+            model = keras.Sequential([
+                keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                keras.layers.MaxPooling2D(2), keras.layers.Flatten(),
+                keras.layers.Dense(3, dtype="float32")])
+        finally:
+            keras.config.set_dtype_policy("float32")
+        model.compile(optimizer=keras.optimizers.SGD(0.05), loss=keras.losses.
+                      SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    mixed, exact = cnn("mixed_float16"), cnn("float32")
+    exact.set_weights(mixed.get_weights())
+    want = instruments.compute(exact, x, y)
+    mixed.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
+        oi.OptimizationInsightCallback(tmp_path, instruments="full")])
+    assert type(mixed.optimizer).__name__ == "LossScaleOptimizer"
+    recorded = oi.read_log(tmp_path).instruments.iloc[0]
+    assert recorded["step"] == 1
+    for name, value in want.items():
+        assert recorded[name] == pytest.approx(value, rel=2e-3), name
