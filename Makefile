@@ -10,6 +10,8 @@ INSTALLED := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM := /usr/bin/chromium
 CXX_COMPILER := /usr/bin/g++
+# the native kernels, compiled at set-up (python -m optinsight.native)
+NATIVE_SOURCES := $(wildcard optinsight/native/*.cc)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 EPOCHS ?= 10
 
@@ -57,14 +59,14 @@ BENCH_INSTALLED := $(BENCH_VENV)/.installed
 
 setup: $(INSTALLED)
 
-$(INSTALLED): setup.cfg pyproject.toml optinsight/native/step_statistics.cc optinsight/native/histograms.cc | $(CXX_COMPILER)
+$(INSTALLED): setup.cfg pyproject.toml $(NATIVE_SOURCES) | $(CXX_COMPILER)
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m optinsight.native  # compile the fused kernel now, not in the first fit
 	touch $@
 
-$(OLDEST_INSTALLED): setup.cfg pyproject.toml optinsight/native/step_statistics.cc optinsight/native/histograms.cc | $(CXX_COMPILER)
+$(OLDEST_INSTALLED): setup.cfg pyproject.toml $(NATIVE_SOURCES) | $(CXX_COMPILER)
 	[ -x $(OLDEST_PY) ] || $(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_PY) -m pip install -q --upgrade pip
 	$(OLDEST_PY) -m pip install -q -e ".[test]" $(OLDEST_PINS)

@@ -73,7 +73,7 @@ class InsightHistogramsOp : public tf::OpKernel {
     std::vector<float> block_lo(blocks.size(), FLT_MAX), block_hi(blocks.size(), -FLT_MAX);
     std::vector<char> block_any(blocks.size(), 0);
     tf::Shard(workers->NumThreads(), workers, blocks.size(), cost,
-                        [&](int64_t begin, int64_t end) {
+              [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const float* v = values[blocks[b].tensor].flat<float>().data() + blocks[b].first;
         float lo = FLT_MAX, hi = -FLT_MAX;
@@ -112,7 +112,7 @@ class InsightHistogramsOp : public tf::OpKernel {
     counts.setZero();
     std::mutex mu;
     tf::Shard(workers->NumThreads(), workers, blocks.size(), cost,
-                        [&](int64_t begin, int64_t end) {
+              [&](int64_t begin, int64_t end) {
       std::vector<int32_t> local(kLanes * (bins + 1), 0);  // a spare bin each
       int current = -1;
       auto flush = [&]() {
