@@ -213,6 +213,37 @@ def test_routed_max_pooling_has_tensorflows_values_and_gradient(shape, size, dty
     assert per_example.routed_pools(model) == model.layers[:1]
 
 
+
+@pytest.mark.parametrize("kernel,strides,padding,size", [
+    (3, 1, "valid", (9, 8)), (3, 1, "same", (9, 8)), (1, 2, "same", (8, 7)),
+    (1, 2, "valid", (7, 7)), ((3, 2), (2, 3), "same", (9, 10)), (4, 3, "valid", (11, 9)),
+    (2, 2, "same", (5, 6))])
+@pytest.mark.parametrize("keep_first_pass", [True, False])
+def test_recorded_convolutions_have_tensorflows_gradients(kernel, strides, padding, size,
+                                                          keep_first_pass):
+    """A recorded Conv2D's first and later backward passes (its input gradient as a
+    forward convolution, `per_example._input_gradient`, in all but a training step's
+    first) against TensorFlow's gradient of the layer's own call, with either padding,
+    strides that leave rows and columns over, and kernels wider than tall."""
+    rng = np.random.default_rng(1)
+    layer = keras.layers.Conv2D(4, kernel, strides=strides, padding=padding)
+    x = tf.constant(rng.normal(size=(3, *size, 2)).astype("float32"))
+    out = layer(x)
+    g = [tf.constant(rng.normal(size=out.shape).astype("float32")) for _ in range(2)]
+
+    def gradients(layers):  # (input gradient, kernel gradient) of two passes
+        with per_example.recording(layers, keep_first_pass) as records, \
+                tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            z = layer(x)
+        assert len(records.get(layer, [None])) == 1
+        return [tape.gradient(z, [x, layer.kernel], output_gradients=d) for d in g]
+
+    theirs = gradients([])
+    for ours in (gradients([layer]), tf.function(gradients)([layer])):
+        for a, b in zip(tf.nest.flatten(theirs), tf.nest.flatten(ours)):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
 def materialised(losses, per_example_gradients):
     """(losses, [B, P]) of a PerExample, its factored parts multiplied out."""
     parts = range(len(per_example_gradients.parts))
