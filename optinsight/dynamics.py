@@ -209,19 +209,6 @@ def _histograms(values, segments, n_vars, bins):
     return tf.reshape(counts, [n_vars, bins]), tf.stack([lo, hi], axis=1)
 
 
-def _choose_kernel(kernel):
-    """The native op module for `kernel` ("auto", "native" or "xla"), or None for XLA."""
-    if kernel not in ("auto", "native", "xla"):
-        raise ValueError(f"kernel must be 'auto', 'native' or 'xla', got {kernel!r}")
-    if kernel == "xla" or (kernel == "auto" and tf.config.list_logical_devices("GPU")):
-        return None
-    module = native.load()
-    if module is None and kernel == "native":
-        raise RuntimeError("the native statistics kernel is not available "
-                           "(see the message above, or OPTINSIGHT_NATIVE=0 is set)")
-    return module
-
-
 class DynamicsTracker(tf.Module):
     """Device-side state and per-step statistics for a list of trainable variables.
 
@@ -254,7 +241,7 @@ class DynamicsTracker(tf.Module):
         self.histogram_bins = int(histogram_bins)
         self.buffer_size = int(buffer_size)
         self.tracked_variables = tuple(variables)
-        self._native = _choose_kernel(kernel)
+        self._native = native.choose(kernel)
         n_vars, n_params = len(self.sizes), sum(self.sizes)
         self._segments = tf.constant(np.repeat(np.arange(n_vars), self.sizes), tf.int32)
         families = 1 if self.ema_decay is None else 2

@@ -23,6 +23,7 @@ import contextlib
 import numpy as np
 import tensorflow as tf
 
+from optinsight import native
 from optinsight.batch_statistics import (
     CURVATURE_SUMS,
     SUMS,
@@ -48,16 +49,18 @@ ALPHA_COLUMNS = ("step_length_sq", "start_slope", "start_slope_variance", "has_e
 
 class InstrumentTracker(tf.Module):
     """Records the instruments `names` (of `metrics.INSTRUMENTS`) of `variables` of `model` every
-    `every` steps into a ring buffer of `buffer_size` steps."""
+    `every` steps into a ring buffer of `buffer_size` steps; kernel: as
+    `DynamicsTracker`'s, for the TIC's convolution sums."""
 
     def __init__(self, model, variables, names, every, buffer_size, strategy=None,
-                 loss_scaled=False):
+                 loss_scaled=False, kernel="auto"):
         super().__init__(name="instrument_tracker")
         self.model, self.tracked_variables = model, tuple(variables)
         self.names, self.every = tuple(names), int(every)
         self.alpha, self.distance = "alpha" in names, "distance" in names
         self.histogram = "grad_hist_2d" in names
         self.curvature = bool(set(CURVATURE) & set(names))
+        self._native = native.choose(kernel) if self.curvature else None
         self.per_example = any(n != "distance" for n in names)
         self._training_layers = None if not self.per_example or loss_scaled \
             else training_pass_layers(model, variables)
@@ -188,7 +191,8 @@ class InstrumentTracker(tf.Module):
             with tf.control_dependencies(back):
                 curvature = ggn_diagonal_sum(
                     self.model, variables, x, y,
-                    None if training_pass is None else (records, tape, outputs)) \
+                    None if training_pass is None else (records, tape, outputs),
+                    self._native) \
                     if self.curvature else None
             # a due step ends the previous one's update only when every step is due
             ending = [previous] if self.every == 1 else []

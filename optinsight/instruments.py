@@ -49,6 +49,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+from optinsight import native
 from optinsight.batch_statistics import TIC_EPSILON, batch_sums
 from optinsight.metrics import BATCH_INSTRUMENTS as NAMES  # what `compute` gives
 from optinsight.metrics import GRAD_HIST_2D_BINS, GRAD_HIST_2D_RANGE
@@ -130,7 +131,8 @@ def _batch_sums(model, curvature):
 
         def sums(x, y):
             losses, gradients = losses_and_gradients(model, variables, x, y)
-            curvature_sum = ggn_diagonal_sum(model, variables, x, y) if curvature else None
+            curvature_sum = ggn_diagonal_sum(model, variables, x, y, ops=native.choose(
+                "auto")) if curvature else None
             return batch_sums(losses, gradients.moments(), curvature_sum)
         functions[curvature] = tf.function(sums, reduce_retracing=True)
     return functions[curvature]

@@ -649,7 +649,7 @@ def _logit_factors(model, x, y, logits, head):
     return vectors * tf.sqrt(values)[:, None, :]
 
 
-def ggn_diagonal_sum(model, variables, x, y, training_pass=None):
+def ggn_diagonal_sum(model, variables, x, y, training_pass=None, ops=None):
     """[Σ_n diag(J_nᵀ H_n J_n), flattened] float64 per variable: J_n the Jacobian of
     example n's logits (the output before a final softmax or sigmoid,
     `compat.split_at_logits`), H_n the Hessian of its loss w.r.t. them. With
@@ -657,7 +657,8 @@ def ggn_diagonal_sum(model, variables, x, y, training_pass=None):
     backward pass of the batch per column c of S. From a forward pass of its own
     (training=False), or from the training step's (`training_pass`: the `recording`
     of `training_pass_layers` around it, its persistent tape and the model's
-    outputs)."""
+    outputs). ops: the native op module (`native.choose`) for the convolutions' sums,
+    or None."""
     layers, others = _split_layers(model, variables)
     if training_pass is None:
         with recording(layers + routed_pools(model)) as records, \
@@ -676,7 +677,7 @@ def ggn_diagonal_sum(model, variables, x, y, training_pass=None):
         column = tf.reshape(factors[:, :, c], tf.shape(logits))
         parts = _factored_parts(layers, records, lambda zs: tape.gradient(
             logits, zs, output_gradients=column), units)
-        return [_square_sum(parts[id(v)]) for v in factored]
+        return [_square_sum(parts[id(v)], ops) for v in factored]
 
     columns = []
     if layers:  # the smallest eigenvalue's column is skipped where zero for every example
@@ -691,11 +692,16 @@ def ggn_diagonal_sum(model, variables, x, y, training_pass=None):
     return [sums[id(v)] for v in variables]
 
 
-def _square_sum(part):
-    """Σ_n g_n², elementwise and flattened (float64), of a part without its shift."""
+def _square_sum(part, ops=None):
+    """Σ_n g_n², elementwise and flattened (float64), of a part without its shift; a
+    `Patches` part's by the native op of `ops` (`native.choose`) when given."""
     if isinstance(part, Outer):
         return tf.reshape(tf.matmul(tf.square(part.x), tf.square(part.d), transpose_a=True),
                           [-1])
+    if isinstance(part, Patches) and ops is not None:
+        return ops.insight_patch_square_sums(
+            part.x, tf.cast(part.d, tf.float32), part.kernel_size, part.strides,
+            part.dilation)
     if isinstance(part, Patches):  # no shift: r None
         return tf.concat([tf.cast(tf.reduce_sum(tf.square(rows), axis=0), tf.float64)
                           for rows in _offsets(part)], 0)

@@ -306,7 +306,8 @@ class InsightRecorder:
         return InstrumentTracker(
             self.model, variables, options.instruments, options.instrument_freq.steps,
             READ_EVERY_STEPS + self.steps_per_call, strategy,
-            loss_scaled=getattr(self.optimizer, "inner_optimizer", None) is not None)
+            loss_scaled=getattr(self.optimizer, "inner_optimizer", None) is not None,
+            kernel="xla" if self.jit_compile else "auto")
 
     def _use_instruments(self, instrument_tracker):
         """Record the instruments with `instrument_tracker` (None: no instruments) from

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from conftest import loop_gradients
 
-from optinsight import instruments, per_example
+from optinsight import instruments, native, per_example
 
 
 def loop_ggn_diagonal(model, x, y):
@@ -320,8 +320,9 @@ def test_factored_per_example_gradients_of_every_dense_and_conv2d_form():
     np.testing.assert_allclose(losses.numpy(), [
         float(model.compute_loss(x=x[i:i + 1], y=y[i:i + 1], y_pred=model(x[i:i + 1])))
         for i in range(len(x))], rtol=1e-6)
-    ggn = np.concatenate(tf.function(lambda: per_example.ggn_diagonal_sum(
-        model, variables, x, y))())
     expected = loop_ggn_diagonal(model, x, y) * len(x)
-    np.testing.assert_allclose(ggn, expected, rtol=1e-4,
-                               atol=1e-6 * np.abs(expected).max())
+    for ops in (None, native.load()):  # the convolutions' sums by TensorFlow, natively
+        ggn = np.concatenate(tf.function(lambda ops=ops: per_example.ggn_diagonal_sum(
+            model, variables, x, y, ops=ops))())
+        np.testing.assert_allclose(ggn, expected, rtol=1e-4,
+                                   atol=1e-6 * np.abs(expected).max())

@@ -15,7 +15,8 @@ from optinsight.dynamics import DynamicsTracker
 def test_kernel_is_built_and_loaded():
     module = native.load()
     assert module is not None
-    assert hasattr(module, "insight_step_statistics") and hasattr(module, "insight_histograms")
+    for op in ("insight_step_statistics", "insight_histograms", "insight_patch_square_sums"):
+        assert hasattr(module, op)
 
 
 def test_failed_build_falls_back_with_one_line(tmp_path, monkeypatch, capsys):
@@ -78,3 +79,37 @@ def test_the_kernels_columns_are_the_metric_tables():
         assert int(count) == len(names) and [n.strip() for n in listed.split(",")] == list(names)
     maximum = int(re.search(r"constexpr int kWdiffMax = (\d+);", source).group(1))
     assert metrics.MAXIMA == (metrics.BAND_STATS[maximum],) == ("wdiff_max",)
+
+
+@pytest.mark.parametrize("batch,size,inputs,outputs,kernel,strides,dilations", [
+    (5, (9, 8), 1, 8, (3, 3), (1, 1), (1, 1)),  # in registers
+    (3, (9, 9), 3, 16, (2, 3), (2, 1), (1, 2)),  # in registers, strided, dilated
+    (4, (7, 9), 2, 5, (3, 3), (1, 2), (1, 1)),  # outputs not a multiple of 8: product
+    (2, (6, 6), 40, 64, (3, 3), (1, 1), (1, 1)),  # a large kernel: product
+    (2, (5, 5), 3, 8, (1, 1), (2, 2), (1, 1))])
+def test_patch_square_sums_match_numpy(batch, size, inputs, outputs, kernel, strides,
+                                       dilations):
+    """InsightPatchSquareSums against each example's kernel gradient written out in
+    float64: g_n[i, j, c, o] = Σ_{a, b} x[n, a·sh + i·dh, b·sw + j·dw, c] d[n, a, b, o],
+    summed squared over the examples, on both of its paths, with input rows and columns
+    left over by the strides."""
+    rng = np.random.default_rng(3)
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
+    rows = (size[0] - (kh - 1) * dh - 1) // sh + 1
+    columns = (size[1] - (kw - 1) * dw - 1) // sw + 1
+    x = rng.normal(size=(batch, *size, inputs)).astype("float32")
+    d = rng.normal(size=(batch, rows, columns, outputs)).astype("float32")
+    expected = np.zeros((kh, kw, inputs, outputs))
+    for n in range(batch):
+        g = np.zeros_like(expected)
+        for i in range(kh):
+            for j in range(kw):
+                under = x[n, i * dh:i * dh + (rows - 1) * sh + 1:sh,
+                          j * dw:j * dw + (columns - 1) * sw + 1:sw].astype(np.float64)
+                g[i, j] = np.einsum("abc,abo->co", under, d[n].astype(np.float64))
+        expected += g**2
+    got = native.load().insight_patch_square_sums(x, d, kernel, strides, dilations)
+    np.testing.assert_allclose(got.numpy(), expected.ravel(), rtol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="reach past the inputs"):
+        native.load().insight_patch_square_sums(x[:, :-1], d, kernel, strides,
+                                                (dilations[0] + 1, dilations[1]))

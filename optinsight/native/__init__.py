@@ -1,7 +1,8 @@
 """The fused CPU kernels of the per-step statistics, built on first use.
 
 `step_statistics.cc` defines the TensorFlow op `InsightStepStatistics`,
-`histograms.cc` the op `InsightHistograms`. `load()` compiles them with the system
+`histograms.cc` the op `InsightHistograms`, `patch_square_sums.cc` the op
+`InsightPatchSquareSums` (the instruments' convolution sums). `load()` compiles them with the system
 C++ compiler against the installed TensorFlow (about ten seconds, once per TensorFlow
 version and machine type) into one library in the user's cache directory and returns
 the loaded op module, or None when it cannot be built or is switched off with
@@ -20,7 +21,7 @@ import tempfile
 import tensorflow as tf
 
 SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-                for name in ("step_statistics.cc", "histograms.cc"))
+                for name in ("step_statistics.cc", "histograms.cc", "patch_square_sums.cc"))
 CXX_FLAGS = ["-shared", "-fPIC", "-O3", "-march=native", "-fopenmp-simd",
              "-ffp-contract=off"]
 
@@ -67,11 +68,25 @@ def build(path):
 
 
 def load():
-    """The op module with `insight_step_statistics` and `insight_histograms`, or None
-    (see module docstring)."""
+    """The op module with `insight_step_statistics`, `insight_histograms` and
+    `insight_patch_square_sums`, or None (see module docstring)."""
     if os.environ.get("OPTINSIGHT_NATIVE", "1") == "0":
         return None
     return _library()
+
+
+def choose(kernel):
+    """The op module for `kernel` ("auto", "native" or "xla"), or None for the
+    TensorFlow/XLA versions: "auto" is native when it loads and TensorFlow sees no GPU."""
+    if kernel not in ("auto", "native", "xla"):
+        raise ValueError(f"kernel must be 'auto', 'native' or 'xla', got {kernel!r}")
+    if kernel == "xla" or (kernel == "auto" and tf.config.list_logical_devices("GPU")):
+        return None
+    module = load()
+    if module is None and kernel == "native":
+        raise RuntimeError("the native statistics kernel is not available "
+                           "(see the message above, or OPTINSIGHT_NATIVE=0 is set)")
+    return module
 
 
 @functools.cache
