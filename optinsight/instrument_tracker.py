@@ -61,6 +61,7 @@ class InstrumentTracker(tf.Module):
         self.histogram = "grad_hist_2d" in names
         self.curvature = bool(set(CURVATURE) & set(names))
         self._native = native.choose(kernel) if self.curvature else None
+        self._xla = kernel == "xla"
         self.per_example = any(n != "distance" for n in names)
         self._training_layers = None if not self.per_example or loss_scaled \
             else training_pass_layers(model, variables)
@@ -192,7 +193,7 @@ class InstrumentTracker(tf.Module):
                 curvature = ggn_diagonal_sum(
                     self.model, variables, x, y,
                     None if training_pass is None else (records, tape, outputs),
-                    self._native) \
+                    self._native, self._xla) \
                     if self.curvature else None
             # a due step ends the previous one's update only when every step is due
             ending = [previous] if self.every == 1 else []

@@ -24,7 +24,8 @@ def insight_train_step(model, data, recorder):
     layers = recorder.training_pass_layers() if sample_weight is None else None
     # persistent: the TIC's backward passes start from this pass's outputs
     with tf.GradientTape(persistent=bool(layers)) as tape, \
-            per_example.recording(layers or [], keep_first_pass=True) as records:
+            per_example.recording(layers or [], keep_first_pass=True,
+                                  xla=recorder.jit_compile) as records:
         if compat.call_has_training_arg(model):
             y_pred = model(x, training=True)
         else:

@@ -78,15 +78,16 @@ def routed_pools(model):
             and layer.padding == "valid" and layer.data_format == "channels_last"]
 
 
-def _routed_max_pool(inputs, size):
+def _routed_max_pool(inputs, size, xla=False):
     """`inputs` [B, H, W, C] max-pooled over non-overlapping windows `size` (padding
     "valid"), with the same values and the same gradient as TensorFlow's on CPU: each
     window's output gradient goes to the element MaxPoolGrad picks (its first, then
     each later one greater than the greatest so far, in row-major order; NaN and -inf
     included). The first backward pass through it is MaxPoolGrad itself; every later
-    one is a product with a mask of those elements, found once, where MaxPoolGrad
-    would search every window again (on CPU most of a backward pass through a small
-    CNN, and the TIC takes one per logit)."""
+    one scatters the gradient to those elements, found once (MaxPoolGradWithArgmax;
+    under XLA, which lacks it, a product with their mask), where MaxPoolGrad would
+    search every window again (on CPU most of a backward pass through a small CNN, and
+    the TIC takes one per logit)."""
     ph, pw = size
 
     @tf.custom_gradient
@@ -95,16 +96,29 @@ def _routed_max_pool(inputs, size):
         b, ho, wo, c = (tf.shape(out)[a] for a in range(4))
         passes = []  # the backward passes built through this forward pass so far
 
-        def routing():  # [B · H', ph, W', pw, C], 1 where each window's gradient goes
+        def chosen():  # [B, H', W', C]: i · pw + j of the element each window picks
             windows = tf.reshape(tf.transpose(tf.reshape(  # [ph · pw, B, H', W', C]
                 x[:, :ho * ph, :wo * pw, :], [b, ho, ph, wo, pw, c]), [2, 4, 0, 1, 3, 5]),
                 [ph * pw, b, ho, wo, c])
-            greatest, chosen = windows[0], tf.zeros(tf.shape(out), tf.int32)
+            greatest, index = windows[0], tf.zeros(tf.shape(out), tf.int32)
             for k in range(1, ph * pw):
                 greater = windows[k] > greatest
                 greatest = tf.where(greater, windows[k], greatest)
-                chosen = tf.where(greater, k, chosen)
-            mask = tf.stack([tf.stack([tf.equal(chosen, i * pw + j) for j in range(pw)],
+                index = tf.where(greater, k, index)
+            return index
+
+        def argmax():  # [B, H', W', C] int64: those elements' flat indices into x
+            height, width = tf.cast(tf.shape(x)[1], tf.int64), tf.cast(tf.shape(x)[2], tf.int64)
+            k = tf.cast(chosen(), tf.int64)
+            rows = tf.range(tf.cast(ho, tf.int64))[None, :, None, None] * ph + k // pw
+            columns = tf.range(tf.cast(wo, tf.int64))[None, None, :, None] * pw + k % pw
+            examples = tf.range(tf.cast(b, tf.int64))[:, None, None, None]
+            return ((examples * height + rows) * width + columns) * tf.cast(c, tf.int64) \
+                + tf.range(tf.cast(c, tf.int64))
+
+        def routing():  # [B · H', ph, W', pw, C], 1 where each window's gradient goes
+            index = chosen()
+            mask = tf.stack([tf.stack([tf.equal(index, i * pw + j) for j in range(pw)],
                                       axis=3) for i in range(ph)], axis=2)
             return tf.cast(tf.reshape(mask, [b * ho, ph, wo, pw, c]), x.dtype)
 
@@ -114,8 +128,12 @@ def _routed_max_pool(inputs, size):
                 return tf.raw_ops.MaxPoolGrad(orig_input=x, orig_output=out, grad=g,
                                               ksize=[1, ph, pw, 1], strides=[1, ph, pw, 1],
                                               padding="VALID")
-            # the later ones (the TIC's): the mask's ops are the same in each, and the
-            # graph optimiser computes them once
+            # the later ones (the TIC's): the ops finding the elements are the same in
+            # each, and the graph optimiser computes them once
+            if not xla:
+                return tf.raw_ops.MaxPoolGradWithArgmax(
+                    input=x, grad=g, argmax=argmax(), ksize=[1, ph, pw, 1],
+                    strides=[1, ph, pw, 1], padding="VALID", include_batch_in_index=True)
             routed = tf.reshape(tf.reshape(g, [b * ho, 1, wo, 1, c]) * routing(),
                                 [b, ho * ph, wo * pw, c])
             if x.shape[1] is not None and x.shape[2] is not None \
@@ -182,13 +200,13 @@ def _convolution(layer, inputs, keep_first_pass):
 
 
 @contextlib.contextmanager
-def recording(layers, keep_first_pass=False):
+def recording(layers, keep_first_pass=False, xla=False):
     """Swap each layer's `call` for the same computation that appends (inputs,
     pre-activation outputs) to `records[layer]`, a `routed_pools` layer's for the same
     pooling with a cheaper gradient (`_routed_max_pool`, nothing recorded); yields
     `records`. A Conv2D's backward passes take the input gradient as a forward
     convolution (`_convolution`); with `keep_first_pass` (around a training step's
-    pass) the first is TensorFlow's."""
+    pass) the first is TensorFlow's. xla: the pass is compiled with XLA."""
     records = {layer: [] for layer in layers}
 
     def dense_call(layer):
@@ -218,7 +236,7 @@ def recording(layers, keep_first_pass=False):
 
     def pool_call(layer):
         def call(inputs):
-            return _routed_max_pool(inputs, tuple(layer.pool_size))
+            return _routed_max_pool(inputs, tuple(layer.pool_size), xla)
         return call
 
     for layer in layers:
@@ -649,7 +667,7 @@ def _logit_factors(model, x, y, logits, head):
     return vectors * tf.sqrt(values)[:, None, :]
 
 
-def ggn_diagonal_sum(model, variables, x, y, training_pass=None, ops=None):
+def ggn_diagonal_sum(model, variables, x, y, training_pass=None, ops=None, xla=False):
     """[Σ_n diag(J_nᵀ H_n J_n), flattened] float64 per variable: J_n the Jacobian of
     example n's logits (the output before a final softmax or sigmoid,
     `compat.split_at_logits`), H_n the Hessian of its loss w.r.t. them. With
@@ -658,10 +676,10 @@ def ggn_diagonal_sum(model, variables, x, y, training_pass=None, ops=None):
     (training=False), or from the training step's (`training_pass`: the `recording`
     of `training_pass_layers` around it, its persistent tape and the model's
     outputs). ops: the native op module (`native.choose`) for the convolutions' sums,
-    or None."""
+    or None; xla: compiled with XLA (`recording`'s)."""
     layers, others = _split_layers(model, variables)
     if training_pass is None:
-        with recording(layers + routed_pools(model)) as records, \
+        with recording(layers + routed_pools(model), xla=xla) as records, \
                 tf.GradientTape(persistent=True) as tape:
             outputs = model(x, training=False)
     else:

@@ -15,6 +15,7 @@
 // floats, kh·kw·in·out doubles.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <mutex>
 #include <vector>
@@ -33,7 +34,8 @@ namespace {
 
 // at most this many kernel entries (in floats, 8 KB): g_n from the inputs directly
 constexpr int64_t kDirect = 2048;
-constexpr int kBlock = 8;  // outputs summed at once (one AVX register)
+constexpr int kBlock = 8;   // outputs summed at once (one AVX register)
+constexpr int kChains = 4;  // positions summed at once, into separate sums
 
 }  // namespace
 
@@ -106,17 +108,29 @@ class InsightPatchSquareSumsOp : public tf::OpKernel {
               for (int64_t c = 0; c < in; ++c) {
                 float* g = gradient.data() + ((i * kw + j) * in + c) * out;
                 for (int64_t o0 = 0; o0 < out; o0 += kBlock) {
-                  float sum[kBlock] = {};
+                  float sum[kChains][kBlock] = {};  // kChains sums, for the FMA latency
                   const float* row = delta + o0;
                   for (int64_t a = 0; a < rows; ++a) {
                     const float* pixel = image + ((a * sh + i * dh) * width + j * dw) * in + c;
-                    for (int64_t b = 0; b < columns; ++b, row += out) {
+                    int64_t b = 0;
+                    for (; b + kChains <= columns; b += kChains, row += kChains * out) {
+                      for (int q = 0; q < kChains; ++q) {
+                        const float value = pixel[(b + q) * sw * in];
+#pragma omp simd
+                        for (int o = 0; o < kBlock; ++o) {
+                          sum[q][o] = std::fma(value, row[q * out + o], sum[q][o]);
+                        }
+                      }
+                    }
+                    for (; b < columns; ++b, row += out) {
                       const float value = pixel[b * sw * in];
 #pragma omp simd
-                      for (int o = 0; o < kBlock; ++o) sum[o] += value * row[o];
+                      for (int o = 0; o < kBlock; ++o) sum[0][o] = std::fma(value, row[o], sum[0][o]);
                     }
                   }
-                  std::copy_n(sum, std::min<int64_t>(kBlock, out - o0), g + o0);
+                  for (int o = 0; o < kBlock && o0 + o < out; ++o) {
+                    g[o0 + o] = (sum[0][o] + sum[1][o]) + (sum[2][o] + sum[3][o]);
+                  }
                 }
               }
             }
