@@ -413,8 +413,9 @@ class PerExample:
                 v = index(w[:, start:start + size], w_lo, w_hi, width_w)
                 start += size
                 cells = tf.reshape(g * bins[1] + v, [-1])
-                total += tf.math.bincount(cells, minlength=bins[0] * bins[1],
-                                          maxlength=bins[0] * bins[1], dtype=tf.int32)
+                # a constant size, as XLA needs (tf.math.bincount's depends on cells)
+                total += tf.raw_ops.DenseBincount(input=cells, size=bins[0] * bins[1],
+                                                  weights=tf.zeros([0], tf.int32))
         return tf.reshape(total, bins)
 
     def dots(self, direction):

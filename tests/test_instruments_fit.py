@@ -348,3 +348,29 @@ def test_under_mixed_precision_the_instruments_are_those_of_the_float32_model(tm
     assert recorded["step"] == 1
     for name, value in want.items():
         assert recorded[name] == pytest.approx(value, rel=2e-3), name
+
+
+def test_under_xla_a_pooled_cnn_records_what_compute_gives(tmp_path):
+    """jit_compile=True: the TIC's backward passes route through max pooling by the
+    mask (XLA has no MaxPoolGradWithArgmax), take the second convolution's input
+    gradient as a forward convolution, and its square sums without the native op; the
+    first step's instruments equal `instruments.compute` (native, outside XLA) at the
+    same weights."""
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 10, 10, 1), dtype=np.float32)
+    y = rng.integers(0, 3, 16)
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([
+        keras.Input((10, 10, 1)), keras.layers.Conv2D(8, 3, activation="relu"),
+        keras.layers.MaxPooling2D(2), keras.layers.Conv2D(4, 2, activation="relu"),
+        keras.layers.Flatten(), keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss=keras.losses.
+                  SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    want = instruments.compute(model, x, y)
+    callback = oi.OptimizationInsightCallback(tmp_path, instruments="full")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    assert callback.recorder.jit_compile
+    assert model.layers[1] in callback.recorder.training_pass_layers()  # the pool, routed
+    recorded = oi.read_log(tmp_path).instruments.iloc[0]
+    for name, value in want.items():
+        assert recorded[name] == pytest.approx(value, rel=1e-5), name
