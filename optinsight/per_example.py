@@ -718,9 +718,8 @@ def _square_sum(part, ops=None):
         return tf.reshape(tf.matmul(tf.square(part.x), tf.square(part.d), transpose_a=True),
                           [-1])
     if isinstance(part, Patches) and ops is not None:
-        return ops.insight_patch_square_sums(
-            part.x, tf.cast(part.d, tf.float32), part.kernel_size, part.strides,
-            part.dilation)
+        return ops.insight_patch_square_sums(part.x, part.d, part.kernel_size,
+                                             part.strides, part.dilation)
     if isinstance(part, Patches):  # no shift: r None
         return tf.concat([tf.cast(tf.reduce_sum(tf.square(rows), axis=0), tf.float64)
                           for rows in _offsets(part)], 0)

@@ -221,7 +221,6 @@ def test_routed_max_pooling_has_tensorflows_values_and_gradient(shape, size, dty
     assert per_example.routed_pools(model) == model.layers[:1]
 
 
-
 @pytest.mark.parametrize("kernel,strides,padding,size", [
     (3, 1, "valid", (9, 8)), (3, 1, "same", (9, 8)), (1, 2, "same", (8, 7)),
     (1, 2, "valid", (7, 7)), ((3, 2), (2, 3), "same", (9, 10)), (4, 3, "valid", (11, 9)),
@@ -251,6 +250,7 @@ def test_recorded_convolutions_have_tensorflows_gradients(kernel, strides, paddi
     for ours in (gradients([layer]), tf.function(gradients)([layer])):
         for a, b in zip(tf.nest.flatten(theirs), tf.nest.flatten(ours)):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
 
 def materialised(losses, per_example_gradients):
     """(losses, [B, P]) of a PerExample, its factored parts multiplied out."""

@@ -2,11 +2,12 @@
 
 `step_statistics.cc` defines the TensorFlow op `InsightStepStatistics`,
 `histograms.cc` the op `InsightHistograms`, `patch_square_sums.cc` the op
-`InsightPatchSquareSums` (the instruments' convolution sums). `load()` compiles them with the system
-C++ compiler against the installed TensorFlow (about ten seconds, once per TensorFlow
-version and machine type) into one library in the user's cache directory and returns
-the loaded op module, or None when it cannot be built or is switched off with
-OPTINSIGHT_NATIVE=0; the tracker then uses its XLA versions.
+`InsightPatchSquareSums` (the instruments' convolution sums). `load()` compiles them
+with the system C++ compiler against the installed TensorFlow (about ten seconds, once
+per TensorFlow version and machine type) into one library in the user's cache
+directory and returns the loaded op module, or None when it cannot be built or is
+switched off with OPTINSIGHT_NATIVE=0; the trackers then use their TensorFlow/XLA
+versions.
 """
 
 import functools

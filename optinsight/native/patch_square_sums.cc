@@ -125,7 +125,9 @@ class InsightPatchSquareSumsOp : public tf::OpKernel {
                     for (; b < columns; ++b, row += out) {
                       const float value = pixel[b * sw * in];
 #pragma omp simd
-                      for (int o = 0; o < kBlock; ++o) sum[0][o] = std::fma(value, row[o], sum[0][o]);
+                      for (int o = 0; o < kBlock; ++o) {
+                        sum[0][o] = std::fma(value, row[o], sum[0][o]);
+                      }
                     }
                   }
                   for (int o = 0; o < kBlock && o0 + o < out; ++o) {
