@@ -257,8 +257,9 @@ def recording(layers, keep_first_pass=False, xla=False):
 
 
 class Outer(NamedTuple):
-    """A Dense kernel's per-example gradients on vectors, g_n = x_n ⊗ δ_n + r (float64;
-    r: the gradient common to every example, of the regularisation losses)."""
+    """A Dense kernel's per-example gradients on vectors, g_n = x_n ⊗ δ_n + r (x, δ
+    float32; r: the gradient common to every example, of the regularisation losses,
+    float64, None: zero)."""
 
     x: tf.Tensor  # [B, in]
     d: tf.Tensor  # [B, out]
@@ -303,7 +304,8 @@ def _pieces(p):
     if isinstance(p, Patches):
         yield from _offsets(p)
     elif isinstance(p, Outer):
-        yield tf.reshape(tf.einsum("bi,bo->bio", p.x, p.d) + p.r, [tf.shape(p.x)[0], -1])
+        rows = tf.cast(tf.einsum("bi,bo->bio", p.x, p.d), tf.float64)
+        yield tf.reshape(rows if p.r is None else rows + p.r, [tf.shape(p.x)[0], -1])
     else:
         yield p
 
@@ -326,21 +328,38 @@ class Moments(NamedTuple):
     dots: list
 
 
-def _outer_dot(p, v):
-    """g_nᵀ v [B] of an `Outer` part, v float64 of the kernel's shape."""
-    return tf.reduce_sum(tf.matmul(p.x, v) * p.d, 1) + tf.reduce_sum(p.r * v)
+def _wide(t):
+    return tf.cast(t, tf.float64)
+
+
+def _outer_dots(p, directions):
+    """g_nᵀ v [B] float64 of an `Outer` part for each v (any shape of the kernel's
+    size): one float32 product of the inputs with every v side by side, then the sums
+    with δ in float64."""
+    shape = [tf.shape(p.x)[-1], tf.shape(p.d)[-1]]
+    vs = [tf.reshape(v, shape) for v in directions]
+    along = tf.matmul(p.x, tf.concat([tf.cast(v, tf.float32) for v in vs], axis=1))
+    along = tf.reshape(_wide(along), [tf.shape(p.x)[0], len(vs), shape[1]])
+    dots = tf.unstack(tf.reduce_sum(along * _wide(p.d)[:, None, :], axis=2), axis=1)
+    if p.r is None:
+        return dots
+    return [a + tf.reduce_sum(p.r * _wide(v)) for a, v in zip(dots, vs)]
 
 
 def _outer_moments(p, directions):
-    """`Moments` of one `Outer` part (lists of one), from its factors."""
+    """`Moments` of one `Outer` part (lists of one), from its factors: float32 matrix
+    products of the layer's size, combined in float64."""
     b = tf.cast(tf.shape(p.x)[0], tf.float64)
-    total = tf.matmul(p.x, p.d, transpose_a=True)
-    mean = total / b + p.r
-    square = tf.matmul(tf.square(p.x), tf.square(p.d), transpose_a=True) \
-        + 2 * p.r * total + b * tf.square(p.r)
-    norms = tf.reduce_sum(tf.square(p.x), 1) * tf.reduce_sum(tf.square(p.d), 1) \
-        + 2 * tf.reduce_sum(tf.matmul(p.x, p.r) * p.d, 1) + tf.reduce_sum(tf.square(p.r))
-    slopes = [_outer_dot(p, tf.reshape(v, tf.shape(p.r))) for v in [mean, *directions]]
+    total = _wide(tf.matmul(p.x, p.d, transpose_a=True))
+    mean = total / b
+    square = _wide(tf.matmul(tf.square(p.x), tf.square(p.d), transpose_a=True))
+    norms = _wide(tf.reduce_sum(tf.square(p.x), 1)) * _wide(tf.reduce_sum(tf.square(p.d), 1))
+    if p.r is not None:
+        mean += p.r
+        square += 2 * p.r * total + b * tf.square(p.r)
+        norms += 2 * tf.reduce_sum(_wide(tf.matmul(p.x, tf.cast(p.r, tf.float32))) *
+                                   _wide(p.d), 1) + tf.reduce_sum(tf.square(p.r))
+    slopes = _outer_dots(p, [mean, *directions])
     return Moments([tf.reshape(mean, [-1])], [tf.reshape(square, [-1])], norms, slopes[0],
                    slopes[1:])
 
@@ -352,16 +371,15 @@ def _piece_moments(p, directions):
     directions = [tf.reshape(v, [-1]) for v in directions]
     start, mean, square, norms, projections = 0, [], [], 0, 0
     dots = [0] * len(directions)
-    wide = lambda t: tf.cast(t, tf.float64)  # noqa: E731
     for rows in _pieces(p):
         size = tf.shape(rows)[1]
         piece_mean = tf.reduce_mean(rows, axis=0)
         squared = tf.square(rows)
-        mean.append(wide(piece_mean))
-        square.append(wide(tf.reduce_sum(squared, axis=0)))
-        norms += wide(tf.reduce_sum(squared, axis=1))
-        projections += wide(tf.linalg.matvec(rows, piece_mean))
-        dots = [a + wide(tf.linalg.matvec(rows, tf.cast(v[start:start + size], rows.dtype)))
+        mean.append(_wide(piece_mean))
+        square.append(_wide(tf.reduce_sum(squared, axis=0)))
+        norms += _wide(tf.reduce_sum(squared, axis=1))
+        projections += _wide(tf.linalg.matvec(rows, piece_mean))
+        dots = [a + _wide(tf.linalg.matvec(rows, tf.cast(v[start:start + size], rows.dtype)))
                 for a, v in zip(dots, directions)]
         start += size
     return Moments([tf.concat(mean, 0)], [tf.concat(square, 0)], norms, projections, dots)
@@ -406,7 +424,7 @@ class PerExample:
 
         total = tf.zeros([bins[0] * bins[1]], tf.int32)
         for p, w in zip(self.parts, weights):
-            w, start = tf.reshape(tf.cast(w, tf.float64), [1, -1]), 0
+            w, start = tf.reshape(_wide(w), [1, -1]), 0
             for rows in _pieces(p):
                 size = tf.shape(rows)[1]
                 g = index(rows, gx_lo, gx_hi, width_g)
@@ -425,13 +443,14 @@ class PerExample:
         for p, v in zip(self.parts, direction):
             v = tf.cast(v, tf.float64)
             if isinstance(p, Outer):
-                total += _outer_dot(p, tf.reshape(v, tf.shape(p.r)))
+                total += _outer_dots(p, [v])[0]
             elif isinstance(p, Patches):  # the convolution with kernel v, against δ
                 kernel = tf.reshape(v, [*p.kernel_size, tf.shape(p.x)[-1], tf.shape(p.d)[-1]])
                 along = tf.nn.conv2d(p.x, tf.cast(kernel, tf.float32), p.strides, "VALID",
                                      dilations=p.dilation) * p.d
-                total += tf.reduce_sum(tf.cast(along, tf.float64), [1, 2, 3]) \
-                    + tf.reduce_sum(p.r * tf.reshape(v, tf.shape(p.r)))
+                total += _wide(tf.reduce_sum(along, [1, 2, 3]))
+                if p.r is not None:
+                    total += tf.reduce_sum(p.r * tf.reshape(v, tf.shape(p.r)))
             else:
                 total += tf.linalg.matvec(p, tf.reshape(v, [-1]))
         return total
@@ -440,11 +459,11 @@ class PerExample:
 def _layer_units(layer, inputs):
     """What a layer's per-example gradients multiply its output gradients with, from
     its inputs (the same for every backward pass through it): the inputs of a Dense
-    (float64 on vectors, else [B, positions, 1, in]), a convolution's inputs padded
-    [B, H, W, in], a normalisation's normalised inputs."""
-    if isinstance(layer, keras.layers.Dense) and inputs.shape.rank == 2:
-        return tf.cast(inputs, tf.float64)
+    (on vectors [B, in], else [B, positions, 1, in]), a convolution's inputs padded
+    [B, H, W, in], a normalisation's normalised inputs; float32."""
     inputs = tf.cast(inputs, tf.float32)
+    if isinstance(layer, keras.layers.Dense) and inputs.shape.rank == 2:
+        return inputs
     b = tf.shape(inputs)[0]
     if isinstance(layer, keras.layers.BatchNormalization):
         shape = [1] * inputs.shape.rank
@@ -484,7 +503,7 @@ def _layer_gradients(layer, units, deltas):
         if getattr(layer, "beta", None) is not None:
             out.append((layer.beta, tf.reduce_sum(deltas, axis=others)))
         return out
-    if units.dtype == tf.float64:  # a Dense on vectors
+    if units.shape.rank == 2:  # a Dense on vectors
         out = [(layer.kernel, Outer(units, deltas))]
         if layer.bias is not None:
             out.append((layer.bias, deltas))
@@ -505,21 +524,20 @@ def _combine(contributions):
     materialise their sum."""
     if len(contributions) == 1:
         return contributions[0]
-    return tf.add_n([_materialise(_shifted(c, None)) for c in contributions])
+    return tf.add_n([_materialise(c) for c in contributions])
 
 
 def _shifted(part, r):
     """A part with the gradient r (the variable's shape; None: zero) added to every
     example's."""
+    if r is None:
+        return part
     if isinstance(part, (Outer, Patches)):
         shape = tf.stack([tf.shape(part.x)[-1], tf.shape(part.d)[-1]])
         if isinstance(part, Patches):  # one row per kernel offset
             shape = tf.stack([int(np.prod(part.kernel_size)), shape[0] * shape[1]])
-        r = tf.zeros(shape, tf.float64) if r is None else tf.reshape(
-            tf.cast(r, tf.float64), shape)
-        return part._replace(r=r)
-    return part if r is None else tf.cast(part, tf.float64) + tf.reshape(
-        tf.cast(r, tf.float64), [1, -1])
+        return part._replace(r=tf.reshape(_wide(r), shape))
+    return _wide(part) + tf.reshape(_wide(r), [1, -1])
 
 
 def _factored_parts(layers, records, deltas_of, units=None):
@@ -540,16 +558,14 @@ def _factored_parts(layers, records, deltas_of, units=None):
 
 
 def _regularisation_gradients(model, variables):
-    """The gradient of the model's regularisation losses w.r.t. each of `variables`
-    (zeros without any): [tensor shaped like it] float64."""
+    """The gradient of the model's regularisation losses w.r.t. each of `variables`:
+    [tensor shaped like it, float64, or None where no regulariser reaches it]."""
     losses = model.losses
     if not losses:
-        return [tf.zeros(v.shape, tf.float64) for v in variables]
+        return [None] * len(variables)
     with tf.GradientTape() as tape:
         total = tf.add_n([tf.cast(loss, tf.float32) for loss in model.losses])
-    grads = tape.gradient(total, variables)  # None: no regulariser on it
-    return [tf.zeros(v.shape, tf.float64) if g is None else tf.cast(g, tf.float64)
-            for g, v in zip(grads, variables)]
+    return [None if g is None else _wide(g) for g in tape.gradient(total, variables)]
 
 
 def _size(variable):
@@ -715,8 +731,8 @@ def _square_sum(part, ops=None):
     """Σ_n g_n², elementwise and flattened (float64), of a part without its shift; a
     `Patches` part's by the native op of `ops` (`native.choose`) when given."""
     if isinstance(part, Outer):
-        return tf.reshape(tf.matmul(tf.square(part.x), tf.square(part.d), transpose_a=True),
-                          [-1])
+        return tf.reshape(_wide(tf.matmul(tf.square(part.x), tf.square(part.d),
+                                          transpose_a=True)), [-1])
     if isinstance(part, Patches) and ops is not None:
         return ops.insight_patch_square_sums(part.x, part.d, part.kernel_size,
                                              part.strides, part.dilation)
