@@ -2,9 +2,9 @@
 
 In the compiled step, `apply_gradients` replaces `optimizer.apply_gradients`: it
 applies the gradients and has the `DynamicsTracker` reduce the step to a few hundred
-numbers on the device. On the host, `batch_end` reads those rows in bursts
-(READ_EVERY_STEPS / READ_EVERY_SECONDS) and hands them to the `RunLog`; it also
-schedules histograms, sign maps and probes. `epoch_end` closes an epoch: insight.json,
+numbers on the device. On the host, `batch_end` reads those rows and the histograms
+in bursts (READ_EVERY_STEPS / READ_EVERY_SECONDS) and hands them to the `RunLog`; it
+also schedules sign maps and probes. `epoch_end` closes an epoch: insight.json,
 checkpoint, diagnosis. `OptimizationInsightCallback` drives one recorder from `fit`.
 
 Under a multi-worker strategy every worker records the same steps on its device (the
@@ -46,6 +46,10 @@ from optinsight.probes.common import check_input_shape, optimizer_learning_rate
 #: device read and one hand-over to the writer thread per burst instead of per step.
 READ_EVERY_STEPS = 32
 READ_EVERY_SECONDS = 1.0
+#: Histograms wait on the device with the rows, read with them, when every histogram
+#: step between two reads fits in this many bytes of the tracker's ring buffer;
+#: otherwise each is read at its step, which waits for that step to finish.
+HISTOGRAM_BUFFER_BYTES = 64 << 20
 
 
 def applied_gradients(optimizer, gradients):
@@ -287,7 +291,7 @@ class InsightRecorder:
             options.histogram_bins, buffer_size=READ_EVERY_STEPS + self.steps_per_call,
             # A custom op cannot run inside an XLA-compiled train step.
             kernel="xla" if self.jit_compile else "auto", strategy=strategy)
-        tracker.ensure_buffer(0, self.steps_per_call)  # histogram steps of one call
+        tracker.ensure_buffer(0, self._histogram_steps(tracker))
         tracker.step.assign(self.step)
         if self.optimizer is not None and not self.optimizer.built:
             with strategy.scope():  # its state exists before the step is traced
@@ -377,7 +381,7 @@ class InsightRecorder:
         self.steps_per_call = max(self.steps_per_call, int(steps))
         if self.tracker is not None:
             self.tracker.ensure_buffer(READ_EVERY_STEPS + self.steps_per_call,
-                                       self.steps_per_call)
+                                       self._histogram_steps(self.tracker))
         if self.instrument_tracker is not None:
             self.instrument_tracker.ensure_buffer(READ_EVERY_STEPS + self.steps_per_call)
 
@@ -460,7 +464,8 @@ class InsightRecorder:
             if self.step - self._read >= READ_EVERY_STEPS \
                     or time.monotonic() >= self._next_read:
                 self._read_rows()
-            if options.histogram_freq.due(previous, self.step):
+            if options.histogram_freq.due(previous, self.step) \
+                    and not self._histograms_wait():
                 self._record_histograms()
             if options.sign_map_freq.due(previous, self.step):
                 self._record_sign_map(f"step_{self.step:08d}")
@@ -488,6 +493,8 @@ class InsightRecorder:
                 expanded.append(row._replace(stats=full))
             rows = expanded
         self.log.rows(rows, self.epoch, self.epoch_start_step)
+        if self.tracker.histogram_freq:
+            self._record_histograms()
         if self.instrument_tracker is not None:
             self.log.instruments(self.step_instruments.records(
                 self.instrument_tracker.read_rows(rows[0].step - 1), self.epoch,
@@ -498,6 +505,20 @@ class InsightRecorder:
                 if not row.skipped and np.nansum(row.stats[:, nonfinite]) > 0:
                     self.stop(f"NaN/Inf gradients at step {row.step}")
                     break
+
+    def _histogram_steps(self, tracker):
+        """Steps whose histograms `tracker`'s ring buffer must hold: every step between
+        two reads of the rows when that fits HISTOGRAM_BUFFER_BYTES, else one call's."""
+        steps, every = READ_EVERY_STEPS + self.steps_per_call, tracker.histogram_freq
+        slot_bytes = 2 * len(tracker.sizes) * (4 * max(tracker.histogram_bins, 1) + 16) + 8
+        fits = every and (math.ceil(steps / every) + 1) * slot_bytes <= HISTOGRAM_BUFFER_BYTES
+        return steps if fits else self.steps_per_call
+
+    def _histograms_wait(self):
+        """Whether the histograms wait for the rows' read (`_histogram_steps`)."""
+        tracker = self.tracker
+        return (tracker.histogram_slots - 1) * tracker.histogram_freq \
+            >= READ_EVERY_STEPS + self.steps_per_call
 
     def _record_histograms(self):
         for step, histograms in self.tracker.read_histograms(self._histogram_step):

@@ -76,6 +76,33 @@ def test_custom_loop_records_what_fit_records(tmp_path):
     assert (tmp_path / "loop" / "signs" / "epoch_0001.npz").exists()
 
 
+def test_histograms_wait_on_the_device_for_the_rows_read(tmp_path, monkeypatch):
+    """Every step's histograms are written, read from the device with the rows (not
+    at each histogram step, which would wait for that step to finish), and the same
+    as read one at a time when the ring buffer of histograms may not grow that far."""
+    from optinsight import recorder
+    from optinsight.dynamics import DynamicsTracker
+
+    monkeypatch.setattr(recorder, "READ_EVERY_SECONDS", 1e9)  # reads every 32 steps only
+    reads = []
+    read_histograms = DynamicsTracker.read_histograms
+    monkeypatch.setattr(DynamicsTracker, "read_histograms",
+                        lambda self, after: reads.append(after) or read_histograms(self, after))
+    x, y = tiny_data(n=160)
+    logs = []
+    for budget in (recorder.HISTOGRAM_BUFFER_BYTES, 0):
+        monkeypatch.setattr(recorder, "HISTOGRAM_BUFFER_BYTES", budget)
+        reads.clear()
+        model = tiny_relu_model()
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+        model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[
+            oi.OptimizationInsightCallback(tmp_path / str(budget), histogram_freq=1)])
+        logs.append(oi.read_log(tmp_path / str(budget)).histograms())
+        assert [h["step"] for h in logs[-1]] == list(range(1, 41))
+        assert len(reads) <= 3 if budget else len(reads) >= 40
+    assert logs[0] == logs[1]
+
+
 def test_two_recorders_side_by_side_record_their_own_gradients(tmp_path):
     """A GAN: generator and discriminator, each with its optimizer and log dir. Each
     recorder's grad_norm and wdiff equal the gradients and weight changes computed
