@@ -521,9 +521,10 @@ class InsightRecorder:
             >= READ_EVERY_STEPS + self.steps_per_call
 
     def _record_histograms(self):
-        for step, histograms in self.tracker.read_histograms(self._histogram_step):
-            self._histogram_step = step
-            self.log.histograms(step, self.epoch, histograms, self.tracker.names)
+        steps = self.tracker.read_histograms(self._histogram_step)
+        if steps:
+            self._histogram_step = steps[-1][0]
+            self.log.histograms(steps, self.epoch, self.tracker.names)
 
     def _record_sign_map(self, label):
         self.log.sign_map(label, self.step, self.epoch, self.tracker.last_gradients(

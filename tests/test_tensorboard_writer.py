@@ -60,9 +60,13 @@ def test_histograms_merge_adjacent_bins_exactly(tmp_path):
         buckets[:, 2], np.histogram(values, bins=np.append(buckets[:, 0], hi))[0])
     np.testing.assert_allclose(buckets[1:, 0], buckets[:-1, 1])
     writer = TensorBoardWriter(str(tmp_path))
-    writer.histograms({"g/a": (counts, lo, hi), "g/b": (np.arange(4), 0.0, 1.0)}, 5)
+    writer.histograms([({"g/a": (counts, lo, hi), "g/b": (np.arange(4), 0.0, 1.0)}, 5),
+                       ({"g/b": (np.arange(4)[::-1], 0.0, 1.0)}, 6)])  # steps of a burst
     writer.close()
     tensors = SummaryReader(str(tmp_path), pivot=False).tensors
-    got = {tag: np.asarray(v) for tag, v in zip(tensors.tag, tensors.value)}
-    np.testing.assert_allclose(got["g/a"], buckets)
-    np.testing.assert_allclose(got["g/b"][:, 2], [0, 1, 2, 3])
+    got = {(tag, step): np.asarray(v)
+           for tag, step, v in zip(tensors.tag, tensors.step, tensors.value)}
+    assert sorted(got) == [("g/a", 5), ("g/b", 5), ("g/b", 6)]
+    np.testing.assert_allclose(got["g/a", 5], buckets)
+    np.testing.assert_allclose(got["g/b", 5][:, 2], [0, 1, 2, 3])
+    np.testing.assert_allclose(got["g/b", 6][:, 2], [3, 2, 1, 0])

@@ -53,8 +53,8 @@ class RunLog:
         epoch_start + 1, to every per-step file (on the writer thread)."""
         self.writer.rows(rows, epoch, epoch_start)
 
-    def histograms(self, step, epoch, histograms, names):
-        self.writer.histograms(step, epoch, histograms, names)
+    def histograms(self, steps, epoch, names):
+        self.writer.histograms(steps, epoch, names)
 
     def sign_map(self, label, step, epoch, gradients):
         self.writer.sign_map(label, step, epoch, gradients)

@@ -94,19 +94,20 @@ class RunWriter:
         first step is epoch_start + 1."""
         self._submit(self.step_log.write, rows, epoch, epoch_start)
 
-    def histograms(self, step, epoch, histograms, names):
-        """A histogram step ({"gradients"|"weights": (counts, ranges)}) of the
-        variables `names` (those trained at that step)."""
-        self._submit(self._write_histograms, step, epoch, histograms, names)
+    def histograms(self, steps, epoch, names):
+        """Histogram steps [(step, {"gradients"|"weights": (counts, ranges)})] of
+        `epoch`, of the variables `names` (those trained at those steps): one write
+        of each file."""
+        self._submit(self._write_histograms, steps, epoch, names)
 
-    def _write_histograms(self, step, epoch, histograms, names):
+    def _write_histograms(self, steps, epoch, names):
         self._write("histograms/", self._histogram_store.write,
-                    histogram_table(step, epoch, histograms, names), epoch)
+                    histogram_table(steps, epoch, names), epoch)
         if self.options.tensorboard:
-            self._write("tensorboard/", self._tb.histograms, {
+            self._write("tensorboard/", self._tb.histograms, [({
                 f"{kind}/{name}": (counts[i], ranges[i, 0], ranges[i, 1])
                 for kind, (counts, ranges) in histograms.items()
-                for i, name in enumerate(names)}, step)
+                for i, name in enumerate(names)}, step) for step, histograms in steps])
 
     def add_variables(self, names):
         """Variables trained from now on that were not before (see

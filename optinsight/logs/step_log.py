@@ -215,24 +215,26 @@ class StepLog:
         self.guard.run("model/", self.model_store.close)
 
 
-def histogram_table(step, epoch, histograms, names):
-    """A histogram step's rows (docs/logs.md, `histograms/`) as a pyarrow Table.
+def histogram_table(steps, epoch, names):
+    """Histogram steps' rows (docs/logs.md, `histograms/`) as a pyarrow Table.
 
-    histograms: {"gradients"|"weights": (counts int [n_vars, bins], ranges [n_vars, 2])}.
+    steps: [(step, {"gradients"|"weights": (counts int [n_vars, bins], ranges
+    [n_vars, 2])})], every step with the same kinds.
     Columns: step (int64), epoch (int32), kind, variable (dictionaries), lo, hi
     (float64), counts (fixed-size list of int64, bin k spans lo + k·(hi−lo)/bins up to
     the next edge, the last bin closed).
     """
-    kinds = list(histograms)
+    kinds = list(steps[0][1])
     n_vars = len(names)
-    counts = np.concatenate([histograms[k][0] for k in kinds]).astype(np.int64)
-    ranges = np.concatenate([histograms[k][1] for k in kinds]).astype(np.float64)
-    rows = len(kinds) * n_vars
+    counts = np.concatenate([h[k][0] for _, h in steps for k in kinds]).astype(np.int64)
+    ranges = np.concatenate([h[k][1] for _, h in steps for k in kinds]).astype(np.float64)
+    per_step = len(kinds) * n_vars
     return pa.table({
-        "step": pa.array(np.full(rows, step), pa.int64()),
-        "epoch": pa.array(np.full(rows, epoch), pa.int32()),
-        "kind": dictionary(np.repeat(np.arange(len(kinds)), n_vars), kinds),
-        "variable": dictionary(np.tile(np.arange(n_vars), len(kinds)), names),
+        "step": pa.array(np.repeat([step for step, _ in steps], per_step), pa.int64()),
+        "epoch": pa.array(np.full(per_step * len(steps), epoch), pa.int32()),
+        "kind": dictionary(np.tile(np.repeat(np.arange(len(kinds)), n_vars), len(steps)),
+                           kinds),
+        "variable": dictionary(np.tile(np.arange(n_vars), len(kinds) * len(steps)), names),
         "lo": pa.array(ranges[:, 0]), "hi": pa.array(ranges[:, 1]),
         "counts": pa.FixedSizeListArray.from_arrays(pa.array(counts.reshape(-1)),
                                                     counts.shape[1]),

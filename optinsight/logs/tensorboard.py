@@ -93,14 +93,18 @@ class TensorBoardWriter:
                               tf.constant([int(step) for step in steps], tf.int64))
 
     @_as_os_error
-    def histograms(self, histograms, step):
-        """Write {tag: (counts over equal bins, lo, hi)} at `step` (see merged_buckets)."""
-        summary = summary_pb2.Summary()
-        for tag, (counts, lo, hi) in histograms.items():
-            summary.value.add(
-                tag=tag, metadata=histogram_metadata.create_summary_metadata(tag, None),
-                tensor=tensor_util.make_tensor_proto(merged_buckets(counts, lo, hi)))
-        self._write([summary.SerializeToString()], [step])
+    def histograms(self, records):
+        """Write [({tag: (counts over equal bins, lo, hi)}, step), ...] in one call (see
+        merged_buckets)."""
+        summaries = []
+        for histograms, _ in records:
+            summary = summary_pb2.Summary()
+            for tag, (counts, lo, hi) in histograms.items():
+                summary.value.add(
+                    tag=tag, metadata=histogram_metadata.create_summary_metadata(tag, None),
+                    tensor=tensor_util.make_tensor_proto(merged_buckets(counts, lo, hi)))
+            summaries.append(summary.SerializeToString())
+        self._write(summaries, [step for _, step in records])
 
     @_as_os_error
     def image(self, tag, rgb, step):
