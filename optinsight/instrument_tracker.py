@@ -60,7 +60,7 @@ class InstrumentTracker(tf.Module):
         self.alpha, self.distance = "alpha" in names, "distance" in names
         self.histogram = "grad_hist_2d" in names
         self.curvature = bool(set(CURVATURE) & set(names))
-        self._native = native.choose(kernel) if self.curvature else None
+        self._native = native.choose(kernel)
         self._xla = kernel == "xla"
         self.per_example = any(n != "distance" for n in names)
         self._training_layers = None if not self.per_example or loss_scaled \
@@ -175,14 +175,15 @@ class InstrumentTracker(tf.Module):
                                  "training_pass=(records, output gradients, outputs, tape), "
                                  "the tape persistent")
             losses, gradients = from_training_pass(self.model, variables, self._training_layers,
-                                                   records, deltas, y, outputs)
+                                                   records, deltas, y, outputs, self._native)
         else:
             # Keras before 3.4 returns no op from assign: the step's automatic control
             # dependencies order the reads after it all the same
             back = [op for op in (v.assign(tf.cast(w, v.dtype))
                                   for v, w in zip(variables, weights_before)) if op is not None]
             with tf.control_dependencies(back):
-                losses, gradients = losses_and_gradients(self.model, variables, x, y)
+                losses, gradients = losses_and_gradients(self.model, variables, x, y,
+                                                         self._native)
 
         update = [tf.reshape(tf.cast(a, tf.float32) - w, [-1])
                   for a, w in zip(after, weights_before)]

@@ -128,10 +128,10 @@ def _batch_sums(model, curvature):
     functions = _COMPILED.setdefault(model, {})
     if curvature not in functions:
         variables = resolve_variables(model)
-        ops = native.choose("auto") if curvature else None  # as the callback's
+        ops = native.choose("auto")  # as the callback's
 
         def sums(x, y):
-            losses, gradients = losses_and_gradients(model, variables, x, y)
+            losses, gradients = losses_and_gradients(model, variables, x, y, ops)
             curvature_sum = ggn_diagonal_sum(model, variables, x, y, ops=ops) \
                 if curvature else None
             return batch_sums(losses, gradients.moments(), curvature_sum)

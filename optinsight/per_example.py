@@ -281,10 +281,20 @@ class Patches(NamedTuple):
     dilation: tuple = (1, 1)
 
 
-def _offsets(p):
-    """The per-example gradients of a `Patches` part, one kernel offset (i, j) at a
-    time: [B, in · out] float32 each, in the kernel's order. One batched matrix product
-    of the inputs under that offset with δ; memory B · in · out."""
+#: Kernel entries (per example) of one piece of a convolution's per-example gradients
+#: from the native op: as many kernel offsets as fit, at least one.
+PIECE_ENTRIES = 1 << 16
+
+
+def _offsets(p, ops=None):
+    """The per-example gradients of a `Patches` part, a few kernel offsets (i, j) at a
+    time: [B, offsets · in · out] float32 each, in the kernel's order. With `ops`
+    (`native.choose`), the native op, as many offsets per piece as fit PIECE_ENTRIES
+    (memory B · PIECE_ENTRIES, or B · in · out); else one batched matrix product of the
+    inputs under each offset with δ (memory B · in · out)."""
+    if ops is not None:
+        yield from _native_offsets(p, ops)
+        return
     b, (kh, kw), (sh, sw), (dh, dw) = tf.shape(p.x)[0], p.kernel_size, p.strides, p.dilation
     h, w = tf.shape(p.d)[1], tf.shape(p.d)[2]
     d = tf.reshape(p.d, [b, -1, tf.shape(p.d)[-1]])
@@ -298,11 +308,26 @@ def _offsets(p):
             yield rows if p.r is None else rows + tf.cast(p.r[i * kw + j], tf.float32)[None]
 
 
-def _pieces(p):
+def _native_offsets(p, ops):
+    """`_offsets` by the native op `InsightPatchGradients`."""
+    offsets = int(np.prod(p.kernel_size))
+    entries = (p.x.shape[-1] or PIECE_ENTRIES) * (p.d.shape[-1] or 1)
+    step = max(1, min(offsets, PIECE_ENTRIES // entries))
+    for first in range(0, offsets, step):
+        count = min(step, offsets - first)
+        rows = ops.insight_patch_gradients(p.x, p.d, p.kernel_size, p.strides, p.dilation,
+                                           first=first, count=count)
+        if p.r is not None:
+            rows += tf.cast(tf.reshape(p.r[first:first + count], [1, -1]), tf.float32)
+        yield rows
+
+
+def _pieces(p, ops=None):
     """A part's per-example gradients materialised piece by piece: [B, size_i] (float32
-    for a convolution, else float64), whose concatenation is [B, size]."""
+    for a convolution, else float64), whose concatenation is [B, size]; a
+    convolution's by the native op of `ops` when given (`_offsets`)."""
     if isinstance(p, Patches):
-        yield from _offsets(p)
+        yield from _offsets(p, ops)
     elif isinstance(p, Outer):
         rows = tf.cast(tf.einsum("bi,bo->bio", p.x, p.d), tf.float64)
         yield tf.reshape(rows if p.r is None else rows + p.r, [tf.shape(p.x)[0], -1])
@@ -310,9 +335,9 @@ def _pieces(p):
         yield p
 
 
-def _materialise(p):
-    """A part's per-example gradients [B, size] float64."""
-    return tf.cast(tf.concat(list(_pieces(p)), axis=1), tf.float64)
+def _materialise(p, ops=None):
+    """A part's per-example gradients [B, size] float64 (`_pieces`)."""
+    return tf.cast(tf.concat(list(_pieces(p, ops)), axis=1), tf.float64)
 
 
 class Moments(NamedTuple):
@@ -364,14 +389,14 @@ def _outer_moments(p, directions):
                    slopes[1:])
 
 
-def _piece_moments(p, directions):
+def _piece_moments(p, directions, ops=None):
     """`Moments` of one part (lists of one), materialised piece by piece (`_pieces`),
     each piece's sums over B examples or its entries in its own dtype (a convolution's:
     float32, half the memory traffic), summed over the pieces in float64."""
     directions = [tf.reshape(v, [-1]) for v in directions]
     start, mean, square, norms, projections = 0, [], [], 0, 0
     dots = [0] * len(directions)
-    for rows in _pieces(p):
+    for rows in _pieces(p, ops):
         size = tf.shape(rows)[1]
         piece_mean = tf.reduce_mean(rows, axis=0)
         squared = tf.square(rows)
@@ -392,16 +417,18 @@ class PerExample:
     it; a convolution's are materialised once by `moments`, one kernel offset at a time
     (float32), their statistics summed in float64."""
 
-    def __init__(self, parts):
+    def __init__(self, parts, ops=None):
         self.parts = [p if isinstance(p, (Outer, Patches)) else tf.cast(p, tf.float64)
                       for p in parts]
+        self.ops = ops  # the native op module (`native.choose`) for convolutions, or None
 
     def moments(self, directions=()):
         """`Moments`, with g_nᵀ v for each v in `directions` (a vector given per
         variable, any shapes), each part materialised at most once, piece by piece."""
-        parts = [(_outer_moments if isinstance(p, Outer) else _piece_moments)(
-            p, [tf.cast(d[i], tf.float64) for d in directions])
-            for i, p in enumerate(self.parts)]
+        parts = [_outer_moments(p, [tf.cast(d[i], tf.float64) for d in directions])
+                 if isinstance(p, Outer) else
+                 _piece_moments(p, [tf.cast(d[i], tf.float64) for d in directions], self.ops)
+                 for i, p in enumerate(self.parts)]
         return Moments([m.mean[0] for m in parts], [m.square_sum[0] for m in parts],
                        tf.add_n([m.norms for m in parts]),
                        tf.add_n([m.projections for m in parts]),
@@ -409,7 +436,7 @@ class PerExample:
 
     def rows(self, i):
         """Variable i's per-example gradients, materialised: [B, size] float64."""
-        return _materialise(self.parts[i])
+        return _materialise(self.parts[i], self.ops)
 
     def histogram2d(self, weights, bins, ranges):
         """Counts [bins[0], bins[1]] (int32) of every per-example gradient entry g_nj
@@ -425,7 +452,7 @@ class PerExample:
         total = tf.zeros([bins[0] * bins[1]], tf.int32)
         for p, w in zip(self.parts, weights):
             w, start = tf.reshape(_wide(w), [1, -1]), 0
-            for rows in _pieces(p):
+            for rows in _pieces(p, self.ops):
                 size = tf.shape(rows)[1]
                 g = index(rows, gx_lo, gx_hi, width_g)
                 v = index(w[:, start:start + size], w_lo, w_hi, width_w)
@@ -594,9 +621,10 @@ def _split_layers(model, variables):
     return layers, [v for v in variables if id(v) not in factored]
 
 
-def losses_and_gradients(model, variables, x, y):
+def losses_and_gradients(model, variables, x, y, ops=None):
     """(losses [B] float32, `PerExample` of `variables`): each example's compiled loss and
-    gradient, training=False."""
+    gradient, training=False. ops: the native op module (`native.choose`) for the
+    convolutions' per-example gradients, or None."""
     layers, others = _split_layers(model, variables)
 
     def loss_and_gradients(xi, yi):
@@ -620,7 +648,7 @@ def losses_and_gradients(model, variables, x, y):
         parts.update(factored)
         if not others:
             losses = pass_losses
-    return losses, PerExample([parts[id(v)] for v in variables])
+    return losses, PerExample([parts[id(v)] for v in variables], ops)
 
 
 def _from_pass(model, variables, layers, records, deltas, y, outputs):
@@ -653,13 +681,13 @@ def training_pass_layers(model, variables):
     return layers
 
 
-def from_training_pass(model, variables, layers, records, deltas, y, outputs):
+def from_training_pass(model, variables, layers, records, deltas, y, outputs, ops=None):
     """(losses [B], `PerExample` of `variables`) from the training step's own forward
     and backward pass: `records` of `recording(layers)` around its forward pass, the
     gradients of its (unscaled) batch-mean loss w.r.t. the recorded outputs, its
-    targets `y` and the model's `outputs`."""
+    targets `y` and the model's `outputs`; ops as `losses_and_gradients`'s."""
     losses, parts = _from_pass(model, variables, layers, records, deltas, y, outputs)
-    return losses, PerExample([parts[id(v)] for v in variables])
+    return losses, PerExample([parts[id(v)] for v in variables], ops)
 
 
 def _logit_factors(model, x, y, logits, head):

@@ -258,9 +258,9 @@ def materialised(losses, per_example_gradients):
     return losses, tf.concat([per_example_gradients.rows(i) for i in parts], axis=1)
 
 
-def check_statistics(model, x, y, expected):
+def check_statistics(model, x, y, expected, ops=None):
     """PerExample's moments, dots along a direction and 2-D histogram against those of
-    the loop gradients `expected` [B, P]."""
+    the loop gradients `expected` [B, P] (ops: `losses_and_gradients`')."""
     variables = model.trainable_variables
     rng = np.random.default_rng(7)
     direction = [rng.normal(size=v.shape).astype("float32") for v in variables]
@@ -268,7 +268,7 @@ def check_statistics(model, x, y, expected):
 
     @tf.function
     def statistics():
-        _, gradients = per_example.losses_and_gradients(model, variables, x, y)
+        _, gradients = per_example.losses_and_gradients(model, variables, x, y, ops)
         moments = gradients.moments([direction])
         return (tf.concat(moments.mean, 0), tf.concat(moments.square_sum, 0), moments.norms,
                 moments.projections, moments.dots[0], gradients.dots(direction),
@@ -319,12 +319,13 @@ def test_factored_per_example_gradients_of_every_dense_and_conv2d_form():
     y = keras.utils.to_categorical(rng.integers(0, 3, 7), 3)
     variables = model.trainable_variables
     assert len(per_example.factored_layers(model, variables)) == 8
-    losses, gradients = tf.function(lambda: materialised(*per_example.losses_and_gradients(
-        model, variables, x, y)))()
     expected = loop_gradients(model, x, y)
-    np.testing.assert_allclose(gradients.numpy(), expected, rtol=1e-5,
-                               atol=1e-6 * np.abs(expected).max())
-    check_statistics(model, x, y, expected)
+    for ops in (None, native.load()):  # convolutions' per-example gradients by TF, natively
+        losses, gradients = tf.function(lambda ops=ops: materialised(
+            *per_example.losses_and_gradients(model, variables, x, y, ops)))()
+        np.testing.assert_allclose(gradients.numpy(), expected, rtol=1e-5,
+                                   atol=1e-6 * np.abs(expected).max())
+        check_statistics(model, x, y, expected, ops)
     np.testing.assert_allclose(losses.numpy(), [
         float(model.compute_loss(x=x[i:i + 1], y=y[i:i + 1], y_pred=model(x[i:i + 1])))
         for i in range(len(x))], rtol=1e-6)

@@ -1,6 +1,7 @@
 """Building and choosing the fused statistics kernel (its numbers are checked against
 numpy in test_dynamics.py, once per kernel)."""
 
+import functools
 import os
 
 import keras
@@ -15,7 +16,8 @@ from optinsight.dynamics import DynamicsTracker
 def test_kernel_is_built_and_loaded():
     module = native.load()
     assert module is not None
-    for op in ("insight_step_statistics", "insight_histograms", "insight_patch_square_sums"):
+    for op in ("insight_step_statistics", "insight_histograms", "insight_patch_square_sums",
+               "insight_patch_gradients"):
         assert hasattr(module, op)
 
 
@@ -87,29 +89,41 @@ def test_the_kernels_columns_are_the_metric_tables():
     (4, (7, 9), 2, 5, (3, 3), (1, 2), (1, 1)),  # outputs not a multiple of 8: product
     (2, (6, 6), 40, 64, (3, 3), (1, 1), (1, 1)),  # a large kernel: product
     (2, (5, 5), 3, 8, (1, 1), (2, 2), (1, 1))])
-def test_patch_square_sums_match_numpy(batch, size, inputs, outputs, kernel, strides,
-                                       dilations):
-    """InsightPatchSquareSums against each example's kernel gradient written out in
-    float64: g_n[i, j, c, o] = Σ_{a, b} x[n, a·sh + i·dh, b·sw + j·dw, c] d[n, a, b, o],
-    summed squared over the examples, on both of its paths, with input rows and columns
-    left over by the strides."""
+def test_patch_gradients_and_square_sums_match_numpy(batch, size, inputs, outputs, kernel,
+                                                     strides, dilations):
+    """InsightPatchGradients (every run of kernel offsets) and InsightPatchSquareSums
+    against each example's kernel gradient written out in float64:
+    g_n[i, j, c, o] = Σ_{a, b} x[n, a·sh + i·dh, b·sw + j·dw, c] d[n, a, b, o] (the
+    square sums: summed squared over the examples), on both of their paths, with input
+    rows and columns left over by the strides."""
     rng = np.random.default_rng(3)
     (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
     rows = (size[0] - (kh - 1) * dh - 1) // sh + 1
     columns = (size[1] - (kw - 1) * dw - 1) // sw + 1
     x = rng.normal(size=(batch, *size, inputs)).astype("float32")
     d = rng.normal(size=(batch, rows, columns, outputs)).astype("float32")
-    expected = np.zeros((kh, kw, inputs, outputs))
+    expected = np.zeros((batch, kh, kw, inputs, outputs))
     for n in range(batch):
-        g = np.zeros_like(expected)
         for i in range(kh):
             for j in range(kw):
                 under = x[n, i * dh:i * dh + (rows - 1) * sh + 1:sh,
                           j * dw:j * dw + (columns - 1) * sw + 1:sw].astype(np.float64)
-                g[i, j] = np.einsum("abc,abo->co", under, d[n].astype(np.float64))
-        expected += g**2
-    got = native.load().insight_patch_square_sums(x, d, kernel, strides, dilations)
-    np.testing.assert_allclose(got.numpy(), expected.ravel(), rtol=1e-5)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="reach past the inputs"):
-        native.load().insight_patch_square_sums(x[:, :-1], d, kernel, strides,
-                                                (dilations[0] + 1, dilations[1]))
+                expected[n, i, j] = np.einsum("abc,abo->co", under, d[n].astype(np.float64))
+    ops = native.load()
+    got = ops.insight_patch_square_sums(x, d, kernel, strides, dilations)
+    np.testing.assert_allclose(got.numpy(), (expected**2).sum(0).ravel(), rtol=1e-5)
+    offsets = expected.reshape(batch, kh * kw, -1)
+    for first in range(kh * kw):
+        for count in range(1, kh * kw - first + 1):
+            got = ops.insight_patch_gradients(x, d, kernel, strides, dilations, first=first,
+                                              count=count)
+            np.testing.assert_allclose(
+                got.numpy(), offsets[:, first:first + count].reshape(batch, -1),
+                rtol=1e-5, atol=1e-5)
+    for op in (ops.insight_patch_square_sums,
+               functools.partial(ops.insight_patch_gradients, first=0, count=1)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="reach past the inputs"):
+            op(x[:, :-1], d, kernel, strides, (dilations[0] + 1, dilations[1]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="offsets past the kernel's"):
+        ops.insight_patch_gradients(x, d, kernel, strides, dilations, first=kh * kw - 1,
+                                    count=2)

@@ -1,8 +1,9 @@
 """The fused CPU kernels of the per-step statistics, built on first use.
 
 `step_statistics.cc` defines the TensorFlow op `InsightStepStatistics`,
-`histograms.cc` the op `InsightHistograms`, `patch_square_sums.cc` the op
-`InsightPatchSquareSums` (the instruments' convolution sums). `load()` compiles them
+`histograms.cc` the op `InsightHistograms`, `patch_gradients.cc` the ops
+`InsightPatchGradients` and `InsightPatchSquareSums` (the instruments' per-example
+convolution gradients and their square sums). `load()` compiles them
 with the system C++ compiler against the installed TensorFlow (about ten seconds, once
 per TensorFlow version and machine type) into one library in the user's cache
 directory and returns the loaded op module, or None when it cannot be built or is
@@ -22,7 +23,7 @@ import tempfile
 import tensorflow as tf
 
 SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-                for name in ("step_statistics.cc", "histograms.cc", "patch_square_sums.cc"))
+                for name in ("step_statistics.cc", "histograms.cc", "patch_gradients.cc"))
 CXX_FLAGS = ["-shared", "-fPIC", "-O3", "-march=native", "-fopenmp-simd",
              "-ffp-contract=off"]
 
@@ -69,8 +70,9 @@ def build(path):
 
 
 def load():
-    """The op module with `insight_step_statistics`, `insight_histograms` and
-    `insight_patch_square_sums`, or None (see module docstring)."""
+    """The op module with `insight_step_statistics`, `insight_histograms`,
+    `insight_patch_gradients` and `insight_patch_square_sums`, or None (see module
+    docstring)."""
     if os.environ.get("OPTINSIGHT_NATIVE", "1") == "0":
         return None
     return _library()
