@@ -40,6 +40,13 @@ def _zero_units(g, shape, threshold):
     return tf.reduce_max(tf.abs(tf.reshape(g, [-1, units])), axis=0) <= threshold
 
 
+def write_slot(buffer, slot, value):
+    """buffer[slot] = value in place (a ring buffer's row: `assign` of a scattered copy
+    would copy the whole buffer every step)."""
+    return buffer.scatter_update(tf.IndexedSlices(
+        tf.expand_dims(tf.cast(value, buffer.dtype), 0), tf.reshape(slot, [1])))
+
+
 def _flatten(tensors):
     return tf.concat([tf.reshape(t, [-1]) for t in tensors], 0)
 
@@ -404,7 +411,7 @@ class DynamicsTracker(tf.Module):
                               (self.row_loss, tf.cast(loss, tf.float64)),
                               (self.row_skipped, tf.cast(skipped, tf.float64)),
                               (self.row_has_prev, has_prev)):
-            buffer.assign(tf.tensor_scatter_nd_update(buffer, [[row]], [value]))
+            write_slot(buffer, row, value)
         self.has_prev.assign(True)
         if self.histogram_freq > 0:
             # Computed only on histogram steps, into slot (step / freq) mod slots;
@@ -421,7 +428,7 @@ class DynamicsTracker(tf.Module):
                     self.hist_counts, self.hist_ranges, self.hist_step)))
             for buffer, value in ((self.hist_counts, counts), (self.hist_ranges, ranges),
                                   (self.hist_step, hist_step)):
-                buffer.assign(tf.tensor_scatter_nd_update(buffer, [[slot]], [value]))
+                write_slot(buffer, slot, value)
 
     def _histograms_of(self, grads, weights):
         """Counts [2, n_vars, bins] int32 and ranges [2, n_vars, 2] float64 (lo, hi) of

@@ -31,6 +31,7 @@ from optinsight.batch_statistics import (
     loss_moments,
     projection_moments,
 )
+from optinsight.dynamics import write_slot
 from optinsight.instruments import CURVATURE
 from optinsight.metrics import GRAD_HIST_2D_BINS, GRAD_HIST_2D_RANGE
 from optinsight.per_example import (
@@ -153,7 +154,7 @@ class InstrumentTracker(tf.Module):
         if self.histogram:
             writes.append((self.histograms, row_counts))
         for buffer, value in writes:
-            buffer.assign(tf.tensor_scatter_nd_update(buffer, [[slot]], [value]))
+            write_slot(buffer, slot, value)
 
     def _split(self, flat):
         sizes = [int(np.prod(v.shape)) for v in self.tracked_variables]
