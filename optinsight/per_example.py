@@ -268,10 +268,11 @@ class Outer(NamedTuple):
 
 class Patches(NamedTuple):
     """A convolution's (or a Dense's on sequences) per-example gradients,
-    g_n = Σ_t u_nt ⊗ δ_nt + r, u_nt the input patch under output position t: x its
+    g_n = s · Σ_t u_nt ⊗ δ_nt + r, u_nt the input patch under output position t: x its
     inputs, padded, δ its output gradients (float32), r as `Outer`'s (float64, [kh·kw,
-    in·out]: one row per kernel offset; None: no shift), and the kernel's geometry. A
-    Dense on sequences is a 1×1 convolution over positions."""
+    in·out]: one row per kernel offset; None: no shift), the kernel's geometry, and s
+    a float32 scalar (None: 1; applied to the sums, far smaller than δ). A Dense on
+    sequences is a 1×1 convolution over positions."""
 
     x: tf.Tensor  # [B, H, W, in]
     d: tf.Tensor  # [B, H', W', out]
@@ -279,6 +280,11 @@ class Patches(NamedTuple):
     kernel_size: tuple = (1, 1)
     strides: tuple = (1, 1)
     dilation: tuple = (1, 1)
+    scale: tf.Tensor = None
+
+
+def _scaled(t, scale):
+    return t if scale is None else t * tf.cast(scale, t.dtype)
 
 
 #: Kernel entries (per example) of one piece of a convolution's per-example gradients
@@ -304,7 +310,7 @@ def _offsets(p, ops=None):
                         j * dw:j * dw + (w - 1) * sw + 1:sw, :]
             rows = tf.matmul(tf.reshape(under, [b, -1, tf.shape(p.x)[-1]]), d,
                              transpose_a=True)  # [B, in, out]
-            rows = tf.reshape(rows, [b, -1])
+            rows = _scaled(tf.reshape(rows, [b, -1]), p.scale)
             yield rows if p.r is None else rows + tf.cast(p.r[i * kw + j], tf.float32)[None]
 
 
@@ -315,8 +321,8 @@ def _native_offsets(p, ops):
     step = max(1, min(offsets, PIECE_ENTRIES // entries))
     for first in range(0, offsets, step):
         count = min(step, offsets - first)
-        rows = ops.insight_patch_gradients(p.x, p.d, p.kernel_size, p.strides, p.dilation,
-                                           first=first, count=count)
+        rows = _scaled(ops.insight_patch_gradients(
+            p.x, p.d, p.kernel_size, p.strides, p.dilation, first=first, count=count), p.scale)
         if p.r is not None:
             rows += tf.cast(tf.reshape(p.r[first:first + count], [1, -1]), tf.float32)
         yield rows
@@ -475,7 +481,7 @@ class PerExample:
                 kernel = tf.reshape(v, [*p.kernel_size, tf.shape(p.x)[-1], tf.shape(p.d)[-1]])
                 along = tf.nn.conv2d(p.x, tf.cast(kernel, tf.float32), p.strides, "VALID",
                                      dilations=p.dilation) * p.d
-                total += _wide(tf.reduce_sum(along, [1, 2, 3]))
+                total += _wide(_scaled(tf.reduce_sum(along, [1, 2, 3]), p.scale))
                 if p.r is not None:
                     total += tf.reduce_sum(p.r * tf.reshape(v, tf.shape(p.r)))
             else:
@@ -514,10 +520,10 @@ def _same_padding(size, kernel, stride, dilation):
     return [total // 2, total - total // 2]
 
 
-def _layer_gradients(layer, units, deltas):
+def _layer_gradients(layer, units, deltas, scale=None):
     """[(variable, part)] of a factored layer from its `_layer_units` and output
-    gradients: per-example gradients [B, size], or a kernel's factors (`Outer`,
-    `Patches`, without their shift r)."""
+    gradients times `scale` (a float32 scalar, None: 1): per-example gradients
+    [B, size], or a kernel's factors (`Outer`, `Patches`, without their shift r)."""
     b = tf.shape(deltas)[0]
     deltas = tf.cast(deltas, units.dtype)
     if isinstance(layer, keras.layers.BatchNormalization):
@@ -526,23 +532,26 @@ def _layer_gradients(layer, units, deltas):
         others = [a for a in range(1, rank) if a != layer.axis % rank]
         out = []
         if getattr(layer, "gamma", None) is not None:
-            out.append((layer.gamma, tf.reduce_sum(deltas * units, axis=others)))
+            out.append((layer.gamma, _scaled(tf.reduce_sum(deltas * units, axis=others),
+                                             scale)))
         if getattr(layer, "beta", None) is not None:
-            out.append((layer.beta, tf.reduce_sum(deltas, axis=others)))
+            out.append((layer.beta, _scaled(tf.reduce_sum(deltas, axis=others), scale)))
         return out
     if units.shape.rank == 2:  # a Dense on vectors
+        deltas = _scaled(deltas, scale)
         out = [(layer.kernel, Outer(units, deltas))]
         if layer.bias is not None:
             out.append((layer.bias, deltas))
         return out
     if isinstance(layer, keras.layers.Conv2D):
         part = Patches(units, deltas, None, layer.kernel_size, layer.strides,
-                       layer.dilation_rate)
+                       layer.dilation_rate, scale)
     else:
-        part = Patches(units, tf.reshape(deltas, [b, -1, 1, tf.shape(deltas)[-1]]))
+        part = Patches(units, tf.reshape(deltas, [b, -1, 1, tf.shape(deltas)[-1]]),
+                       scale=scale)
     out = [(layer.kernel, part)]
     if layer.bias is not None:
-        out.append((layer.bias, tf.reduce_sum(part.d, axis=[1, 2])))
+        out.append((layer.bias, _scaled(tf.reduce_sum(part.d, axis=[1, 2]), scale)))
     return out
 
 
@@ -567,17 +576,17 @@ def _shifted(part, r):
     return _wide(part) + tf.reshape(_wide(r), [1, -1])
 
 
-def _factored_parts(layers, records, deltas_of, units=None):
+def _factored_parts(layers, records, deltas_of, units=None, scale=None):
     """{id(variable): part} of the recorded `layers`, deltas_of(captured z's) giving the
-    output gradients; `units`: their `_layer_units` in `records` order (computed if
-    None)."""
+    output gradients (to be multiplied by `scale`, a float32 scalar or None); `units`:
+    their `_layer_units` in `records` order (computed if None)."""
     captured = [(layer, inputs, z) for layer in layers for inputs, z in records[layer]]
     deltas = deltas_of([z for _, _, z in captured])
     if units is None:
         units = [_layer_units(layer, inputs) for layer, inputs, _ in captured]
     contributions = {}
     for (layer, _, _), unit, delta in zip(captured, units, deltas):
-        for v, part in _layer_gradients(layer, unit, delta):
+        for v, part in _layer_gradients(layer, unit, delta, scale):
             if not isinstance(part, (Outer, Patches)):
                 part = tf.cast(part, tf.float64)
             contributions.setdefault(id(v), (v, []))[1].append(part)
@@ -657,8 +666,9 @@ def _from_pass(model, variables, layers, records, deltas, y, outputs):
     recorded outputs (`deltas`, in `records` order) and the model's `outputs`."""
     b = tf.shape(tf.nest.flatten(outputs)[0])[0]
     scale = tf.cast(b, tf.float32)  # Σ_n ℓ_n = B · the mean: per-example deltas
-    deltas = iter([tf.cast(d, tf.float32) * scale for d in deltas])
-    factored = _factored_parts(layers, records, lambda zs: [next(deltas) for _ in zs])
+    deltas = iter([tf.cast(d, tf.float32) for d in deltas])
+    factored = _factored_parts(layers, records, lambda zs: [next(deltas) for _ in zs],
+                               scale=scale)
     parts = {}
     shifted = [v for v in variables if id(v) in factored]
     for v, r in zip(shifted, _regularisation_gradients(model, shifted)):
@@ -762,8 +772,9 @@ def _square_sum(part, ops=None):
         return tf.reshape(_wide(tf.matmul(tf.square(part.x), tf.square(part.d),
                                           transpose_a=True)), [-1])
     if isinstance(part, Patches) and ops is not None:
-        return ops.insight_patch_square_sums(part.x, part.d, part.kernel_size,
-                                             part.strides, part.dilation)
+        return _scaled(ops.insight_patch_square_sums(part.x, part.d, part.kernel_size,
+                                                     part.strides, part.dilation),
+                       None if part.scale is None else tf.square(part.scale))
     if isinstance(part, Patches):  # no shift: r None
         return tf.concat([tf.cast(tf.reduce_sum(tf.square(rows), axis=0), tf.float64)
                           for rows in _offsets(part)], 0)
