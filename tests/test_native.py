@@ -84,7 +84,8 @@ def test_the_kernels_columns_are_the_metric_tables():
 
 
 @pytest.mark.parametrize("batch,size,inputs,outputs,kernel,strides,dilations", [
-    (5, (9, 8), 1, 8, (3, 3), (1, 1), (1, 1)),  # in registers
+    (5, (9, 8), 1, 8, (3, 3), (1, 1), (1, 1)),  # in registers, positions side by side
+    (3, (8, 9), 12, 8, (2, 2), (1, 2), (1, 1)),  # in registers, 8 + 4 channels side by side
     (3, (9, 9), 3, 16, (2, 3), (2, 1), (1, 2)),  # in registers, strided, dilated
     (4, (7, 9), 2, 5, (3, 3), (1, 2), (1, 1)),  # outputs not a multiple of 8: product
     (2, (6, 6), 40, 64, (3, 3), (1, 1), (1, 1)),  # a large kernel: product

@@ -12,8 +12,10 @@
 //
 // Examples are spread over TensorFlow's CPU worker threads. g_n of a small kernel
 // (at most kDirect entries, out a multiple of kBlock) is summed over the positions
-// kBlock outputs at a time in registers; a larger one is one Eigen product
-// g_n = X_nᵀ d_n with X_n the example's patches [positions, offsets · in] (im2col).
+// kBlock outputs at a time in registers, for up to kBlock input channels at once (or,
+// with fewer than kChains channels, kChains positions at once); a larger one is one
+// Eigen product g_n = X_nᵀ d_n with X_n the example's patches [positions, offsets · in]
+// (im2col).
 // Memory per thread: positions · kh·kw·in floats (larger kernels only), and for the
 // square sums kh·kw·in·out floats and as many doubles.
 
@@ -46,13 +48,55 @@ struct Geometry {
   int64_t positions() const { return rows * columns; }
 };
 
+// g_n[offset (i, j), c0 .. c0 + NC, o0 .. o0 + kBlock) into g (the entry of c0, o0):
+// NC input channels side by side, one sum in registers each, over the positions.
+template <int NC>
+void ChannelBlock(const Geometry& s, const float* image, const float* delta, int64_t i,
+                  int64_t j, int64_t c0, int64_t o0, float* g) {
+  float sum[NC][kBlock] = {};
+  for (int64_t a = 0; a < s.rows; ++a) {
+    const float* pixel = image + ((a * s.sh + i * s.dh) * s.width + j * s.dw) * s.in + c0;
+    const float* row = delta + a * s.columns * s.out + o0;
+    for (int64_t b = 0; b < s.columns; ++b, pixel += s.sw * s.in, row += s.out) {
+      for (int c = 0; c < NC; ++c) {
+        const float value = pixel[c];
+#pragma omp simd
+        for (int o = 0; o < kBlock; ++o) sum[c][o] = std::fma(value, row[o], sum[c][o]);
+      }
+    }
+  }
+  for (int c = 0; c < NC; ++c) {
+    for (int o = 0; o < kBlock; ++o) g[c * s.out + o] = sum[c][o];
+  }
+}
+
+using BlockFunction = void (*)(const Geometry&, const float*, const float*, int64_t,
+                               int64_t, int64_t, int64_t, float*);
+constexpr BlockFunction kChannelBlocks[kBlock + 1] = {
+    nullptr,          ChannelBlock<1>, ChannelBlock<2>, ChannelBlock<3>, ChannelBlock<4>,
+    ChannelBlock<5>, ChannelBlock<6>, ChannelBlock<7>, ChannelBlock<8>};
+
 // g_n of the offsets [first, first + count) of one example into `gradient`
 // ([count · in, out] row-major); `patches`: scratch of positions · count · in floats
 // (the im2col path only).
 void ExampleGradient(const Geometry& s, const float* image, const float* delta,
                      int64_t first, int64_t count, float* patches, float* gradient) {
   const int64_t size = count * s.in * s.out;
-  if (size <= kDirect && s.out % kBlock == 0) {  // kBlock outputs at a time, in registers
+  if (size <= kDirect && s.out % kBlock == 0 && s.in >= kChains) {
+    // up to kBlock channels by kBlock outputs at a time, in registers
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t i = (first + k) / s.kw, j = (first + k) % s.kw;
+      for (int64_t c0 = 0; c0 < s.in; c0 += kBlock) {
+        const int64_t channels = std::min<int64_t>(kBlock, s.in - c0);
+        for (int64_t o0 = 0; o0 < s.out; o0 += kBlock) {
+          kChannelBlocks[channels](s, image, delta, i, j, c0, o0,
+                                   gradient + (k * s.in + c0) * s.out + o0);
+        }
+      }
+    }
+    return;
+  }
+  if (size <= kDirect && s.out % kBlock == 0) {  // few channels: kChains positions at once
     for (int64_t k = 0; k < count; ++k) {
       const int64_t i = (first + k) / s.kw, j = (first + k) % s.kw;
       for (int64_t c = 0; c < s.in; ++c) {
