@@ -42,7 +42,10 @@ def _zero_units(g, shape, threshold):
 
 def write_slot(buffer, slot, value):
     """buffer[slot] = value in place (a ring buffer's row: `assign` of a scattered copy
-    would copy the whole buffer every step)."""
+    would copy the whole buffer every step). TensorFlow has no GPU kernel of the in-place
+    update for int32: an int32 buffer on a GPU takes the copy."""
+    if buffer.dtype == tf.int32 and "GPU" in (buffer.device or "").upper():
+        return buffer.assign(tf.tensor_scatter_nd_update(buffer, [[slot]], [value]))
     return buffer.scatter_update(tf.IndexedSlices(
         tf.expand_dims(tf.cast(value, buffer.dtype), 0), tf.reshape(slot, [1])))
 
