@@ -287,6 +287,10 @@ def _scaled(t, scale):
     return t if scale is None else t * tf.cast(scale, t.dtype)
 
 
+def _wide(t):
+    return tf.cast(t, tf.float64)
+
+
 #: Kernel entries (per example) of one piece of a convolution's per-example gradients
 #: from the native op: as many kernel offsets as fit, at least one.
 PIECE_ENTRIES = 1 << 16
@@ -298,9 +302,17 @@ def _offsets(p, ops=None):
     (`native.choose`), the native op, as many offsets per piece as fit PIECE_ENTRIES
     (memory B · PIECE_ENTRIES, or B · in · out); else one batched matrix product of the
     inputs under each offset with δ (memory B · in · out)."""
-    if ops is not None:
-        yield from _native_offsets(p, ops)
-        return
+    sums = _batched_sums(p) if ops is None else _native_sums(p, ops)
+    for first, count, rows in sums:
+        rows = _scaled(rows, p.scale)
+        if p.r is not None:
+            rows += tf.cast(tf.reshape(p.r[first:first + count], [1, -1]), tf.float32)
+        yield rows
+
+
+def _batched_sums(p):
+    """(first offset, offsets, Σ_t u_nt ⊗ δ_nt [B, in · out]) of a `Patches` part, one
+    kernel offset at a time (`_offsets` without the native op)."""
     b, (kh, kw), (sh, sw), (dh, dw) = tf.shape(p.x)[0], p.kernel_size, p.strides, p.dilation
     h, w = tf.shape(p.d)[1], tf.shape(p.d)[2]
     d = tf.reshape(p.d, [b, -1, tf.shape(p.d)[-1]])
@@ -310,22 +322,19 @@ def _offsets(p, ops=None):
                         j * dw:j * dw + (w - 1) * sw + 1:sw, :]
             rows = tf.matmul(tf.reshape(under, [b, -1, tf.shape(p.x)[-1]]), d,
                              transpose_a=True)  # [B, in, out]
-            rows = _scaled(tf.reshape(rows, [b, -1]), p.scale)
-            yield rows if p.r is None else rows + tf.cast(p.r[i * kw + j], tf.float32)[None]
+            yield i * kw + j, 1, tf.reshape(rows, [b, -1])
 
 
-def _native_offsets(p, ops):
-    """`_offsets` by the native op `InsightPatchGradients`."""
+def _native_sums(p, ops):
+    """(first offset, offsets, Σ_t u_nt ⊗ δ_nt [B, offsets · in · out]) of a `Patches`
+    part by the native op `InsightPatchGradients`, as many offsets at once as fit."""
     offsets = int(np.prod(p.kernel_size))
     entries = (p.x.shape[-1] or PIECE_ENTRIES) * (p.d.shape[-1] or 1)
     step = max(1, min(offsets, PIECE_ENTRIES // entries))
     for first in range(0, offsets, step):
         count = min(step, offsets - first)
-        rows = _scaled(ops.insight_patch_gradients(
-            p.x, p.d, p.kernel_size, p.strides, p.dilation, first=first, count=count), p.scale)
-        if p.r is not None:
-            rows += tf.cast(tf.reshape(p.r[first:first + count], [1, -1]), tf.float32)
-        yield rows
+        yield first, count, ops.insight_patch_gradients(
+            p.x, p.d, p.kernel_size, p.strides, p.dilation, first=first, count=count)
 
 
 def _pieces(p, ops=None):
@@ -359,14 +368,10 @@ class Moments(NamedTuple):
     dots: list
 
 
-def _wide(t):
-    return tf.cast(t, tf.float64)
-
-
 def _outer_dots(p, directions):
-    """g_nᵀ v [B] float64 of an `Outer` part for each v (any shape of the kernel's
-    size): one float32 product of the inputs with every v side by side, then the sums
-    with δ in float64."""
+    """g_nᵀ v [B] float64 of an `Outer` part for each v (float64, any shape of the
+    kernel's size): one float32 product of the inputs with every v side by side, then
+    the sums with δ in float64."""
     shape = [tf.shape(p.x)[-1], tf.shape(p.d)[-1]]
     vs = [tf.reshape(v, shape) for v in directions]
     along = tf.matmul(p.x, tf.concat([tf.cast(v, tf.float32) for v in vs], axis=1))
@@ -374,7 +379,7 @@ def _outer_dots(p, directions):
     dots = tf.unstack(tf.reduce_sum(along * _wide(p.d)[:, None, :], axis=2), axis=1)
     if p.r is None:
         return dots
-    return [a + tf.reduce_sum(p.r * _wide(v)) for a, v in zip(dots, vs)]
+    return [a + tf.reduce_sum(p.r * v) for a, v in zip(dots, vs)]
 
 
 def _outer_moments(p, directions):
@@ -385,12 +390,13 @@ def _outer_moments(p, directions):
     mean = total / b
     square = _wide(tf.matmul(tf.square(p.x), tf.square(p.d), transpose_a=True))
     norms = _wide(tf.reduce_sum(tf.square(p.x), 1)) * _wide(tf.reduce_sum(tf.square(p.d), 1))
-    if p.r is not None:
+    shift = [] if p.r is None else [p.r]
+    if shift:
         mean += p.r
         square += 2 * p.r * total + b * tf.square(p.r)
-        norms += 2 * tf.reduce_sum(_wide(tf.matmul(p.x, tf.cast(p.r, tf.float32))) *
-                                   _wide(p.d), 1) + tf.reduce_sum(tf.square(p.r))
-    slopes = _outer_dots(p, [mean, *directions])
+    slopes = _outer_dots(p, [mean, *directions, *shift])  # along r too, in one product
+    if shift:  # ‖g_n‖² = ‖x_n‖² ‖δ_n‖² + 2 g_nᵀ r − ‖r‖²
+        norms += 2 * slopes.pop() - tf.reduce_sum(tf.square(p.r))
     return Moments([tf.reshape(mean, [-1])], [tf.reshape(square, [-1])], norms, slopes[0],
                    slopes[1:])
 
@@ -431,10 +437,11 @@ class PerExample:
     def moments(self, directions=()):
         """`Moments`, with g_nᵀ v for each v in `directions` (a vector given per
         variable, any shapes), each part materialised at most once, piece by piece."""
-        parts = [_outer_moments(p, [tf.cast(d[i], tf.float64) for d in directions])
-                 if isinstance(p, Outer) else
-                 _piece_moments(p, [tf.cast(d[i], tf.float64) for d in directions], self.ops)
-                 for i, p in enumerate(self.parts)]
+        parts = []
+        for i, p in enumerate(self.parts):
+            along = [_wide(d[i]) for d in directions]
+            parts.append(_outer_moments(p, along) if isinstance(p, Outer)
+                         else _piece_moments(p, along, self.ops))
         return Moments([m.mean[0] for m in parts], [m.square_sum[0] for m in parts],
                        tf.add_n([m.norms for m in parts]),
                        tf.add_n([m.projections for m in parts]),

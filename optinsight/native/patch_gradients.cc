@@ -76,13 +76,18 @@ constexpr BlockFunction kChannelBlocks[kBlock + 1] = {
     nullptr,          ChannelBlock<1>, ChannelBlock<2>, ChannelBlock<3>, ChannelBlock<4>,
     ChannelBlock<5>, ChannelBlock<6>, ChannelBlock<7>, ChannelBlock<8>};
 
+// Whether g_n of `count` offsets is summed in registers (else from the patches).
+bool Direct(const Geometry& s, int64_t count) {
+  return count * s.in * s.out <= kDirect && s.out % kBlock == 0;
+}
+
 // g_n of the offsets [first, first + count) of one example into `gradient`
 // ([count · in, out] row-major); `patches`: scratch of positions · count · in floats
 // (the im2col path only).
 void ExampleGradient(const Geometry& s, const float* image, const float* delta,
                      int64_t first, int64_t count, float* patches, float* gradient) {
-  const int64_t size = count * s.in * s.out;
-  if (size <= kDirect && s.out % kBlock == 0 && s.in >= kChains) {
+  const bool direct = Direct(s, count);
+  if (direct && s.in >= kChains) {
     // up to kBlock channels by kBlock outputs at a time, in registers
     for (int64_t k = 0; k < count; ++k) {
       const int64_t i = (first + k) / s.kw, j = (first + k) % s.kw;
@@ -96,7 +101,7 @@ void ExampleGradient(const Geometry& s, const float* image, const float* delta,
     }
     return;
   }
-  if (size <= kDirect && s.out % kBlock == 0) {  // few channels: kChains positions at once
+  if (direct) {  // few channels: kChains positions at once
     for (int64_t k = 0; k < count; ++k) {
       const int64_t i = (first + k) / s.kw, j = (first + k) % s.kw;
       for (int64_t c = 0; c < s.in; ++c) {
@@ -148,10 +153,6 @@ void ExampleGradient(const Geometry& s, const float* image, const float* delta,
   Eigen::Map<const Matrix> gradients_n(delta, s.positions(), s.out);
   Eigen::Map<Matrix> gradient_n(gradient, count * s.in, s.out);
   gradient_n.noalias() = patches_n.transpose() * gradients_n;
-}
-
-bool UsesPatches(const Geometry& s, int64_t count) {
-  return !(count * s.in * s.out <= kDirect && s.out % kBlock == 0);
 }
 
 tf::Status KernelSizeShape(tf::shape_inference::InferenceContext* c, int64_t offsets,
@@ -237,7 +238,7 @@ class InsightPatchGradientsOp : public PatchOp {
     float* g = output->flat<float>().data();
     const float* x = ctx->input(0).flat<float>().data();
     const float* d = ctx->input(1).flat<float>().data();
-    const bool patches = UsesPatches(s, count_);
+    const bool patches = !Direct(s, count_);
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     tf::Shard(workers->NumThreads(), workers, s.batch, 2 * s.positions() * size,
               [&](int64_t begin, int64_t end) {
@@ -283,7 +284,7 @@ class InsightPatchSquareSumsOp : public PatchOp {
     std::fill(sums, sums + size, 0.0);
     const float* x = ctx->input(0).flat<float>().data();
     const float* d = ctx->input(1).flat<float>().data();
-    const bool patches = UsesPatches(s, offsets);
+    const bool patches = !Direct(s, offsets);
     std::mutex mu;
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     tf::Shard(workers->NumThreads(), workers, s.batch, 2 * s.positions() * size,
